@@ -1,0 +1,294 @@
+"""Frozen dataclasses that describe a run, validated as they are built.
+
+An `Experiment` holds one of each section; `jaxlm.cli.run` overrides fields from the command line
+(`--section.field value`). Every check raises `ConfigError` with a message that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from jaxlm.errors import ConfigError
+
+FAMILIES = ("gpt2", "llama")
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots", "attn_mlp")
+ATTENTION_IMPLS = ("xla", "cudnn", "einsum")
+SCHEDULES = ("cosine", "wsd", "constant")
+OPTIMIZERS = ("adamw",)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(value > 0, f"{type(obj).__name__}.{name} must be positive, got {value}")
+
+
+def _one_of(obj: Any, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    _require(value in choices, f"{type(obj).__name__}.{name}={value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The Transformer. `family` picks GPT-2 or Llama defaults; None fields take the family's default."""
+
+    family: str = "gpt2"
+    n_layers: int = 4
+    d_model: int = 256
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: n_heads (MHA); fewer: grouped-query attention
+    d_ff: int | None = None  # None: 4 d_model (GELU) or Llama's 8/3 d_model rounded up to 256 (SwiGLU)
+    vocab_size: int = 4096
+    max_seq_len: int = 1024
+    dropout: float = 0.0
+    dtype: str = "float32"  # compute dtype; parameters are always float32
+    bias: bool | None = None  # biases on linear layers and LayerNorm; None: True for gpt2, False for llama
+    qkv_bias: bool | None = None  # bias on q, k, v only (None: same as `bias`)
+    tie_embeddings: bool | None = None  # None: tied for gpt2, untied for llama
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling_factor: float = 0.0  # > 0: Llama 3 frequency scaling of RoPE
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    init_std: float = 0.02
+    remat: str = "none"  # none | full | dots | attn_mlp
+    scan_layers: bool = True
+    attention: str = "xla"  # xla: jax.nn.dot_product_attention; cudnn: its fused GPU kernel; einsum: explicit
+
+    def __post_init__(self):
+        _one_of(self, "family", FAMILIES)
+        _positive(self, "n_layers", "d_model", "n_heads", "vocab_size", "max_seq_len", "norm_eps", "init_std")
+        llama = self.family == "llama"
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.d_ff is None:
+            d_ff = 4 * self.d_model if not llama else 256 * -(-(8 * self.d_model // 3) // 256)
+            object.__setattr__(self, "d_ff", d_ff)
+        if self.bias is None:
+            object.__setattr__(self, "bias", not llama)
+        if self.qkv_bias is None:
+            object.__setattr__(self, "qkv_bias", self.bias)
+        if self.tie_embeddings is None:
+            object.__setattr__(self, "tie_embeddings", not llama)
+        _positive(self, "n_kv_heads", "d_ff")
+        _require(
+            self.d_model % self.n_heads == 0,
+            f"ModelConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}",
+        )
+        _require(
+            self.n_heads % self.n_kv_heads == 0,
+            f"ModelConfig.n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}",
+        )
+        _require(self.head_dim % 2 == 0 or not llama, f"RoPE needs an even head_dim, got {self.head_dim}")
+        _require(0.0 <= self.dropout < 1.0, f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
+        _one_of(self, "dtype", DTYPES)
+        _one_of(self, "remat", REMAT_POLICIES)
+        _one_of(self, "attention", ATTENTION_IMPLS)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The corpus, its tokenizer, and the batches the model sees."""
+
+    source: str = "pystdlib"  # pystdlib | text:<glob> | tfds:<name>[:<version>]
+    tokenizer: str = "sentencepiece-bpe"  # sentencepiece-bpe | sentencepiece-unigram | byte | char | <path>.model
+    vocab_size: int = 4096  # for trained tokenizers; byte and char tokenizers have their own size
+    seq_len: int = 256
+    batch_size: int = 16  # global batch, in sequences
+    cache_dir: str = ""  # prepared corpora and tokenizers; "" means ~/.cache/jaxlm
+    val_fraction: float = 0.05
+    num_workers: int = 0  # grain worker processes; 0 reads in the main process
+    text_field: str = "text"  # the text field of .jsonl files and TFDS datasets
+    train_split: str = "train"
+    val_split: str = "validation"
+    tfds_data_dir: str = ""
+    document_mask: bool = False  # segment ids so attention never crosses a document boundary
+    skip_bad_lines: bool = False
+    tokenizer_sample_bytes: int = 20_000_000
+
+    def __post_init__(self):
+        _positive(self, "vocab_size", "seq_len", "batch_size", "tokenizer_sample_bytes")
+        _require(0.0 < self.val_fraction < 1.0, f"DataConfig.val_fraction must be in (0, 1), got {self.val_fraction}")
+        _require(self.num_workers >= 0, f"DataConfig.num_workers must be >= 0, got {self.num_workers}")
+        source_ok = self.source == "pystdlib" or self.source.startswith(("text:", "tfds:"))
+        _require(source_ok, f"DataConfig.source={self.source!r}: use pystdlib, text:<glob> or tfds:<name>[:<version>]")
+
+    @property
+    def resolved_cache_dir(self) -> str:
+        return os.path.expanduser(self.cache_dir or os.path.join("~", ".cache", "jaxlm"))
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with a learning-rate schedule, global-norm clipping and decoupled weight decay on matrices."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | wsd | constant
+    decay_fraction: float = 0.2  # wsd: the final fraction of steps over which the rate decays to min_lr
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global norm; 0 disables clipping
+
+    def __post_init__(self):
+        _one_of(self, "name", OPTIMIZERS)
+        _one_of(self, "schedule", SCHEDULES)
+        _positive(self, "lr", "eps")
+        _require(0.0 <= self.min_lr <= self.lr, f"OptimConfig.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        _require(self.warmup_steps >= 0, f"OptimConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(0.0 < self.decay_fraction <= 1.0, f"OptimConfig.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        _require(self.weight_decay >= 0.0, f"OptimConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0, "OptimConfig.b1 and b2 must be in [0, 1)")
+        _require(self.grad_clip >= 0.0, f"OptimConfig.grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The loop: length, evaluation, checkpoints, logging."""
+
+    steps: int = 1000
+    out_dir: str = ""  # the run directory; "" means runs/<experiment name>
+    eval_every: int = 200
+    eval_steps: int = 10
+    ckpt_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    grad_accum: int = 1  # microbatches per step
+    keep_checkpoints: int = 3
+    keep_best: bool = False  # also keep the checkpoint with the lowest validation loss
+    skip_nonfinite: bool = False  # skip an update whose loss or gradient norm is not finite
+    max_nonfinite: int = 3  # stop after this many skipped updates in a row
+    init_from: str = ""  # a run directory or checkpoint path whose params initialise this run
+    samples: int = 3  # samples written to samples.txt at the end (0: none)
+    sample_tokens: int = 128
+
+    def __post_init__(self):
+        _positive(self, "steps", "eval_every", "eval_steps", "ckpt_every", "log_every", "grad_accum")
+        _positive(self, "keep_checkpoints", "max_nonfinite", "sample_tokens")
+        _require(self.samples >= 0, f"TrainConfig.samples must be >= 0, got {self.samples}")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axes (one size may be -1: the remaining devices) and multi-process start-up."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    coordinator_address: str = ""  # host:port of process 0; "" lets JAX detect a TPU pod or cluster
+    num_processes: int = 0
+    process_id: int = -1
+    init_timeout_s: int = 300
+
+    def __post_init__(self):
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        for name, size in sizes.items():
+            _require(size == -1 or size > 0, f"MeshConfig.{name} must be positive or -1, got {size}")
+        _require(list(sizes.values()).count(-1) <= 1, "MeshConfig: at most one of data, fsdp, tensor may be -1")
+        if self.coordinator_address:
+            _require(self.num_processes > 0, "MeshConfig.num_processes must be set with coordinator_address")
+            _require(
+                0 <= self.process_id < self.num_processes,
+                f"MeshConfig.process_id must be in [0, {self.num_processes}), got {self.process_id}",
+            )
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One run: a name and one of each section."""
+
+    name: str = "experiment"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+
+    def __post_init__(self):
+        _require(bool(self.name) and "/" not in self.name, f"Experiment.name={self.name!r} must be a non-empty word")
+        _require(
+            self.data.seq_len <= self.model.max_seq_len,
+            f"DataConfig.seq_len={self.data.seq_len} is beyond ModelConfig.max_seq_len={self.model.max_seq_len}",
+        )
+        trained = self.data.tokenizer.startswith("sentencepiece-")
+        _require(
+            not trained or self.data.vocab_size <= self.model.vocab_size,
+            f"ModelConfig.vocab_size={self.model.vocab_size} is smaller than DataConfig.vocab_size="
+            f"{self.data.vocab_size}: set --model.vocab_size to at least {self.data.vocab_size}",
+        )
+        _require(
+            self.data.batch_size % self.train.grad_accum == 0,
+            f"DataConfig.batch_size={self.data.batch_size} must be divisible by TrainConfig.grad_accum="
+            f"{self.train.grad_accum}",
+        )
+
+    @property
+    def run_dir(self) -> str:
+        return self.train.out_dir or os.path.join("runs", self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Experiment:
+        sections = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "mesh": MeshConfig}
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            if key in sections:
+                known = {f.name for f in dataclasses.fields(sections[key])}
+                unknown = set(value) - known
+                _require(not unknown, f"unknown {key} fields: {', '.join(sorted(unknown))}")
+                kwargs[key] = sections[key](**value)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+
+def _gpt2(n_layers: int, d_model: int, n_heads: int) -> ModelConfig:
+    return ModelConfig(
+        family="gpt2", n_layers=n_layers, d_model=d_model, n_heads=n_heads, vocab_size=50257, max_seq_len=1024
+    )
+
+
+# Published models, with the shapes of their released checkpoints.
+PRESETS: dict[str, ModelConfig] = {
+    "gpt2-124m": _gpt2(12, 768, 12),
+    "gpt2-355m": _gpt2(24, 1024, 16),
+    "gpt2-774m": _gpt2(36, 1280, 20),
+    "gpt2-1.5b": _gpt2(48, 1600, 25),
+    "llama2-7b": ModelConfig(
+        family="llama", n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32, d_ff=11008, vocab_size=32000,
+        max_seq_len=4096, rope_theta=10000.0, norm_eps=1e-5,
+    ),
+    "llama3-8b": ModelConfig(
+        family="llama", n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, d_ff=14336, vocab_size=128256,
+        max_seq_len=8192, rope_theta=500000.0, norm_eps=1e-5,
+    ),
+    "llama3.2-1b": ModelConfig(
+        family="llama", n_layers=16, d_model=2048, n_heads=32, n_kv_heads=8, d_ff=8192, vocab_size=128256,
+        max_seq_len=131072, rope_theta=500000.0, norm_eps=1e-5, tie_embeddings=True,
+        rope_scaling_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192,
+    ),
+}

@@ -1,0 +1,24 @@
+"""jaxlm's exceptions: each message says what was wrong and what to do.
+
+`jaxlm.cli.run` turns any of them into one line on stderr and exit status 2.
+"""
+
+
+class JaxlmError(Exception):
+    """Base class of the errors a user can cause and fix."""
+
+
+class ConfigError(JaxlmError, ValueError):
+    """An invalid or inconsistent configuration."""
+
+
+class DataError(JaxlmError, ValueError):
+    """A corpus, tokenizer or data file that cannot be used."""
+
+
+class CheckpointError(JaxlmError, RuntimeError):
+    """A checkpoint that is missing, unreadable, or from another configuration."""
+
+
+class NonFiniteError(JaxlmError, FloatingPointError):
+    """Training produced a non-finite loss or gradient norm."""
