@@ -1,0 +1,264 @@
+"""The Transformer: one configurable decoder covering the GPT-2 and Llama families.
+
+    tokens_BT -> embed (+ learned positions) -> n_layers x Block -> final norm -> logits_BTV
+    Block:  x + Attention(norm(x)),  then  x + MLP(norm(x))        (pre-norm, residual dropout)
+
+| ModelConfig.family | positions | norm | MLP | attention | output matrix |
+|---|---|---|---|---|---|
+| gpt2  | learned | LayerNorm (bias) | GELU (tanh), 4x | MHA | tied to the embedding |
+| llama | RoPE    | RMSNorm          | SwiGLU          | MHA or GQA | separate |
+
+Shapes carry their axes in their names: B batch, T time (query), S time (key), D model width, H query heads,
+K key/value heads, G = H // K, E head dim, F MLP width, V vocab, L layers.
+Every parameter is declared with logical axis names (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`,
+`layers`) that `jaxlm.sharding` maps onto the device mesh. Parameters are float32; `ModelConfig.dtype` is the
+compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxlm.config import ModelConfig
+
+Array = jax.Array
+
+
+def _param_init(std: float, names: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), names)
+
+
+def _zeros(names: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _ones(names: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
+
+
+def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
+    if cfg.family == "gpt2":
+        return nn.LayerNorm(
+            epsilon=cfg.norm_eps, use_bias=cfg.bias, dtype=jnp.float32, name=name,
+            scale_init=_ones(("embed",)), bias_init=_zeros(("embed",)),
+        )
+    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, name=name, scale_init=_ones(("embed",)))
+
+
+def rope_frequencies(cfg: ModelConfig) -> Array:
+    """Inverse frequencies of the rotary embedding [E/2], with Llama 3's long-context scaling when configured."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+    if cfg.rope_scaling_factor <= 0:
+        return inv_freq
+    # Llama 3.1: long wavelengths are slowed by the factor, short ones kept, and the band between interpolated.
+    factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    wavelen = 2 * jnp.pi / inv_freq
+    low_wavelen, high_wavelen = cfg.rope_original_max_len / low, cfg.rope_original_max_len / high
+    smooth = (cfg.rope_original_max_len / wavelen - low) / (high - low)
+    interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(is_medium, interpolated, scaled)
+
+
+def apply_rope(x_BTNE: Array, positions_BT: Array, inv_freq: Array) -> Array:
+    """Rotate pairs (i, i + E/2) of each head by position-dependent angles (the layout Hugging Face Llama uses)."""
+    angles_BTE2 = positions_BT[..., None].astype(jnp.float32) * inv_freq
+    sin, cos = jnp.sin(angles_BTE2)[:, :, None, :], jnp.cos(angles_BTE2)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTNE.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BTNE.dtype)
+
+
+def attention_mask(segment_ids_BT: Array | None, T: int, S: int) -> Array | None:
+    """Boolean [B, 1, T, S] mask that keeps attention inside each document, or None when rows are one stream."""
+    if segment_ids_BT is None:
+        return None
+    same = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    return same[:, None, :, :]
+
+
+def einsum_attention(q_BTHE: Array, k_BSKE: Array, v_BSKE: Array, mask_B1TS: Array | None) -> Array:
+    """Causal softmax attention written out; K key/value heads are shared by groups of G = H // K query heads."""
+    B, T, H, E = q_BTHE.shape
+    S, K = k_BSKE.shape[1], k_BSKE.shape[2]
+    q_BTKGE = q_BTHE.reshape(B, T, K, H // K, E)
+    scores_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE).astype(jnp.float32) / jnp.sqrt(E)
+    causal_TS = jnp.arange(T)[:, None] + (S - T) >= jnp.arange(S)[None, :]
+    keep = causal_TS[None, None, None]
+    if mask_B1TS is not None:
+        keep = keep & mask_B1TS[:, :, None]
+    scores_BKGTS = jnp.where(keep, scores_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKE.dtype)
+    out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE)
+    return out_BTKGE.reshape(B, T, H, E)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD: Array, positions_BT: Array, mask_B1TS: Array | None) -> Array:
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5  # GPT-2's scaling of residual projections
+
+        def proj(name: str, heads: int, heads_axis: str) -> nn.Module:
+            return nn.DenseGeneral(
+                features=(heads, cfg.head_dim), use_bias=cfg.qkv_bias, dtype=dtype, name=name,
+                kernel_init=_param_init(cfg.init_std, ("embed", heads_axis, "head_dim")),
+                bias_init=_zeros((heads_axis, "head_dim")),
+            )
+
+        q_BTHE = proj("query", cfg.n_heads, "heads")(x_BTD)
+        k_BTKE = proj("key", cfg.n_kv_heads, "kv_heads")(x_BTD)
+        v_BTKE = proj("value", cfg.n_kv_heads, "kv_heads")(x_BTD)
+        if cfg.family == "llama":
+            inv_freq = rope_frequencies(cfg)
+            q_BTHE, k_BTKE = apply_rope(q_BTHE, positions_BT, inv_freq), apply_rope(k_BTKE, positions_BT, inv_freq)
+
+        if cfg.attention == "einsum":
+            out_BTHE = einsum_attention(q_BTHE, k_BTKE, v_BTKE, mask_B1TS)
+        else:
+            out_BTHE = jax.nn.dot_product_attention(
+                q_BTHE, k_BTKE, v_BTKE, mask=mask_B1TS, is_causal=True, implementation=cfg.attention
+            )
+        out_BTD = nn.DenseGeneral(
+            features=cfg.d_model, axis=(-2, -1), use_bias=cfg.bias, dtype=dtype, name="out",
+            kernel_init=_param_init(out_std, ("heads", "head_dim", "embed")), bias_init=_zeros(("embed",)),
+        )(out_BTHE)
+        return checkpoint_name(out_BTD, "attn_out")
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD: Array) -> Array:
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+
+        def dense(name: str, features: int, axes: tuple[str, str], std: float) -> nn.Module:
+            return nn.Dense(
+                features, use_bias=cfg.bias, dtype=dtype, name=name,
+                kernel_init=_param_init(std, axes), bias_init=_zeros(axes[1:]),
+            )
+
+        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        if cfg.family == "gpt2":
+            h_BTF = nn.gelu(dense("fc", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_BTD), approximate=True)
+        else:
+            gate_BTF = dense("gate", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_BTD)
+            up_BTF = dense("up", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_BTD)
+            h_BTF = nn.silu(gate_BTF) * up_BTF
+        out_BTD = dense("proj", cfg.d_model, ("mlp", "embed"), out_std)(h_BTF)
+        return checkpoint_name(out_BTD, "mlp_out")
+
+
+class Block(nn.Module):
+    """Pre-norm residual block; its call signature fits `nn.scan` (carry in, carry and nothing out)."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BTD: Array, positions_BT: Array, mask_B1TS: Array | None):
+        cfg = self.cfg
+        dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+        h_BTD = make_norm(cfg, "attn_norm")(x_BTD).astype(cfg.dtype)
+        x_BTD = x_BTD + dropout(Attention(cfg, name="attn")(h_BTD, positions_BT, mask_B1TS))
+        h_BTD = make_norm(cfg, "mlp_norm")(x_BTD).astype(cfg.dtype)
+        x_BTD = x_BTD + dropout(MLP(cfg, name="mlp")(h_BTD))
+        return x_BTD, None
+
+
+REMAT_POLICIES: dict[str, Any] = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "attn_mlp": jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_out"),
+}
+
+
+class Transformer(nn.Module):
+    """tokens [B, T] -> logits [B, T, V] (float32)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens_BT: Array,
+        *,
+        positions_BT: Array | None = None,
+        segment_ids_BT: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        cfg = self.cfg
+        B, T = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        mask_B1TS = attention_mask(segment_ids_BT, T, T)
+
+        embed = nn.Embed(
+            cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, name="embed", embedding_init=_param_init(cfg.init_std, ("vocab", "embed"))
+        )
+        x_BTD = embed(tokens_BT)
+        if cfg.family == "gpt2":
+            x_BTD = x_BTD + nn.Embed(
+                cfg.max_seq_len, cfg.d_model, name="pos_embed",
+                embedding_init=_param_init(cfg.init_std, ("seq", "embed")),
+            )(positions_BT)
+        x_BTD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BTD).astype(cfg.dtype)
+
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            # One compiled block, iterated: compile time stays flat in depth; params gain a leading `layers` axis.
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x_BTD, _ = stack(cfg, deterministic, name="blocks")(x_BTD, positions_BT, mask_B1TS)
+        else:
+            for i in range(cfg.n_layers):
+                x_BTD, _ = block(cfg, deterministic, name=f"block_{i}")(x_BTD, positions_BT, mask_B1TS)
+
+        x_BTD = make_norm(cfg, "final_norm")(x_BTD).astype(cfg.dtype)
+        if cfg.tie_embeddings:
+            logits_BTV = embed.attend(x_BTD)
+        else:
+            logits_BTV = nn.Dense(
+                cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name="lm_head",
+                kernel_init=_param_init(cfg.init_std, ("embed", "vocab")),
+            )(x_BTD)
+        return logits_BTV.astype(jnp.float32)
+
+
+def init_params(cfg: ModelConfig, rng: Array, seq_len: int = 8) -> Any:
+    """Initialised parameters as a plain pytree (logical-axis boxes removed)."""
+    tokens = jnp.zeros((1, min(seq_len, cfg.max_seq_len)), jnp.int32)
+    return nn.unbox(Transformer(cfg).init(rng, tokens)["params"])
+
+
+def forward(
+    cfg: ModelConfig,
+    params: Any,
+    tokens_BT: Array,
+    *,
+    positions_BT: Array | None = None,
+    segment_ids_BT: Array | None = None,
+) -> Array:
+    """Logits [B, T, V] in evaluation mode (no dropout): the entry point for tools, tests and evaluation."""
+    return Transformer(cfg).apply(
+        {"params": params}, tokens_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT
+    )
