@@ -1,0 +1,5 @@
+"""jaxlm's input side: corpora (TFDS), tokenizers, and the grain batch pipeline."""
+
+from jaxlm.data.pipeline import BatchIterator, Prepared, loader_tokens_per_sec, make_iterator, prepare_data
+
+__all__ = ["BatchIterator", "Prepared", "loader_tokens_per_sec", "make_iterator", "prepare_data"]

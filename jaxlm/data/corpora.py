@@ -1,0 +1,323 @@
+"""Corpora as TFDS datasets: local files built once into the cache as ArrayRecord, or TFDS catalog datasets.
+
+`open_corpus(data_config)` returns a `Corpus` whose splits are random-access sources of documents. Local corpora
+(`pystdlib`, `text:<glob>`) are prepared by `LocalCorpus`, a TFDS builder, into
+`<cache>/corpora/<kind>-<fingerprint>/`; the fingerprint covers the matched files (paths, sizes, mtimes), the
+Python version and every setting that changes the documents or the split, so a changed corpus is rebuilt and an
+unchanged one reused. A document goes to validation when a stable hash of its key falls below `val_fraction`.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from jaxlm.config import DataConfig
+from jaxlm.errors import DataError
+
+CORPUS_VERSION = "1.0.0"  # bump when the document layout or split rule changes: old caches are then ignored
+# Folders of the standard library that are not library source: third-party packages and test suites.
+STDLIB_SKIP_DIRS = frozenset(
+    {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "idlelib/idle_test"}
+)
+
+
+@dataclass(frozen=True)
+class Document:
+    key: str  # unique within the corpus; also what the split hash reads for pystdlib
+    text: str
+    undecodable_bytes: int
+    split: str
+
+
+@dataclass
+class Corpus:
+    """A prepared corpus: where it lives and how to read each split."""
+
+    source: str
+    fingerprint: str
+    text_field: str
+    splits: dict[str, str]  # jaxlm split ("train" | "validation") -> the dataset's split name
+    stats: dict[str, Any]  # documents, bytes, undecodable bytes, skipped lines per split
+    dataset_dir: str = ""
+    _open: Callable[[str], Sequence[Any]] | None = field(default=None, repr=False)
+
+    def source_of(self, split: str) -> Sequence[Any]:
+        """A random-access sequence of records (dicts) of one jaxlm split."""
+        return self._open(self.splits[split])
+
+    def texts(self, split: str) -> Iterator[str]:
+        src = self.source_of(split)
+        for i in range(len(src)):
+            yield record_text(src[i], self.text_field)
+
+
+def record_text(record: dict[str, Any], text_field: str) -> str:
+    value = record[text_field]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, np.ndarray):
+        value = value.item()
+        return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+    return str(value)
+
+
+def decode_counting(data: bytes) -> tuple[str, int]:
+    """UTF-8 decoding that replaces invalid bytes with U+FFFD and counts them."""
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        pass
+    parts: list[str] = []
+    bad = 0
+    start = 0
+    while True:
+        try:
+            parts.append(data[start:].decode("utf-8"))
+            return "".join(parts), bad
+        except UnicodeDecodeError as e:
+            parts.append(data[start : start + e.start].decode("utf-8"))
+            parts.append("\ufffd")
+            bad += e.end - e.start
+            start += e.end
+
+
+def stable_fraction(key: str) -> float:
+    """A hash of `key` mapped to [0, 1), the same on every machine and Python run."""
+    digest = hashlib.sha256(key.encode("utf-8", errors="surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def _split_of(key: str, val_fraction: float) -> str:
+    return "validation" if stable_fraction(key) < val_fraction else "train"
+
+
+def _fingerprint(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_identity(paths: list[str]) -> list[list[Any]]:
+    out = []
+    for p in paths:
+        st = os.stat(p)
+        out.append([p, st.st_size, st.st_mtime_ns])
+    return out
+
+
+# --- the embedded corpus -------------------------------------------------------------------------------------
+
+
+def stdlib_files() -> tuple[str, list[str]]:
+    """The running interpreter's standard-library .py files outside tests and third-party packages."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for d, dirs, names in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x not in STDLIB_SKIP_DIRS)
+        files.extend(os.path.join(d, n) for n in sorted(names) if n.endswith(".py"))
+    return root, files
+
+
+def _stdlib_documents(root: str, files: list[str], val_fraction: float) -> Callable[[], Iterator[Document]]:
+    def documents() -> Iterator[Document]:
+        for path in files:
+            rel = os.path.relpath(path, root).replace(os.sep, "/")
+            with open(path, "rb") as f:
+                text, bad = decode_counting(f.read())
+            yield Document(rel, text, bad, _split_of(rel, val_fraction))
+
+    return documents
+
+
+# --- text:<glob> ---------------------------------------------------------------------------------------------
+
+
+def _text_documents(
+    files: list[str], text_field: str, val_fraction: float, skip_bad_lines: bool, skipped: list[int]
+) -> Callable[[], Iterator[Document]]:
+    """Documents of .txt files (one per file) and .jsonl files (one per line); skipped[0] counts bad lines."""
+
+    def documents() -> Iterator[Document]:
+        skipped[0] = 0
+        for path in files:
+            if path.endswith(".jsonl"):
+                with open(path, "rb") as f:
+                    for lineno, raw in enumerate(f, start=1):
+                        if not raw.strip():
+                            continue
+                        line, bad = decode_counting(raw)
+                        try:
+                            obj = json.loads(line)
+                            value = obj[text_field]
+                            if not isinstance(value, str):
+                                raise TypeError
+                        except (ValueError, KeyError, TypeError, IndexError):
+                            if skip_bad_lines:
+                                skipped[0] += 1
+                                continue
+                            raise DataError(
+                                f"{path}:{lineno} is not a JSON object with a string {text_field!r} field: fix the "
+                                "line, set --data.text_field, or pass --data.skip_bad_lines True"
+                            ) from None
+                        # Content decides the split, so duplicated documents never straddle train and validation.
+                        yield Document(f"{path}:{lineno}", value, bad, _split_of(value, val_fraction))
+            else:
+                with open(path, "rb") as f:
+                    text, bad = decode_counting(f.read())
+                yield Document(path, text, bad, _split_of(text, val_fraction))
+
+    return documents
+
+
+def glob_files(pattern: str) -> list[str]:
+    pattern = os.path.expanduser(pattern)
+    return sorted(p for p in globlib.glob(pattern, recursive=True) if os.path.isfile(p))
+
+
+# --- the TFDS builder ----------------------------------------------------------------------------------------
+
+
+class LocalCorpus(tfds.core.GeneratorBasedBuilder):
+    """Documents of local files, one example per document."""
+
+    VERSION = tfds.core.Version(CORPUS_VERSION)
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        # No checksum or metadata files live beside this class; tfds's search for them fails inside a package.
+        return None
+
+    def __init__(self, *, documents: Callable[[], Iterator[Document]] | None = None, **kwargs):
+        self._documents = documents
+        super().__init__(**kwargs)
+
+    def _info(self):
+        # dataset_info_from_configs needs package metadata files; a plain DatasetInfo does not.
+        features = tfds.features.FeaturesDict(
+            {"text": tfds.features.Text(), "key": tfds.features.Text(), "undecodable_bytes": np.int32}
+        )
+        return tfds.core.DatasetInfo(builder=self, features=features, description="jaxlm local corpus")
+
+    def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(split) for split in ("train", "validation")}
+
+    def _generate_examples(self, split):
+        for doc in self._documents():
+            if doc.split == split:
+                yield doc.key, {"text": doc.text, "key": doc.key, "undecodable_bytes": doc.undecodable_bytes}
+
+
+def _scan(documents: Callable[[], Iterator[Document]]) -> dict[str, Any]:
+    """Counts documents, bytes and undecodable bytes per split (and finds bad input before building)."""
+    stats: dict[str, Any] = {}
+    for split in ("train", "validation"):
+        stats[split] = {"documents": 0, "bytes": 0, "undecodable_bytes": 0}
+    empty = 0
+    for doc in documents():
+        if not doc.text:
+            empty += 1
+            continue
+        s = stats[doc.split]
+        s["documents"] += 1
+        s["bytes"] += len(doc.text.encode("utf-8"))
+        s["undecodable_bytes"] += doc.undecodable_bytes
+    stats["empty_documents"] = empty
+    return stats
+
+
+def _nonempty(documents: Callable[[], Iterator[Document]]) -> Callable[[], Iterator[Document]]:
+    return lambda: (d for d in documents() if d.text)
+
+
+def _open_local(dataset_dir: str) -> Callable[[str], Sequence[Any]]:
+    def open_split(split: str) -> Sequence[Any]:
+        return tfds.builder_from_directory(dataset_dir).as_data_source(split=split)
+
+    return open_split
+
+
+def _prepare_local(
+    source: str, kind: str, fingerprint: str, documents: Callable[[], Iterator[Document]], cache_dir: str,
+    skipped: list[int] | None = None, describe: str = "",
+) -> Corpus:
+    data_dir = os.path.join(cache_dir, "corpora", f"{kind}-{fingerprint}")
+    dataset_dir = os.path.join(data_dir, "local_corpus", CORPUS_VERSION)
+    meta_path = os.path.join(data_dir, "corpus.json")
+    if os.path.isfile(meta_path):
+        with open(meta_path, encoding="utf-8") as f:
+            stats = json.load(f)
+    else:
+        stats = _scan(documents)
+        if skipped is not None:
+            stats["skipped_lines"] = skipped[0]
+        if stats["train"]["documents"] + stats["validation"]["documents"] == 0:
+            raise DataError(f"every document of {describe or source} is empty: point the source at files with text")
+        if stats["train"]["documents"] == 0:
+            raise DataError(f"the train split of {source} is empty: lower --data.val_fraction or add documents")
+        if stats["validation"]["documents"] == 0:
+            raise DataError(
+                f"the validation split of {source} is empty ({stats['train']['documents']} documents, val_fraction "
+                "too small): raise --data.val_fraction or add documents"
+            )
+        builder = LocalCorpus(documents=_nonempty(documents), data_dir=data_dir, file_format="array_record")
+        builder.download_and_prepare()
+        os.makedirs(data_dir, exist_ok=True)
+        tmp = f"{meta_path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(stats, f, indent=2)
+        os.replace(tmp, meta_path)
+    return Corpus(
+        source=source, fingerprint=fingerprint, text_field="text", splits={"train": "train", "validation": "validation"},
+        stats=stats, dataset_dir=dataset_dir, _open=_open_local(dataset_dir),
+    )
+
+
+def open_corpus(data_config: DataConfig) -> Corpus:
+    """Prepares (once) and opens the corpus named by `data_config.source`."""
+    source = data_config.source
+    cache_dir = data_config.resolved_cache_dir
+    if source == "pystdlib":
+        root, files = stdlib_files()
+        if not files:
+            raise DataError(f"no .py files under the standard library at {root}: use --data.source text:<glob>")
+        ident = {
+            "kind": "pystdlib", "python": sys.version, "root": root, "files": _file_identity(files),
+            "val_fraction": data_config.val_fraction, "version": CORPUS_VERSION,
+        }
+        documents = _stdlib_documents(root, files, data_config.val_fraction)
+        return _prepare_local(source, "pystdlib", _fingerprint(ident), documents, cache_dir, describe=root)
+    if source.startswith("text:"):
+        pattern = source[len("text:") :]
+        files = glob_files(pattern)
+        if not files:
+            raise DataError(f"no file matches {pattern!r}: check the glob (use ** for subfolders)")
+        ident = {
+            "kind": "text", "files": _file_identity([os.path.abspath(p) for p in files]),
+            "text_field": data_config.text_field, "skip_bad_lines": data_config.skip_bad_lines,
+            "val_fraction": data_config.val_fraction, "version": CORPUS_VERSION,
+        }
+        skipped = [0]
+        documents = _text_documents(
+            files, data_config.text_field, data_config.val_fraction, data_config.skip_bad_lines, skipped
+        )
+        return _prepare_local(
+            source, "text", _fingerprint(ident), documents, cache_dir, skipped=skipped,
+            describe=f"the {len(files)} files matching {pattern!r}",
+        )
+    if source.startswith("tfds:"):
+        return _open_tfds(data_config)
+    raise DataError(f"unknown data source {source!r}: use pystdlib, text:<glob> or tfds:<name>[:<version>]")
+
+
+def _open_tfds(data_config: DataConfig) -> Corpus:
+    raise DataError("tfds sources are not supported yet: use pystdlib or text:<glob>")

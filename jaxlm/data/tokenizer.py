@@ -1,0 +1,251 @@
+"""Tokenizers: sentencepiece (trained here or loaded from a .model file), bytes, and characters.
+
+Every tokenizer has the same small interface: `vocab_size`, the special ids `pad_id`, `unk_id`, `bos_id`,
+`eos_id`, `encode(str) -> list[int]` (no bos/eos added), `encode_batch(list[str]) -> list[list[int]]` and
+`decode(ids) -> str` (special ids decode to nothing). `eos_id` separates documents in packed rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import sentencepiece as spm
+
+from jaxlm.errors import DataError
+
+SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")  # ids 0..3 for trained and char tokenizers
+# Code needs newlines and tabs as whole pieces; sentencepiece would otherwise byte-encode them.
+CODE_SYMBOLS = ("\n", "\t")
+# sentencepiece skips training sentences longer than max_sentence_length, so documents are cut into chunks.
+_CHUNK_BYTES = 2048
+
+
+def _ids_list(ids: Sequence[int] | np.ndarray) -> list[int]:
+    return np.asarray(ids).reshape(-1).astype(np.int64).tolist()
+
+
+class SentencePieceTokenizer:
+    """A sentencepiece model (BPE or unigram), from its serialized proto."""
+
+    def __init__(self, model_proto: bytes, name: str = "sentencepiece"):
+        self.model_proto = model_proto
+        self.name = name
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.vocab_size = int(self._sp.get_piece_size())
+        self.unk_id = int(self._sp.unk_id())
+        self.bos_id = int(self._sp.bos_id())
+        self.eos_id = int(self._sp.eos_id())
+        pad = int(self._sp.pad_id())
+        # Llama-2 style models have no pad piece (-1); padding never reaches the loss, so unk serves.
+        self.pad_id = pad if pad >= 0 else self.unk_id
+        if self.eos_id < 0:
+            raise DataError(f"the sentencepiece model {name} has no end-of-sequence piece: use a model with </s>")
+
+    def __getstate__(self):
+        return {"model_proto": self.model_proto, "name": self.name}
+
+    def __setstate__(self, state):
+        self.__init__(state["model_proto"], state["name"])
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
+        return self._sp.encode(texts, num_threads=num_threads)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self._sp.decode(_ids_list(ids))
+
+
+class ByteTokenizer:
+    """UTF-8 bytes 0..255, then pad, unk, bos, eos."""
+
+    name = "byte"
+    vocab_size = 260
+    pad_id, unk_id, bos_id, eos_id = 256, 257, 258, 259
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        arr = np.asarray(ids).reshape(-1)
+        # A sampled sequence may end inside a multi-byte character: replace rather than fail.
+        return arr[arr < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+class CharTokenizer:
+    """The corpus's characters after the four specials; an unseen character encodes to unk."""
+
+    name = "char"
+    pad_id, unk_id, bos_id, eos_id = 0, 1, 2, 3
+
+    def __init__(self, chars: str):
+        self.chars = "".join(sorted(set(chars)))
+        self.vocab_size = len(SPECIALS) + len(self.chars)
+        self._index = {c: i + len(SPECIALS) for i, c in enumerate(self.chars)}
+
+    def encode(self, text: str) -> list[int]:
+        index, unk = self._index, self.unk_id
+        return [index.get(c, unk) for c in text]
+
+    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        offset, chars = len(SPECIALS), self.chars
+        return "".join(chars[i - offset] if i >= offset else "" for i in _ids_list(ids) if i < self.vocab_size)
+
+
+Tokenizer = SentencePieceTokenizer | ByteTokenizer | CharTokenizer
+
+
+def _chunks(texts: Iterable[str], sample_bytes: int) -> Iterator[str]:
+    """Pieces of at most ~_CHUNK_BYTES cut at line ends (long lines cut anywhere), up to sample_bytes in all."""
+    total = 0
+    for text in texts:
+        buf: list[str] = []
+        size = 0
+        for line in text.splitlines(keepends=True):
+            while len(line) > _CHUNK_BYTES // 4:  # a very long line: cut it (chars <= 4 bytes each)
+                head, line = line[: _CHUNK_BYTES // 4], line[_CHUNK_BYTES // 4 :]
+                if buf:
+                    yield "".join(buf)
+                    buf, size = [], 0
+                yield head
+                total += len(head.encode("utf-8"))
+            nbytes = len(line.encode("utf-8"))
+            if size + nbytes > _CHUNK_BYTES and buf:
+                yield "".join(buf)
+                buf, size = [], 0
+            buf.append(line)
+            size += nbytes
+            total += nbytes
+            if total >= sample_bytes:
+                break
+        if buf:
+            yield "".join(buf)
+        if total >= sample_bytes:
+            return
+
+
+def train_sentencepiece(texts: Iterable[str], model_type: str, vocab_size: int, sample_bytes: int) -> bytes:
+    """Trains a byte-fallback sentencepiece model that reproduces code exactly; returns the model proto."""
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_chunks(texts, sample_bytes),
+            model_writer=model,
+            model_type=model_type,
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            character_coverage=0.9995,
+            # Exact round trips: no normalisation, keep every space, no invented leading space.
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            user_defined_symbols=list(CODE_SYMBOLS),
+            pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+            pad_piece=SPECIALS[0], unk_piece=SPECIALS[1], bos_piece=SPECIALS[2], eos_piece=SPECIALS[3],
+            max_sentence_length=4 * _CHUNK_BYTES,
+            num_threads=max(1, min(os.cpu_count() or 1, 16)),
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        if "Vocabulary size" in reason or "vocab_size" in reason:
+            raise DataError(
+                f"DataConfig.vocab_size={vocab_size} does not fit this corpus ({reason}): "
+                "lower --data.vocab_size or use a larger corpus"
+            ) from None
+        raise DataError(f"sentencepiece training failed: {reason}") from None
+    return model.getvalue()
+
+
+def load_sentencepiece(path: str) -> SentencePieceTokenizer:
+    """Loads an existing .model file, with a DataError if it is missing or does not parse."""
+    if not os.path.isfile(path):
+        raise DataError(f"tokenizer model file {path!r} does not exist: give the path of a sentencepiece .model file")
+    with open(path, "rb") as f:
+        proto = f.read()
+    try:
+        return SentencePieceTokenizer(proto, name=os.path.basename(path))
+    except DataError:
+        raise
+    except Exception:
+        raise DataError(f"tokenizer model file {path!r} is not a sentencepiece model: check the file") from None
+
+
+def tokenizer_key(kind: str, vocab_size: int, corpus_fingerprint: str) -> str:
+    """The cache key of a tokenizer: what it was trained on and how."""
+    if kind == "byte":
+        return "byte"
+    if kind.endswith(".model"):
+        st = os.stat(kind) if os.path.isfile(kind) else None
+        ident = json.dumps([os.path.abspath(kind), st and st.st_size, st and st.st_mtime_ns])
+        return "file-" + hashlib.sha256(ident.encode()).hexdigest()[:16]
+    if kind == "char":
+        return f"char-{corpus_fingerprint}"
+    return f"{kind}-{vocab_size}-{corpus_fingerprint}"
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """What `build_tokenizer` needs besides the texts."""
+
+    kind: str  # sentencepiece-bpe | sentencepiece-unigram | byte | char | <path>.model
+    vocab_size: int
+    sample_bytes: int
+    corpus_fingerprint: str
+
+
+def build_tokenizer(
+    spec: TokenizerSpec, cache_dir: str, train_texts: Iterable[str], all_texts: Iterable[str]
+) -> tuple[Tokenizer, bool]:
+    """Loads the tokenizer from the cache or trains and caches it; returns (tokenizer, was_built)."""
+    kind = spec.kind
+    if kind == "byte":
+        return ByteTokenizer(), False
+    if kind.endswith(".model"):
+        return load_sentencepiece(kind), False
+    os.makedirs(cache_dir, exist_ok=True)
+    key = tokenizer_key(kind, spec.vocab_size, spec.corpus_fingerprint)
+    if kind == "char":
+        path = os.path.join(cache_dir, key + ".json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return CharTokenizer(json.load(f)["chars"]), False
+        chars: set[str] = set()
+        for text in all_texts:
+            chars.update(text)
+        tok = CharTokenizer("".join(chars))
+        _write_atomic(path, json.dumps({"chars": tok.chars}).encode("utf-8"))
+        return tok, True
+    if kind in ("sentencepiece-bpe", "sentencepiece-unigram"):
+        path = os.path.join(cache_dir, key + ".model")
+        if os.path.isfile(path):
+            return load_sentencepiece(path), False
+        proto = train_sentencepiece(train_texts, kind.split("-")[1], spec.vocab_size, spec.sample_bytes)
+        _write_atomic(path, proto)
+        return SentencePieceTokenizer(proto, name=os.path.basename(path)), True
+    raise DataError(
+        f"DataConfig.tokenizer={kind!r} is unknown: use sentencepiece-bpe, sentencepiece-unigram, byte, char "
+        "or the path of a .model file"
+    )
