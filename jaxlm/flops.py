@@ -112,3 +112,79 @@ def peak_flops(device=None) -> tuple[float, str]:
     if peak is not None:
         return peak * jax.device_count(), f"{device.device_kind} bf16 spec x {jax.device_count()}"
     return measure_matmul_flops(), "measured f32 2048x2048 matmul"
+
+
+# Published FLOP counts, for comparing with the literature. Each returns training FLOPs (forward + backward).
+
+
+def six_n_flops_per_token(cfg: ModelConfig, *, nonembedding: bool = False) -> float:
+    """The 6N rule: 6 x total parameters, or 6 x non-embedding parameters (Kaplan et al.'s N)."""
+    return 6.0 * (count_nonembedding_params(cfg) if nonembedding else count_params(cfg))
+
+
+def kaplan_params(cfg: ModelConfig) -> int:
+    """Kaplan et al. 2020's N: the blocks' matmul weights, 2 d_model n_layer (2 d_attn + d_ff) for GPT-2."""
+    return matmul_params(cfg) - cfg.d_model * cfg.vocab_size
+
+
+def kaplan_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Kaplan et al. 2020, Table 1: C_forward = 2N + 2 n_layer n_ctx d_attn; training is 3x the forward pass.
+
+    N is `kaplan_params` (no embeddings, biases or norms); the attention term counts the causal half of the
+    score and value products.
+    """
+    d_attn = cfg.n_heads * cfg.head_dim
+    return 3.0 * (2.0 * kaplan_params(cfg) + 2.0 * cfg.n_layers * seq_len * d_attn)
+
+
+def chinchilla_flops_per_sequence(
+    *,
+    seq_len: int,
+    vocab_size: int,
+    n_layers: int,
+    d_model: int,
+    d_ff: int,
+    n_heads: int,
+    key_size: int,
+    n_kv_heads: int | None = None,
+    mlp_matrices: int = 2,
+    include_embeddings: bool = True,
+) -> float:
+    """Hoffmann et al. 2022, Appendix F: training FLOPs of one sequence of `seq_len` tokens (backward = 2x forward).
+
+    Forward terms: embeddings 2SVd; per layer, QKV 2S d (3kH), logits 2S^2 kH, softmax 3HS^2, softmax-value
+    2S^2 kH, output 2S kH d, dense 2S (2 d ffw); final logits 2SdV. Grouped-query attention shrinks the K and V
+    projections to n_kv_heads; a gated MLP (SwiGLU) has `mlp_matrices=3`. Table A4's published ratios leave out
+    the embedding and final-logit terms (`include_embeddings=False`).
+    """
+    s, d, h, k = seq_len, d_model, n_heads, key_size
+    kv = n_heads if n_kv_heads is None else n_kv_heads
+    attention = (
+        2 * s * d * k * (h + 2 * kv)  # query, key and value projections
+        + 2 * s * s * k * h  # key @ query logits
+        + 3 * h * s * s  # softmax
+        + 2 * s * s * k * h  # softmax @ value
+        + 2 * s * k * h * d  # output projection
+    )
+    dense = 2 * s * mlp_matrices * d * d_ff
+    forward = n_layers * (attention + dense)
+    if include_embeddings:
+        forward += 2 * s * vocab_size * d + 2 * s * d * vocab_size
+    return 3.0 * float(forward)
+
+
+def chinchilla_flops_per_token(cfg: ModelConfig, seq_len: int, include_embeddings: bool = True) -> float:
+    """`chinchilla_flops_per_sequence` for a model config, divided by the sequence length."""
+    per_sequence = chinchilla_flops_per_sequence(
+        seq_len=seq_len,
+        vocab_size=cfg.vocab_size,
+        n_layers=cfg.n_layers,
+        d_model=cfg.d_model,
+        d_ff=cfg.d_ff,
+        n_heads=cfg.n_heads,
+        key_size=cfg.head_dim,
+        n_kv_heads=cfg.n_kv_heads,
+        mlp_matrices=2 if cfg.family == "gpt2" else 3,
+        include_embeddings=include_embeddings,
+    )
+    return per_sequence / seq_len
