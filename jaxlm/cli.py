@@ -1,0 +1,112 @@
+"""The command line of every experiment module: `python -m experiments.<name> [--section.field value ...]`.
+
+An experiment module declares `EXPERIMENT` (one run) or `SWEEP` (a tuple of runs) and calls `run(...)` from its
+`main`. Overrides are parsed by tyro against the experiment's own values, so `--help` shows every field with the
+experiment's defaults. For a sweep, an override applies to every member, and `--sweep.members 3:6` runs a slice
+(so several hosts can share one sweep). Errors a user can fix print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from typing import Annotated, Any, Sequence
+
+import tyro
+
+from jaxlm.config import Experiment
+from jaxlm.errors import JaxlmError
+
+USAGE_ERROR = 2
+
+
+@dataclass(frozen=True)
+class SweepArgs:
+    """Which members of a sweep to run, as a Python slice of the member list (e.g. 3:6, or : for all)."""
+
+    members: str = ":"
+
+
+@dataclass(frozen=True)
+class _SweepCommand:
+    sweep: SweepArgs
+    experiment: Annotated[Experiment, tyro.conf.arg(name="")]
+
+
+def _changed(default: Any, parsed: Any) -> dict[str, Any]:
+    """The fields of `parsed` that differ from `default`, nested by section."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(default):
+        a, b = getattr(default, f.name), getattr(parsed, f.name)
+        if dataclasses.is_dataclass(a):
+            sub = _changed(a, b)
+            if sub:
+                out[f.name] = sub
+        elif a != b:
+            out[f.name] = b
+    return out
+
+
+def _apply(experiment: Experiment, changes: dict[str, Any]) -> Experiment:
+    sections = {
+        name: dataclasses.replace(getattr(experiment, name), **value)
+        for name, value in changes.items() if isinstance(value, dict)
+    }
+    plain = {name: value for name, value in changes.items() if not isinstance(value, dict)}
+    return dataclasses.replace(experiment, **sections, **plain)
+
+
+def _members(spec: str, n: int) -> range:
+    try:
+        parts = [int(p) if p.strip() else None for p in spec.split(":")]
+        if len(parts) == 1:
+            parts = [parts[0], parts[0] + 1 if parts[0] is not None else None]
+        selected = range(n)[slice(*parts)]
+    except (ValueError, TypeError):
+        raise JaxlmError(f"--sweep.members {spec!r} is not a slice like 3:6 or 2 or :") from None
+    if not selected:
+        raise JaxlmError(f"--sweep.members {spec!r} selects none of the {n} members")
+    return selected
+
+
+def parse(default: Experiment | Sequence[Experiment], argv: Sequence[str] | None = None) -> list[Experiment]:
+    """The experiments a command line asks for, with its overrides applied."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if isinstance(default, Experiment):
+        return [tyro.cli(Experiment, default=default, args=argv, description=_doc())]
+    members = list(default)
+    if not members:
+        raise JaxlmError("the sweep has no members")
+    command = tyro.cli(
+        _SweepCommand, default=_SweepCommand(SweepArgs(), members[0]), args=argv,
+        description=_doc() + f"\n\nA sweep of {len(members)} runs; overrides apply to every member.",
+    )
+    changes = _changed(members[0], command.experiment)
+    return [_apply(members[i], changes) for i in _members(command.sweep.members, len(members))]
+
+
+def _doc() -> str:
+    main = sys.modules.get("__main__")
+    return (getattr(main, "__doc__", None) or "").strip().split("\n\n")[0]
+
+
+def run(default: Experiment | Sequence[Experiment], argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Parse overrides, then train each experiment (a sweep skips finished members and resumes the others)."""
+    from jaxlm.train import PREEMPTED_EXIT_CODE, Preempted, train
+
+    try:
+        experiments = parse(default, argv)
+        summaries = []
+        for experiment in experiments:
+            summaries.append(train(experiment))
+        return summaries
+    except JaxlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
+    except Preempted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        sys.exit(130)
