@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import sysconfig
 
@@ -136,8 +137,6 @@ def test_state_resumes_with_the_next_batch(pystdlib):
         next(it)
     state = it.get_state()
     expected = [next(it) for _ in range(3)]
-    import json
-
     restored = make_iterator(config, prepared, "train", seed=7)
     restored.set_state(json.loads(json.dumps(state)))
     for want in expected:
@@ -209,3 +208,137 @@ def test_glob_matching_nothing(tmp_path):
     config = DataConfig(source=f"text:{tmp_path}/nothing/*.txt", cache_dir=str(tmp_path / "cache"))
     with pytest.raises(DataError, match="no file matches"):
         prepare_data(config)
+
+
+def _text_corpus(root, n=40):
+    """Code-like .txt documents and a .jsonl file; returns every non-empty document, as the files hold them."""
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "x", "value", "é", "日本", "🙂", "1234", "if", "\t", "  ", "    ", "\n"]
+    docs = []
+    for i in range(n):
+        text = f"# file {i}\n" + "".join(str(rng.choice(words)) + rng.choice([" ", "\n", ""]) for _ in range(80))
+        _write(root / "txt" / f"{i:03d}.txt", text)
+        docs.append(text)
+    lines = []
+    for i in range(n):
+        body = f"line doc {i}:\n    indented {'ü' * (i % 3)}\tend"
+        lines.append(json.dumps({"body": body, "other": i}))
+        docs.append(body)
+    _write(root / "jsonl" / "part.jsonl", "\n".join(lines) + "\n")
+    return docs
+
+
+def test_text_corpus_reads_txt_and_jsonl(tmp_path):
+    docs = _text_corpus(tmp_path / "data")
+    (tmp_path / "data" / "txt" / "empty.txt").write_text("")
+    config = DataConfig(source=f"text:{tmp_path}/data/**/*.*", text_field="body", tokenizer="byte",
+                        cache_dir=str(tmp_path / "cache"), val_fraction=0.25, seq_len=16, batch_size=2)
+    prepared = prepare_data(config)
+    train, val = list(prepared.corpus.texts("train")), list(prepared.corpus.texts("validation"))
+    assert sorted(train + val) == sorted(docs)
+    assert 0 < len(val) < len(docs) // 2
+    assert prepared.stats["empty_documents"] == 1
+    assert prepared.stats["validation"]["bytes"] == sum(len(t.encode()) for t in val)
+
+
+def test_text_corpus_is_rebuilt_when_a_file_changes(tmp_path, capsys):
+    for i in range(8):
+        _write(tmp_path / "d" / f"{i}.txt", f"document number {i} " * 50)
+    config = DataConfig(source=f"text:{tmp_path}/d/*.txt", tokenizer="byte", cache_dir=str(tmp_path / "c"),
+                        val_fraction=0.4, seq_len=8, batch_size=2)
+    first = prepare_data(config)
+    capsys.readouterr()
+    assert prepare_data(config).fingerprint == first.fingerprint
+    assert capsys.readouterr().out == ""  # reused, not rebuilt
+    changed = tmp_path / "d" / "3.txt"
+    changed.write_text("a changed document " * 40)
+    os.utime(changed, ns=(1, 1))  # a different mtime even on coarse-clock file systems
+    second = prepare_data(config)
+    assert second.fingerprint != first.fingerprint
+    texts = set(second.corpus.texts("train")) | set(second.corpus.texts("validation"))
+    assert "a changed document " * 40 in texts and "document number 3 " * 50 not in texts
+
+
+def test_bad_jsonl_line_is_reported_or_skipped(tmp_path):
+    good = [json.dumps({"text": f"good document {i} " * 20}) for i in range(10)]
+    lines = good[:3] + ["{not json"] + good[3:6] + [json.dumps({"title": "no text field"})] + good[6:]
+    _write(tmp_path / "d" / "a.jsonl", "\n".join(lines) + "\n")
+    config = DataConfig(source=f"text:{tmp_path}/d/*.jsonl", tokenizer="byte", cache_dir=str(tmp_path / "c"),
+                        val_fraction=0.3, seq_len=8, batch_size=2)
+    with pytest.raises(DataError, match=r"a\.jsonl:4 .*skip_bad_lines"):
+        prepare_data(config)
+    prepared = prepare_data(dataclasses.replace(config, skip_bad_lines=True))
+    assert prepared.stats["skipped_lines"] == 2
+    assert prepared.stats["train"]["documents"] + prepared.stats["validation"]["documents"] == 10
+
+
+def test_every_file_empty(tmp_path):
+    for i in range(3):
+        _write(tmp_path / "d" / f"{i}.txt", "")
+    config = DataConfig(source=f"text:{tmp_path}/d/*.txt", tokenizer="byte", cache_dir=str(tmp_path / "c"))
+    with pytest.raises(DataError, match="empty"):
+        prepare_data(config)
+
+
+def test_undecodable_bytes_are_replaced_and_counted(tmp_path):
+    raw = [b"valid text " * 30, b"bad \xff\xfe bytes and a cut \xe2\x82 char " * 5, b"more \x80 bad " * 10]
+    for i in range(12):
+        (tmp_path / "d").mkdir(exist_ok=True)
+        (tmp_path / "d" / f"{i}.txt").write_bytes(raw[i % 3] + str(i).encode())
+    # Python's own decoder, independently: every U+FFFD replaces at least one undecodable byte.
+    expected_bad = sum(len(b) - len(b.decode("utf-8", "ignore").encode()) for i in range(12) for b in [raw[i % 3]])
+    config = DataConfig(source=f"text:{tmp_path}/d/*.txt", tokenizer="byte", cache_dir=str(tmp_path / "c"),
+                        val_fraction=0.3, seq_len=8, batch_size=2)
+    prepared = prepare_data(config)
+    assert prepared.stats["undecodable_bytes"] == expected_bad > 0
+    texts = list(prepared.corpus.texts("train")) + list(prepared.corpus.texts("validation"))
+    assert sorted(texts) == sorted((raw[i % 3] + str(i).encode()).decode("utf-8", "replace") for i in range(12))
+
+
+# --- tokenizers ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text_corpus")
+    _text_corpus(root / "data")
+    return root
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece-bpe", "sentencepiece-unigram", "byte", "char"])
+def test_every_tokenizer_round_trips_validation_documents(text_corpus, kind):
+    config = DataConfig(source=f"text:{text_corpus}/data/**/*.*", text_field="body", tokenizer=kind, vocab_size=300,
+                        cache_dir=str(text_corpus / "cache"), val_fraction=0.25, seq_len=16, batch_size=2)
+    prepared = prepare_data(config)
+    tok = prepared.tokenizer
+    val = list(prepared.corpus.texts("validation"))
+    assert val
+    for text in val:
+        ids = tok.encode(text)
+        assert all(0 <= i < tok.vocab_size for i in ids)
+        assert tok.decode(ids) == text
+    assert prepared.stats["validation"]["roundtrip_failures"] == 0
+    if kind == "byte":
+        assert tok.vocab_size == 260 and tok.encode("é\t") == [0xC3, 0xA9, 9]
+    if kind == "char":
+        everything = "".join(prepared.corpus.texts("train")) + "".join(val)
+        assert tok.vocab_size == 4 + len(set(everything))
+        assert tok.encode("\u2603") == [tok.unk_id]  # a character the corpus never uses
+    if kind.startswith("sentencepiece"):
+        assert tok.vocab_size == 300
+        # The same model, loaded from its file as a user-supplied tokenizer, encodes identically.
+        path = os.path.join(config.resolved_cache_dir, "tokenizers")
+        model = [f for f in os.listdir(path) if f.startswith(kind) and f.endswith(".model")]
+        loaded = prepare_data(dataclasses.replace(config, tokenizer=os.path.join(path, model[0])))
+        assert loaded.tokenizer.encode(val[0]) == tok.encode(val[0])
+
+
+def test_missing_or_broken_model_file(tmp_path, text_corpus):
+    config = DataConfig(source=f"text:{text_corpus}/data/**/*.*", text_field="body", cache_dir=str(text_corpus / "cache"),
+                        val_fraction=0.25, seq_len=16, batch_size=2, tokenizer=str(tmp_path / "missing.model"))
+    with pytest.raises(DataError, match="does not exist"):
+        prepare_data(config)
+    broken = tmp_path / "broken.model"
+    broken.write_bytes(b"this is not a protobuf \x00\xff" * 10)
+    with pytest.raises(DataError, match="not a sentencepiece model"):
+        prepare_data(dataclasses.replace(config, tokenizer=str(broken)))

@@ -52,24 +52,46 @@ class Corpus:
     dataset_dir: str = ""
     _open: Callable[[str], Sequence[Any]] | None = field(default=None, repr=False)
 
+    large: bool = False  # too big to read whole for a character vocabulary (catalog datasets)
+
     def source_of(self, split: str) -> Sequence[Any]:
-        """A random-access sequence of records (dicts) of one jaxlm split."""
+        """A random-access sequence of records (dicts) of one jaxlm split ("train" or "validation")."""
         return self._open(self.splits[split])
 
-    def texts(self, split: str) -> Iterator[str]:
+    def texts(self, split: str, max_bytes: int | None = None) -> Iterator[str]:
+        """The documents of a split in stored order (TFDS stores them shuffled), up to about max_bytes."""
         src = self.source_of(split)
+        total = 0
         for i in range(len(src)):
-            yield record_text(src[i], self.text_field)
+            text = record_text(src[i], self.text_field)
+            yield text
+            total += len(text)
+            if max_bytes is not None and total >= max_bytes:
+                return
+
+
+def _field(record: dict[str, Any], text_field: str) -> Any:
+    value = record[text_field]
+    if isinstance(value, np.ndarray):
+        value = value.item()
+    return value
 
 
 def record_text(record: dict[str, Any], text_field: str) -> str:
-    value = record[text_field]
+    value = _field(record, text_field)
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def record_text_counting(record: dict[str, Any], text_field: str) -> tuple[str, int]:
+    """The text of a record and how many of its bytes were not valid UTF-8."""
+    value = _field(record, text_field)
     if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    if isinstance(value, np.ndarray):
-        value = value.item()
-        return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
-    return str(value)
+        text, bad = decode_counting(value)
+        # Local corpora were decoded (and counted) when they were built; the stored text is valid UTF-8.
+        if "undecodable_bytes" in record:
+            bad += int(_field(record, "undecodable_bytes"))
+        return text, bad
+    return str(value), 0
 
 
 def decode_counting(data: bytes) -> tuple[str, int]:
@@ -239,11 +261,37 @@ def _nonempty(documents: Callable[[], Iterator[Document]]) -> Callable[[], Itera
     return lambda: (d for d in documents() if d.text)
 
 
-def _open_local(dataset_dir: str) -> Callable[[str], Sequence[Any]]:
-    def open_split(split: str) -> Sequence[Any]:
-        return tfds.builder_from_directory(dataset_dir).as_data_source(split=split)
+class SplitSource:
+    """One split of a prepared TFDS dataset, opened lazily so that grain can send it to worker processes."""
 
-    return open_split
+    def __init__(self, dataset_dir: str, split: str):
+        self.dataset_dir, self.split = dataset_dir, split
+        self._source = None
+        self._len = len(self._open())
+
+    def _open(self):
+        if self._source is None:
+            self._source = tfds.builder_from_directory(self.dataset_dir).as_data_source(split=self.split)
+        return self._source
+
+    def __getstate__(self):
+        return {"dataset_dir": self.dataset_dir, "split": self.split, "_source": None, "_len": self._len}
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._open()[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        return self._open().__getitems__(indices)
+
+    def __repr__(self) -> str:
+        return f"SplitSource({self.dataset_dir!r}, {self.split!r})"
+
+
+def _open_local(dataset_dir: str) -> Callable[[str], Sequence[Any]]:
+    return lambda split: SplitSource(dataset_dir, split)
 
 
 def _prepare_local(
@@ -319,5 +367,71 @@ def open_corpus(data_config: DataConfig) -> Corpus:
     raise DataError(f"unknown data source {source!r}: use pystdlib, text:<glob> or tfds:<name>[:<version>]")
 
 
+def _prepared_tfds_datasets(data_dir: str) -> list[str]:
+    """`name[/config]:version` of every dataset prepared under a TFDS data directory."""
+    found = []
+    for info in sorted(globlib.glob(os.path.join(data_dir, "**", "dataset_info.json"), recursive=True)):
+        rel = os.path.relpath(os.path.dirname(info), data_dir).replace(os.sep, "/")
+        name, _, version = rel.rpartition("/")
+        if name and not name.startswith("downloads"):
+            found.append(f"{name}:{version}")
+    return found
+
+
 def _open_tfds(data_config: DataConfig) -> Corpus:
-    raise DataError("tfds sources are not supported yet: use pystdlib or text:<glob>")
+    """A TFDS dataset already prepared (as ArrayRecord) in `data_config.tfds_data_dir`."""
+    spec = data_config.source[len("tfds:") :]
+    name, _, version = spec.partition(":")
+    data_dir = os.path.expanduser(data_config.tfds_data_dir) if data_config.tfds_data_dir else None
+    where = data_dir or "the default TFDS data directory"
+
+    def available() -> str:
+        names = _prepared_tfds_datasets(data_dir) if data_dir and os.path.isdir(data_dir) else []
+        return ", ".join(names) if names else "none"
+
+    if not name:
+        raise DataError(f"DataConfig.source={data_config.source!r} names no dataset: use tfds:<name>[:<version>]")
+    try:
+        builder = tfds.builder(f"{name}:{version}" if version else name, data_dir=data_dir)
+    except Exception as e:  # tfds raises several types for names it cannot resolve
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"TFDS dataset {spec!r} is not available in {where} ({reason[:200]}); prepared there: {available()}"
+        ) from None
+    if not builder.is_prepared():
+        raise DataError(
+            f"TFDS dataset {spec!r} is not prepared in {where} (prepared there: {available()}): build it with "
+            f"`tfds build {name} --data_dir <dir> --file_format array_record` and set --data.tfds_data_dir"
+        )
+    info = builder.info
+    splits = sorted(info.splits.keys())
+    for wanted, option in ((data_config.train_split, "train_split"), (data_config.val_split, "val_split")):
+        if wanted not in info.splits:
+            raise DataError(
+                f"TFDS dataset {spec!r} has no split {wanted!r}; its splits are {', '.join(splits)}: "
+                f"set --data.{option}"
+            )
+    features = list(info.features.keys()) if hasattr(info.features, "keys") else []
+    if data_config.text_field not in features:
+        raise DataError(
+            f"TFDS dataset {spec!r} has no feature {data_config.text_field!r}; its features are "
+            f"{', '.join(features) or 'none'}: set --data.text_field"
+        )
+    if str(info.file_format).split(".")[-1].lower() != "array_record":
+        raise DataError(
+            f"TFDS dataset {spec!r} is stored as {info.file_format}, which grain cannot read at random: rebuild it "
+            "with --file_format array_record"
+        )
+    ident = {
+        "kind": "tfds", "name": name, "version": str(info.version), "data_dir": os.path.abspath(builder.data_dir),
+        "splits": {s: info.splits[s].num_examples for s in (data_config.train_split, data_config.val_split)},
+        "text_field": data_config.text_field, "version_jaxlm": CORPUS_VERSION,
+    }
+    split_names = {"train": data_config.train_split, "validation": data_config.val_split}
+
+    stats = {s: {"documents": info.splits[split_names[s]].num_examples} for s in split_names}
+    return Corpus(
+        source=data_config.source, fingerprint=_fingerprint(ident), text_field=data_config.text_field,
+        splits=split_names, stats=stats, dataset_dir=str(builder.data_dir), _open=_open_local(str(builder.data_dir)),
+        large=True,
+    )

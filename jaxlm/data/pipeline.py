@@ -1,11 +1,18 @@
-"""The input pipeline: prepare once (corpus, tokenizer, token arrays, statistics), then stream packed batches.
+"""The input pipeline: prepare once (corpus, tokenizer, statistics), then stream packed batches.
 
-Preparation tokenizes every document once into a flat token array per split (cached beside the statistics).
-Batches are then a pure function of (seed, batch index): epoch e visits the documents in a permutation drawn
-from (seed, e), joined with an end-of-document token, and cut into rows of `seq_len + 1` tokens (the tail of an
-epoch shorter than a row is dropped). Global batch k holds rows [k B, (k + 1) B) of that endless row stream, and
-process p reads only rows [p B_local, (p + 1) B_local) of it. Because nothing depends on what came before, the
-batches do not depend on the number of workers or processes, and the iterator state is one batch index.
+Two ways to read, with the same batches out (rows of `seq_len + 1` tokens, documents joined by an
+end-of-document token, a new shuffle per epoch) and the same iterator interface:
+
+- Pre-tokenized (local corpora): preparation tokenizes every document once into a flat token file per split.
+  Batches are then a pure function of (seed, batch index): epoch e visits the documents in a permutation drawn
+  from (seed, e), cut into rows (the tail of an epoch shorter than a row is dropped). Global batch k is rows
+  [k B, (k + 1) B) of that endless row stream, and process p reads only its rows [p B_local, (p + 1) B_local).
+  The iterator state is one batch index.
+- Streaming (TFDS catalog corpora, too large to tokenize up front): grain reads the split, shuffles it per epoch,
+  tokenizes in worker processes (order preserved), and a packing iterator in the main process cuts rows, so every
+  process packs the global batch and keeps its own rows. The state is grain's (JSON-serialisable).
+
+Either way the global batches depend only on the seed and the data, not on the number of workers or processes.
 """
 
 from __future__ import annotations
@@ -22,13 +29,14 @@ import grain
 import numpy as np
 
 from jaxlm.config import DataConfig
-from jaxlm.data.corpora import Corpus, open_corpus, record_text
+from jaxlm.data.corpora import Corpus, open_corpus, record_text, record_text_counting
 from jaxlm.data.tokenizer import Tokenizer, TokenizerSpec, build_tokenizer, tokenizer_key
 from jaxlm.errors import DataError
 
 SPLITS = ("train", "validation")
-TOKENS_VERSION = 1  # bump when the token files change layout
+TOKENS_VERSION = 2  # bump when the token files change layout
 _ENCODE_CHUNK = 256  # documents per sentencepiece batch call
+_STATS_SAMPLE_BYTES = 20_000_000  # streamed corpora: statistics come from this much text of each split
 
 
 @dataclass
@@ -40,63 +48,109 @@ class Prepared:
     corpus: Corpus
     tokens_dir: str
     fingerprint: str  # corpus and tokenizer; a checkpointed iterator state must match it
+    streaming: bool  # True: tokenize while reading; False: read the pre-tokenized files
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
     def token_files(self, split: str) -> tuple[str, str]:
-        return os.path.join(self.tokens_dir, f"{split}.tokens.npy"), os.path.join(self.tokens_dir, f"{split}.offsets.npy")
+        return os.path.join(self.tokens_dir, f"{split}.tokens.bin"), os.path.join(self.tokens_dir, f"{split}.offsets.npy")
 
 
 def _token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
 
 
-def _save_npy(path: str, array: np.ndarray) -> None:
-    tmp = f"{path}.tmp{os.getpid()}.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
+def _streams(data_config: DataConfig) -> bool:
+    """Whether batches tokenize on the fly: catalog corpora do (they can be huge), local corpora do not."""
+    pretokenize = getattr(data_config, "pretokenize", None)
+    if pretokenize is None:
+        return data_config.source.startswith("tfds:")
+    return not pretokenize
 
 
-def _tokenize_split(corpus: Corpus, split: str, tokenizer: Tokenizer, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Tokens of every document of a split, flat, with document offsets; and the split's statistics."""
+def _mp_options(num_workers: int, buffer: int) -> grain.MultiprocessingOptions:
+    from absl import flags
+
+    # grain's worker start reads an absl flag, which fails in programs that never parse absl flags (ours).
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer)
+
+
+def _threads() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def _tokenize_split(corpus: Corpus, split: str, tokenizer: Tokenizer, tokens_path: str, offsets_path: str) -> dict:
+    """Writes the tokens of every document of a split to a flat file, with document offsets; returns statistics."""
     src = corpus.source_of(split)
-    pieces: list[np.ndarray] = []
+    dtype = _token_dtype(tokenizer.vocab_size)
     lengths: list[int] = []
-    nbytes = 0
-    failures = 0
-    threads = max(1, min(os.cpu_count() or 1, 8))
-    for start in range(0, len(src), _ENCODE_CHUNK):
-        texts = [record_text(src[i], corpus.text_field) for i in range(start, min(start + _ENCODE_CHUNK, len(src)))]
-        encoded = tokenizer.encode_batch(texts, num_threads=threads)
-        for text, ids in zip(texts, encoded):
-            if not ids:
-                continue
-            pieces.append(np.asarray(ids, dtype=dtype))
-            lengths.append(len(ids))
-            nbytes += len(text.encode("utf-8"))
-            if split == "validation" and tokenizer.decode(ids) != text:
-                failures += 1
-    tokens = np.concatenate(pieces) if pieces else np.zeros((0,), dtype)
+    nbytes = ntokens = bad_bytes = failures = 0
+    tmp_tokens = f"{tokens_path}.tmp{os.getpid()}"
+    with open(tmp_tokens, "wb") as f:
+        for start in range(0, len(src), _ENCODE_CHUNK):
+            decoded = [record_text_counting(src[i], corpus.text_field) for i in range(start, min(start + _ENCODE_CHUNK, len(src)))]
+            texts = [text for text, _ in decoded]
+            encoded = tokenizer.encode_batch(texts, num_threads=_threads())
+            for (text, bad), ids in zip(decoded, encoded):
+                if not ids:
+                    continue
+                f.write(np.asarray(ids, dtype=dtype).tobytes())
+                lengths.append(len(ids))
+                ntokens += len(ids)
+                nbytes += len(text.encode("utf-8"))
+                bad_bytes += bad
+                if split == "validation" and tokenizer.decode(ids) != text:
+                    failures += 1
     offsets = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
+    tmp_offsets = f"{offsets_path}.tmp{os.getpid()}.npy"
+    np.save(tmp_offsets, offsets)
+    os.replace(tmp_tokens, tokens_path)
+    os.replace(tmp_offsets, offsets_path)
     stats = {
-        "documents": len(lengths), "bytes": nbytes, "tokens": int(tokens.size),
-        "bytes_per_token": nbytes / max(int(tokens.size), 1),
+        "documents": len(lengths), "bytes": nbytes, "tokens": ntokens, "bytes_per_token": nbytes / max(ntokens, 1),
+        "undecodable_bytes": bad_bytes, "token_dtype": dtype.name,
     }
     if split == "validation":
         stats["roundtrip_failures"] = failures
-    return tokens, offsets, stats
+    return stats
+
+
+def _sample_split(corpus: Corpus, split: str, tokenizer: Tokenizer, sample_bytes: int) -> dict:
+    """Statistics of a streamed split, measured on its first documents (already shuffled by TFDS) and scaled up."""
+    src = corpus.source_of(split)
+    docs = nbytes = ntokens = bad_bytes = failures = 0
+    while docs < len(src) and nbytes < sample_bytes:
+        text, bad = record_text_counting(src[docs], corpus.text_field)
+        ids = tokenizer.encode(text)
+        docs += 1
+        nbytes += len(text.encode("utf-8"))
+        ntokens += len(ids)
+        bad_bytes += bad
+        if split == "validation" and tokenizer.decode(ids) != text:
+            failures += 1
+    scale = len(src) / max(docs, 1)
+    stats = {
+        "documents": len(src), "bytes": round(nbytes * scale), "tokens": round(ntokens * scale),
+        "bytes_per_token": nbytes / max(ntokens, 1), "undecodable_bytes": bad_bytes, "sampled_documents": docs,
+    }
+    if split == "validation":
+        stats["roundtrip_failures"] = failures
+    return stats
 
 
 def _print_stats(source: str, stats: dict[str, Any]) -> None:
     print(f"corpus {source}: tokenizer {stats['tokenizer']} (vocab {stats['vocab_size']})")
     for split in SPLITS:
         s = stats[split]
+        sampled = f" (estimated from {s['sampled_documents']:,} documents)" if "sampled_documents" in s else ""
         print(
             f"  {split:<10} {s['documents']:>9,} documents {s['bytes']:>14,} bytes {s['tokens']:>13,} tokens "
-            f"{s['bytes_per_token']:6.3f} bytes/token"
+            f"{s['bytes_per_token']:6.3f} bytes/token{sampled}"
         )
     extra = [f"{stats['undecodable_bytes']:,} undecodable bytes (replaced with U+FFFD)"]
     if stats.get("skipped_lines"):
@@ -108,39 +162,40 @@ def _print_stats(source: str, stats: dict[str, Any]) -> None:
 
 
 def prepare_data(data_config: DataConfig) -> Prepared:
-    """Builds (once) the corpus, the tokenizer and the token arrays; loads them from the cache afterwards."""
+    """Builds (once) the corpus, the tokenizer and the token files; loads them from the cache afterwards."""
     corpus = open_corpus(data_config)
     cache_dir = data_config.resolved_cache_dir
     spec = TokenizerSpec(
         kind=data_config.tokenizer, vocab_size=data_config.vocab_size,
         sample_bytes=data_config.tokenizer_sample_bytes, corpus_fingerprint=corpus.fingerprint,
     )
+    streaming = _streams(data_config)
+    char_bytes = data_config.tokenizer_sample_bytes if corpus.large else None
     tokenizer, _ = build_tokenizer(
         spec, os.path.join(cache_dir, "tokenizers"), corpus.texts("train"),
-        (t for split in SPLITS for t in corpus.texts(split)),
+        (t for split in SPLITS for t in corpus.texts(split, max_bytes=char_bytes)),
     )
     tok_key = tokenizer_key(data_config.tokenizer, data_config.vocab_size, corpus.fingerprint)
-    fingerprint = hashlib.sha256(f"{corpus.fingerprint}/{tok_key}/{TOKENS_VERSION}".encode()).hexdigest()[:16]
+    mode = "stream" if streaming else "tokens"
+    fingerprint = hashlib.sha256(f"{corpus.fingerprint}/{tok_key}/{mode}/{TOKENS_VERSION}".encode()).hexdigest()[:16]
     tokens_dir = os.path.join(cache_dir, "tokens", fingerprint)
-    prepared = Prepared(tokenizer, {}, corpus, tokens_dir, fingerprint)
+    prepared = Prepared(tokenizer, {}, corpus, tokens_dir, fingerprint, streaming)
     stats_path = os.path.join(tokens_dir, "stats.json")
     if os.path.isfile(stats_path):
         with open(stats_path, encoding="utf-8") as f:
             prepared.stats = json.load(f)
     else:
         os.makedirs(tokens_dir, exist_ok=True)
-        dtype = _token_dtype(tokenizer.vocab_size)
         stats: dict[str, Any] = {
             "source": data_config.source, "tokenizer": getattr(tokenizer, "name", data_config.tokenizer),
-            "vocab_size": tokenizer.vocab_size,
+            "vocab_size": tokenizer.vocab_size, "streaming": streaming,
         }
         for split in SPLITS:
-            tokens, offsets, split_stats = _tokenize_split(corpus, split, tokenizer, dtype)
-            tokens_path, offsets_path = prepared.token_files(split)
-            _save_npy(tokens_path, tokens)
-            _save_npy(offsets_path, offsets)
-            stats[split] = split_stats
-        stats["undecodable_bytes"] = sum(corpus.stats[s].get("undecodable_bytes", 0) for s in SPLITS)
+            if streaming:
+                stats[split] = _sample_split(corpus, split, tokenizer, _STATS_SAMPLE_BYTES)
+            else:
+                stats[split] = _tokenize_split(corpus, split, tokenizer, *prepared.token_files(split))
+        stats["undecodable_bytes"] = sum(stats[s]["undecodable_bytes"] for s in SPLITS)
         stats["skipped_lines"] = corpus.stats.get("skipped_lines", 0)
         stats["empty_documents"] = corpus.stats.get("empty_documents", 0)
         stats["train_bytes_per_token"] = stats["train"]["bytes_per_token"]
@@ -173,21 +228,44 @@ def _check_one_batch(data_config: DataConfig, prepared: Prepared, split: str) ->
         )
 
 
+def _segments(slot: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Segment ids (1, 2, ... per row) and positions within each segment, from per-token document numbers."""
+    length = slot.shape[1]
+    segment = (slot - slot[:, :1] + 1) if slot.size else slot
+    # Document numbers only grow along a row, so a change marks the start of a segment.
+    starts = np.where(np.diff(slot, axis=1, prepend=slot[:, :1] - 1) != 0, np.arange(length), 0)
+    first = np.maximum.accumulate(starts, axis=1)
+    return segment.astype(np.int32), (np.arange(length) - first).astype(np.int32)
+
+
+def _split_rows(rows: np.ndarray, slot: np.ndarray | None) -> dict[str, np.ndarray]:
+    batch = {"inputs": np.ascontiguousarray(rows[:, :-1]), "targets": np.ascontiguousarray(rows[:, 1:])}
+    if slot is not None:
+        segment, position = _segments(slot[:, :-1])
+        # segment_ids count the documents of a row from 1 (0 is left for padding, which packing never needs).
+        batch["segment_ids"], batch["positions"] = segment, position
+    return batch
+
+
+# --- pre-tokenized: batches as a pure function of the batch index ------------------------------------------
+
+
 class BatchMaker:
-    """Global batch index -> this process's rows, as a pure function (picklable for grain workers)."""
+    """Global batch index -> this process's rows (picklable for grain workers)."""
 
     def __init__(
-        self, tokens_path: str, offsets_path: str, *, seed: int, seq_len: int, batch_size: int, process_index: int,
-        process_count: int, eos_id: int, document_mask: bool,
+        self, tokens_path: str, offsets_path: str, dtype: str, *, seed: int, seq_len: int, batch_size: int,
+        process_index: int, process_count: int, eos_id: int, document_mask: bool,
     ):
-        self.tokens_path, self.offsets_path = tokens_path, offsets_path
+        self.tokens_path, self.offsets_path, self.dtype = tokens_path, offsets_path, dtype
         self.seed, self.seq_len, self.batch_size = seed, seq_len, batch_size
         self.local_batch = batch_size // process_count
         self.first_row = process_index * self.local_batch
         self.eos_id, self.document_mask = eos_id, document_mask
         self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self.rows_per_epoch = int((self._load()[0].size + self._load()[2].size) // (seq_len + 1))
+        tokens, offsets, _ = self._load()
+        self.rows_per_epoch = int((tokens.size + offsets.size - 1) // (seq_len + 1))
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -196,7 +274,7 @@ class BatchMaker:
 
     def _load(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._arrays is None:
-            tokens = np.load(self.tokens_path, mmap_mode="r")
+            tokens = np.memmap(self.tokens_path, dtype=self.dtype, mode="r")
             offsets = np.load(self.offsets_path)
             self._arrays = (tokens, offsets, np.diff(offsets))
         return self._arrays
@@ -221,7 +299,7 @@ class BatchMaker:
         width = self.seq_len + 1
         rows = batch_index * self.batch_size + self.first_row + np.arange(self.local_batch)
         out = np.empty((self.local_batch, width), np.int32)
-        slot = np.empty((self.local_batch, width), np.int64)  # which document (in epoch order) each token is from
+        slot = np.empty((self.local_batch, width), np.int64)  # the document (number in the stream) of each token
         for epoch in np.unique(rows // self.rows_per_epoch):
             sel = rows // self.rows_per_epoch == epoch
             order, ends = self._epoch(int(epoch))
@@ -232,31 +310,44 @@ class BatchMaker:
             is_eos = within == lengths[doc]
             idx = offsets[doc] + np.minimum(within, lengths[doc] - 1)
             out[sel] = np.where(is_eos, self.eos_id, tokens[idx])
-            slot[sel] = k + epoch * (lengths.size + 1)
-        batch = {"inputs": out[:, :-1], "targets": out[:, 1:]}
-        if self.document_mask:
-            slot = slot[:, :-1]
-            # Segments count from 1 in each row (0 would be padding); positions restart with each segment.
-            segment = slot - slot[:, :1] + 1
-            first = np.maximum.accumulate(
-                np.where(np.diff(slot, axis=1, prepend=-1) != 0, np.arange(self.seq_len), 0), axis=1
-            )
-            batch["segment_ids"] = np.ascontiguousarray(segment, np.int32)
-            batch["positions"] = (np.arange(self.seq_len) - first).astype(np.int32)
-        return {key: np.ascontiguousarray(v) for key, v in batch.items()}
+            slot[sel] = k + epoch * lengths.size
+        return _split_rows(out, slot if self.document_mask else None)
 
 
 class BatchIterator:
-    """Batches of one process; `get_state`/`set_state` resume exactly; `epoch` is the last batch's epoch."""
+    """Batches of one process. `get_state`/`set_state` resume exactly; `epoch` is the last batch's epoch."""
 
-    def __init__(self, maker: BatchMaker, *, fingerprint: str, split: str, seed: int, stop: int, num_workers: int):
-        self._maker = maker
-        self._meta = {"fingerprint": fingerprint, "split": split, "seed": seed}
-        self._stop = stop
+    def __init__(self, meta: dict[str, Any], num_workers: int):
+        self._meta = meta
         self._num_workers = num_workers
+        self.epoch = 0
+
+    def __iter__(self):
+        return self
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        for key, value in self._meta.items():
+            if state.get(key) != value:
+                raise DataError(
+                    f"the saved data-iterator state is for {key}={state.get(key)!r}, not {value!r}: resume with the "
+                    "data config the checkpoint was written with"
+                )
+
+    def close(self) -> None:
+        it, self._it = getattr(self, "_it", None), None
+        if it is not None and hasattr(it, "close"):
+            it.close()
+
+
+class TokenBatchIterator(BatchIterator):
+    """Pre-tokenized batches: the state is the next global batch index."""
+
+    def __init__(self, maker: BatchMaker, meta: dict[str, Any], stop: int, num_workers: int):
+        super().__init__(meta, num_workers)
+        self._maker = maker
+        self._stop = stop
         self._next = 0
         self._it = None
-        self.epoch = 0
 
     @property
     def rows_per_epoch(self) -> int:
@@ -267,11 +358,8 @@ class BatchIterator:
         # One reader thread overlaps batch assembly with the train step; numpy does the heavy lifting.
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
         if self._num_workers > 0:
-            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers, per_worker_buffer_size=2))
+            ds = ds.mp_prefetch(_mp_options(self._num_workers, 2))
         self._it = iter(ds)
-
-    def __iter__(self):
-        return self
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._next >= self._stop:
@@ -287,20 +375,135 @@ class BatchIterator:
         return {"next_batch": self._next, **self._meta}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        for key, value in self._meta.items():
-            if state.get(key) != value:
-                raise DataError(
-                    f"the saved data-iterator state is for {key}={state.get(key)!r}, not {value!r}: resume with the "
-                    "data config the checkpoint was written with"
-                )
+        self._check_state(state)
         self.close()
         self._next = int(state["next_batch"])
         self.epoch = self._maker.epoch_of(max(self._next - 1, 0))
 
-    def close(self) -> None:
-        it, self._it = self._it, None
-        if it is not None and hasattr(it, "close"):
-            it.close()
+
+# --- streaming: tokenize while reading -----------------------------------------------------------------------
+
+
+class _Tokenize:
+    """(index in the repeated stream, record) -> tokens and the stream index (picklable for grain workers)."""
+
+    def __init__(self, tokenizer: Tokenizer, text_field: str):
+        self.tokenizer, self.text_field = tokenizer, text_field
+
+    def __call__(self, index: int, record: dict[str, Any]) -> dict[str, Any]:
+        ids = self.tokenizer.encode(record_text(record, self.text_field))
+        return {"tokens": np.asarray(ids, np.int32), "index": index}
+
+
+class _PackRows(grain.IterDataset):
+    """Concatenates documents, each followed by eos, and cuts rows of `width` tokens."""
+
+    def __init__(self, parent: grain.IterDataset, width: int, eos_id: int, docs_per_epoch: int):
+        super().__init__(parent)
+        self._width, self._eos, self._docs = width, eos_id, docs_per_epoch
+
+    def __iter__(self):
+        return _PackRowsIterator(self._parent.__iter__(), self._width, self._eos, self._docs)
+
+
+class _PackRowsIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, width: int, eos_id: int, docs_per_epoch: int):
+        super().__init__(parent)
+        self._width, self._eos, self._docs = width, eos_id, docs_per_epoch
+        self._doc: np.ndarray | None = None  # the document being cut, with its end token
+        self._doc_index = 0
+        self._offset = 0
+        self._doc_state = self._parent.get_state()  # the parent's state just before the current document
+
+    def _read_doc(self) -> None:
+        while True:
+            self._doc_state = self._parent.get_state()
+            item = next(self._parent)
+            if item["tokens"].size:
+                break
+        self._doc = np.append(item["tokens"], np.int32(self._eos))
+        self._doc_index = int(item["index"])
+        self._offset = 0
+
+    def __next__(self) -> dict[str, Any]:
+        row = np.empty(self._width, np.int32)
+        slot = np.empty(self._width, np.int64)
+        filled, epoch = 0, None
+        while filled < self._width:
+            if self._doc is None or self._offset == self._doc.size:
+                self._read_doc()  # StopIteration at the end of the last epoch drops the part row
+            if epoch is None:
+                epoch = self._doc_index // self._docs
+            take = min(self._width - filled, self._doc.size - self._offset)
+            row[filled : filled + take] = self._doc[self._offset : self._offset + take]
+            slot[filled : filled + take] = self._doc_index
+            filled += take
+            self._offset += take
+        return {"row": row, "slot": slot, "epoch": np.int64(epoch)}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._doc_state, "offset": self._offset, "in_doc": self._doc is not None}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._doc = None
+        self._doc_state = state["parent"]
+        if state["in_doc"]:
+            self._read_doc()
+            self._offset = int(state["offset"])
+
+
+class _LocalRows:
+    """A global batch of packed rows -> this process's rows as model inputs."""
+
+    def __init__(self, first_row: int, local_batch: int, document_mask: bool):
+        self.first_row, self.local_batch, self.document_mask = first_row, local_batch, document_mask
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = slice(self.first_row, self.first_row + self.local_batch)
+        out = _split_rows(batch["row"][rows], batch["slot"][rows] if self.document_mask else None)
+        out["epoch"] = np.int64(batch["epoch"][0])
+        return out
+
+
+class StreamBatchIterator(BatchIterator):
+    """Streamed batches: the state is grain's iterator state."""
+
+    def __init__(self, dataset: grain.IterDataset, meta: dict[str, Any], num_workers: int, rows_per_epoch: int):
+        super().__init__(meta, num_workers)
+        self._it = iter(dataset)
+        self.rows_per_epoch = rows_per_epoch  # estimated from the statistics' sample
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._it)
+        self.epoch = int(batch.pop("epoch"))
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"grain": self._it.get_state(), **self._meta}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._check_state(state)
+        self._it.set_state(state["grain"])
+
+
+def _stream_dataset(
+    data_config: DataConfig, prepared: Prepared, split: str, seed: int, process_index: int, process_count: int,
+    epochs: int | None,
+) -> grain.IterDataset:
+    source = prepared.corpus.source_of(split)
+    docs = len(source)
+    ds = grain.MapDataset.source(source).shuffle(seed=seed % 2**32).repeat(epochs)  # reshuffled every epoch
+    ds = ds.map_with_index(_Tokenize(prepared.tokenizer, prepared.corpus.text_field))
+    ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=16))
+    if data_config.num_workers > 0:
+        # Workers read interleaved slices and grain restores the order, so packing after them is unaffected.
+        ids = ids.mp_prefetch(_mp_options(data_config.num_workers, 16))
+    rows = _PackRows(ids, data_config.seq_len + 1, prepared.tokenizer.eos_id, docs)
+    local_batch = data_config.batch_size // process_count
+    return rows.batch(data_config.batch_size, drop_remainder=True).map(
+        _LocalRows(process_index * local_batch, local_batch, data_config.document_mask)
+    )
 
 
 def make_iterator(
@@ -318,20 +521,23 @@ def make_iterator(
             "make the global batch a multiple of the process count"
         )
     _check_one_batch(data_config, prepared, split)
+    meta = {"fingerprint": prepared.fingerprint, "split": split, "seed": seed}
+    if prepared.streaming:
+        ds = _stream_dataset(data_config, prepared, split, seed, process_index, process_count, epochs)
+        rows = _rows_per_epoch(prepared, split, data_config.seq_len)
+        return StreamBatchIterator(ds, meta, data_config.num_workers, rows)
     tokens_path, offsets_path = prepared.token_files(split)
     maker = BatchMaker(
-        tokens_path, offsets_path, seed=seed, seq_len=data_config.seq_len, batch_size=data_config.batch_size,
-        process_index=process_index, process_count=process_count, eos_id=prepared.tokenizer.eos_id,
-        document_mask=data_config.document_mask,
+        tokens_path, offsets_path, prepared.stats[split]["token_dtype"], seed=seed, seq_len=data_config.seq_len,
+        batch_size=data_config.batch_size, process_index=process_index, process_count=process_count,
+        eos_id=prepared.tokenizer.eos_id, document_mask=data_config.document_mask,
     )
     stop = sys.maxsize if epochs is None else (epochs * maker.rows_per_epoch) // data_config.batch_size
-    return BatchIterator(
-        maker, fingerprint=prepared.fingerprint, split=split, seed=seed, stop=stop, num_workers=data_config.num_workers
-    )
+    return TokenBatchIterator(maker, meta, stop, data_config.num_workers)
 
 
 def loader_tokens_per_sec(data_config: DataConfig, prepared: Prepared, seconds: float = 3.0) -> float:
-    """Tokens per second the train iterator delivers to one process, after a short warm-up."""
+    """Input tokens per second the train iterator delivers to one process, after a short warm-up."""
     it = make_iterator(data_config, prepared, "train", seed=0)
     try:
         for _ in range(3):
@@ -339,8 +545,7 @@ def loader_tokens_per_sec(data_config: DataConfig, prepared: Prepared, seconds: 
         tokens = 0
         start = time.perf_counter()
         while time.perf_counter() - start < seconds:
-            batch = next(it)
-            tokens += batch["inputs"].size
+            tokens += next(it)["inputs"].size
         return tokens / (time.perf_counter() - start)
     finally:
         it.close()

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -164,11 +165,13 @@ def train_sentencepiece(texts: Iterable[str], model_type: str, vocab_size: int, 
     except RuntimeError as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         if "Vocabulary size" in reason or "vocab_size" in reason:
+            limit = re.search(r"<= *(\d+)", reason)
+            most = f"at most {limit.group(1)}" if limit else "a smaller value"
             raise DataError(
-                f"DataConfig.vocab_size={vocab_size} does not fit this corpus ({reason}): "
-                "lower --data.vocab_size or use a larger corpus"
+                f"DataConfig.vocab_size={vocab_size} is larger than this corpus supports: set --data.vocab_size to "
+                f"{most}, or use a larger corpus"
             ) from None
-        raise DataError(f"sentencepiece training failed: {reason}") from None
+        raise DataError(f"sentencepiece training failed ({reason}): check the corpus and --data.vocab_size") from None
     return model.getvalue()
 
 
