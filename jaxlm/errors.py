@@ -8,11 +8,11 @@ class JaxlmError(Exception):
     """Base class of the errors a user can cause and fix."""
 
 
-class ConfigError(JaxlmError, ValueError):
+class ConfigError(JaxlmError):
     """An invalid or inconsistent configuration."""
 
 
-class DataError(JaxlmError, ValueError):
+class DataError(JaxlmError):
     """A corpus, tokenizer or data file that cannot be used."""
 
 

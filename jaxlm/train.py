@@ -113,7 +113,7 @@ def make_train_step(experiment: Experiment):
         (grads, loss_sum, count), _ = jax.lax.scan(one, init, (jnp.arange(accum), micro))
         grads = jax.tree.map(lambda g: g / count, grads)
         loss = loss_sum / count
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -307,21 +307,24 @@ def train(experiment: Experiment) -> dict[str, Any]:
             skipped_in_row, skipped_total = skipped_in_row + 1, skipped_total + 1
         else:
             skipped_in_row = 0
-        if window_start is None:  # the first step includes compilation: start the clock after it
-            window_start, window_tokens = now, 0
-            return
-        window_tokens += tokens_per_step
+        first = window_start is None  # this run's first step includes compilation: not a throughput figure
+        if first:
+            window_start = now
+        else:
+            window_tokens += tokens_per_step
         if step % experiment.train.log_every == 0 or step == steps:
             elapsed = now - window_start
-            tps = window_tokens / elapsed if elapsed > 0 else 0.0
-            train_time, trained_tokens = train_time + elapsed, trained_tokens + window_tokens
+            tps = window_tokens / elapsed if not first and elapsed > 0 else None
+            if tps is not None:
+                train_time, trained_tokens = train_time + elapsed, trained_tokens + window_tokens
             last_row = {
                 "step": step, "tokens": step * tokens_per_step, "loss": float(m["loss"]), "lr": float(m["lr"]),
-                "grad_norm": float(m["grad_norm"]), "tokens_per_sec": tps, "mfu": tps * flops_per_token / peak,
+                "grad_norm": float(m["grad_norm"]), "tokens_per_sec": tps,
+                "mfu": tps * flops_per_token / peak if tps is not None else None,
                 "epoch": train_iter.epoch, "skipped": skipped_total,
             }
             log.write(last_row)
-            bar.set_postfix(loss=f"{last_row['loss']:.3f}", tok_s=f"{tps:,.0f}")
+            bar.set_postfix(loss=f"{last_row['loss']:.3f}", tok_s=f"{tps or 0:,.0f}")
             window_start, window_tokens = now, 0
 
     with _SigtermFlag() as sigterm, tqdm(

@@ -1,0 +1,190 @@
+"""Train step, optimizer, schedules, accumulation, the loop's outputs and resume."""
+
+import json
+import math
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxlm import sharding
+from jaxlm.config import DataConfig, Experiment, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+from jaxlm.optim import decay_mask, make_optimizer, make_schedule
+from jaxlm.train import init_train_state, make_train_step, train
+
+
+def tiny_experiment(family="gpt2", **train_kw) -> Experiment:
+    model = ModelConfig(family=family, n_layers=2, d_model=32, n_heads=4, vocab_size=64, max_seq_len=32)
+    return Experiment(
+        name="tiny",
+        model=model,
+        data=DataConfig(seq_len=16, batch_size=8, vocab_size=64),
+        optim=OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=2),
+        train=TrainConfig(steps=train_kw.pop("steps", 30), **train_kw),
+        mesh=MeshConfig(data=1),
+    )
+
+
+def single_device_mesh():
+    return sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
+
+
+def random_batch(seed, batch=8, seq=16, vocab=64):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (batch, seq + 1)).astype(np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_training_lowers_the_loss(family):
+    exp = tiny_experiment(family)
+    mesh = single_device_mesh()
+    state = init_train_state(exp, mesh)
+    step = jax.jit(make_train_step(exp))
+    batch = random_batch(0)  # one fixed batch: the model must learn to memorise it
+    losses = []
+    for _ in range(30):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[0] == pytest.approx(math.log(64), rel=0.05)  # near uniform at initialisation
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_accumulated_microbatches_equal_one_big_batch():
+    one = tiny_experiment()
+    four = tiny_experiment(grad_accum=4)
+    mesh = single_device_mesh()
+    batch = random_batch(1)
+    s1, m1 = jax.jit(make_train_step(one))(init_train_state(one, mesh), batch)
+    s4, m4 = jax.jit(make_train_step(four))(init_train_state(four, mesh), batch)
+    assert float(m4["loss"]) == pytest.approx(float(m1["loss"]), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s4["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_weight_decay_applies_to_matrices_only():
+    exp = tiny_experiment()
+    params = init_train_state(exp, single_device_mesh())["params"]
+    mask = decay_mask(params)
+    flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    assert flat["['embed']['embedding']"] and flat["['blocks']['attn']['query']['kernel']"]
+    assert not flat["['blocks']['attn']['query']['bias']"] and not flat["['blocks']['attn_norm']['scale']"]
+    assert not flat["['final_norm']['bias']"]
+    # With zero gradients, AdamW's only effect is decay: -lr * wd * param on matrices, nothing elsewhere.
+    cfg = OptimConfig(lr=0.5, min_lr=0.5, warmup_steps=0, schedule="constant", weight_decay=0.1, grad_clip=0)
+    tx = make_optimizer(cfg, 10)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    for (path, u), p in zip(jax.tree_util.tree_flatten_with_path(updates)[0], jax.tree.leaves(params)):
+        expected = -0.5 * 0.1 * p if flat[jax.tree_util.keystr(path)] else np.zeros_like(p)
+        np.testing.assert_allclose(u, expected, rtol=1e-6, atol=1e-8)
+
+
+def test_schedules_follow_their_formulas():
+    steps, warmup, lr, min_lr = 100, 10, 1.0, 0.1
+    cos = make_schedule(OptimConfig(lr=lr, min_lr=min_lr, warmup_steps=warmup, schedule="cosine"), steps)
+    for s in (0, 5, 10, 40, 77, 100):
+        if s < warmup:
+            want = lr * s / warmup
+        else:
+            frac = (s - warmup) / (steps - warmup)
+            want = min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
+        assert float(cos(s)) == pytest.approx(want, abs=1e-6), s
+    wsd = make_schedule(
+        OptimConfig(lr=lr, min_lr=min_lr, warmup_steps=warmup, schedule="wsd", decay_fraction=0.2), steps
+    )
+    # Decay over the last 20 steps: stable until step 80, then linear to min_lr at 100.
+    for s, want in ((5, 0.5), (10, 1.0), (50, 1.0), (80, 1.0), (90, 0.55), (100, 0.1)):
+        assert float(wsd(s)) == pytest.approx(want, abs=1e-6), s
+    const = make_schedule(OptimConfig(lr=lr, min_lr=min_lr, warmup_steps=warmup, schedule="constant"), steps)
+    assert [float(const(s)) for s in (5, 10, 99)] == pytest.approx([0.5, 1.0, 1.0])
+
+
+def test_clipping_bounds_the_update():
+    exp = tiny_experiment()
+    params = init_train_state(exp, single_device_mesh())["params"]
+    big = jax.tree.map(lambda p: jnp.full_like(p, 100.0), params)
+    clip = optax.clip_by_global_norm(1.0)
+    clipped, _ = clip.update(big, clip.init(params))
+    assert float(optax.tree.norm(clipped)) == pytest.approx(1.0, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+@pytest.fixture()
+def text_corpus(tmp_path):
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "def", "return", "(x)", "\n", "    "]
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(60):
+        text = " ".join(rng.choice(words, size=200))
+        (folder / f"doc{i:03d}.txt").write_text(text)
+    return str(folder / "*.txt")
+
+
+def loop_experiment(tmp_path, corpus, **train_kw) -> Experiment:
+    model = ModelConfig(family="llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, vocab_size=320,
+                        max_seq_len=64, dropout=0.1)
+    train_cfg = dict(steps=6, eval_every=3, eval_steps=1, ckpt_every=3, log_every=1, samples=1, sample_tokens=8,
+                     out_dir=str(tmp_path / "run"))
+    train_cfg.update(train_kw)
+    return Experiment(
+        name="loop",
+        model=model,
+        data=DataConfig(source=f"text:{corpus}", tokenizer="byte", seq_len=32, batch_size=8,
+                        cache_dir=str(tmp_path / "cache"), val_fraction=0.2),
+        optim=OptimConfig(lr=3e-3, warmup_steps=2),
+        train=TrainConfig(**train_cfg),
+    )
+
+
+def read_rows(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_loop_writes_metrics_plot_samples_and_resumes_exactly(tmp_path, text_corpus):
+    exp = loop_experiment(tmp_path, text_corpus)
+    summary = train(exp)
+    run_dir = exp.run_dir
+    rows = read_rows(run_dir)
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+    assert train_rows[0]["tokens_per_sec"] is None  # the first step compiles: not a throughput figure
+    for key in ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"):
+        assert all(key in r for r in train_rows), key
+    assert all(r["tokens_per_sec"] > 0 for r in train_rows[1:])
+    assert [r["step"] for r in eval_rows] == [0, 3, 6]
+    assert all(r["val_bpb"] > 0 for r in eval_rows)
+    for name in ("loss.png", "samples.txt", "summary.json", "config.json"):
+        assert os.path.exists(os.path.join(run_dir, name)), name
+    assert summary["val_loss"] == eval_rows[-1]["val_loss"]
+
+    # Restart from the step-3 checkpoint, as if the process had died after it: steps 4-6 must be the same.
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    assert sorted(os.listdir(ckpt_dir), key=lambda s: (not s.isdigit(), s))[:2] == ["3", "6"]
+    shutil.rmtree(os.path.join(ckpt_dir, "6"))
+    os.remove(os.path.join(run_dir, "summary.json"))
+    train(exp)
+    again = read_rows(run_dir)
+    first_losses = {r["step"]: r["loss"] for r in train_rows if r["step"] > 3}
+    second_losses = {r["step"]: r["loss"] for r in again if "loss" in r and r["step"] > 3}
+    assert second_losses == first_losses
+    assert [r["val_loss"] for r in again if "val_loss" in r and r["step"] == 6] == [eval_rows[-1]["val_loss"]]
+
+
+def test_a_different_config_in_the_same_run_directory_is_refused(tmp_path, text_corpus):
+    from jaxlm.errors import CheckpointError
+
+    exp = loop_experiment(tmp_path, text_corpus, steps=2, eval_every=2, ckpt_every=2, samples=0)
+    train(exp)
+    other = loop_experiment(tmp_path, text_corpus, steps=2, eval_every=2, ckpt_every=2, samples=0)
+    other = Experiment(**{**other.__dict__, "optim": OptimConfig(lr=1e-3, warmup_steps=2)})
+    with pytest.raises(CheckpointError, match="optim.lr"):
+        train(other)
