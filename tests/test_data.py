@@ -78,7 +78,7 @@ def test_tokenizer_keeps_whitespace_tabs_and_unicode(pystdlib):
     tok = prepared.tokenizer
     assert prepared.vocab_size == tok.vocab_size == 1024
     assert len({tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id}) == 4
-    for text in [" leading", "x  =  1\n\n\n", "\tif x:\r\n\t\treturn 'é☃🙂'  ", "   \n", "1234567890", "日本語 テキスト"]:
+    for text in [" leading", "x  =  1\n\n\n", "\tif x:\r\n\t\treturn 'é☃🙂'  ", "   \n", "1234567890", "日本語 テキスト", "a\u2581b \u2581"]:
         ids = tok.encode(text)
         assert tok.bos_id not in ids and tok.eos_id not in ids
         assert tok.decode(ids) == text
@@ -213,7 +213,7 @@ def test_glob_matching_nothing(tmp_path):
 def _text_corpus(root, n=40):
     """Code-like .txt documents and a .jsonl file; returns every non-empty document, as the files hold them."""
     rng = np.random.default_rng(0)
-    words = ["def", "return", "x", "value", "é", "日本", "🙂", "1234", "if", "\t", "  ", "    ", "\n"]
+    words = ["def", "return", "x", "value", "é", "日本", "🙂", "1234", "if", "\t", "  ", "    ", "\n", "\u2581"]
     docs = []
     for i in range(n):
         text = f"# file {i}\n" + "".join(str(rng.choice(words)) + rng.choice([" ", "\n", ""]) for _ in range(80))
@@ -342,3 +342,127 @@ def test_missing_or_broken_model_file(tmp_path, text_corpus):
     broken.write_bytes(b"this is not a protobuf \x00\xff" * 10)
     with pytest.raises(DataError, match="not a sentencepiece model"):
         prepare_data(dataclasses.replace(config, tokenizer=str(broken)))
+
+
+# --- TFDS catalog datasets, streamed -------------------------------------------------------------------------
+
+import tensorflow_datasets as tfds  # noqa: E402
+
+
+class TinyCorpus(tfds.core.GeneratorBasedBuilder):
+    """A TFDS dataset with a text feature named `content` and splits `train` and `dev`."""
+
+    VERSION = tfds.core.Version("1.2.0")
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        return None
+
+    def _info(self):
+        features = tfds.features.FeaturesDict({"content": tfds.features.Text(), "n": np.int32})
+        return tfds.core.DatasetInfo(builder=self, features=features)
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(200, 0), "dev": self._generate_examples(60, 1)}
+
+    def _generate_examples(self, count, seed):
+        rng = np.random.default_rng(seed)
+        for i in range(count):
+            words = " ".join(str(w) for w in rng.integers(0, 60, rng.integers(1, 50)))
+            yield i, {"content": f"doc {seed}-{i}:\n  {words}", "n": i}
+
+
+@pytest.fixture(scope="module")
+def tfds_corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tfds")
+    TinyCorpus(data_dir=str(root / "tfds"), file_format="array_record").download_and_prepare()
+    config = DataConfig(source="tfds:tiny_corpus", tfds_data_dir=str(root / "tfds"), text_field="content",
+                        val_split="dev", cache_dir=str(root / "cache"), vocab_size=280, seq_len=24, batch_size=4)
+    return config, prepare_data(config)
+
+
+def _one_epoch_is_every_document_once(config, prepared, split, seed):
+    eos = prepared.tokenizer.eos_id
+    batches = list(make_iterator(config, prepared, split, seed=seed, epochs=1))
+    stream = np.concatenate([_rows(b).reshape(-1) for b in batches])
+    pieces = np.split(stream, np.flatnonzero(stream == eos) + 1)
+    complete = [prepared.tokenizer.decode(p[:-1]) for p in pieces[:-1]]
+    expected = list(prepared.corpus.texts(split))
+    assert len(complete) == len(set(complete)) and set(complete) <= set(expected)
+    assert len(expected) - len(complete) <= config.batch_size + 1  # only the tail is dropped
+    return complete
+
+
+def test_tfds_source_streams_packed_documents(tfds_corpus):
+    config, prepared = tfds_corpus
+    assert prepared.streaming
+    assert prepared.stats["train"]["documents"] == 200 and prepared.stats["validation"]["documents"] == 60
+    src = tfds.data_source("tiny_corpus", data_dir=config.tfds_data_dir)["dev"]
+    assert sorted(prepared.corpus.texts("validation")) == sorted(src[i]["content"].decode() for i in range(60))
+    order = _one_epoch_is_every_document_once(config, prepared, "validation", seed=0)
+    assert order != _one_epoch_is_every_document_once(config, prepared, "validation", seed=1)
+    batch = next(make_iterator(dataclasses.replace(config, document_mask=True), prepared, "train"))
+    assert set(batch) == {"inputs", "targets", "segment_ids", "positions"}
+    np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
+
+
+@pytest.mark.parametrize("mode", ["streamed", "pre-tokenized"])
+def test_batches_do_not_depend_on_workers_or_processes(mode, tfds_corpus, text_corpus):
+    if mode == "streamed":
+        config, prepared = tfds_corpus
+    else:
+        config = DataConfig(source=f"text:{text_corpus}/data/**/*.*", text_field="body", tokenizer="byte",
+                            cache_dir=str(text_corpus / "cache"), val_fraction=0.25, seq_len=16, batch_size=4)
+        prepared = prepare_data(config)
+    config = dataclasses.replace(config, document_mask=True)
+    reference = make_iterator(config, prepared, "train", seed=2)
+    want = [next(reference) for _ in range(6)]
+    for workers in (1, 2):
+        it = make_iterator(dataclasses.replace(config, num_workers=workers), prepared, "train", seed=2)
+        for w in want:
+            got = next(it)
+            for key in w:
+                np.testing.assert_array_equal(got[key], w[key])
+        it.close()
+    halves = [make_iterator(config, prepared, "train", seed=2, process_index=p, process_count=2) for p in range(2)]
+    for w in want:
+        got = [next(h) for h in halves]
+        for key in w:
+            np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), w[key])
+
+
+def test_streamed_state_resumes_mid_document(tfds_corpus):
+    config, prepared = tfds_corpus
+    it = make_iterator(config, prepared, "train", seed=4)
+    for _ in range(3):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    want = [next(it)["inputs"] for _ in range(4)]
+    restored = make_iterator(config, prepared, "train", seed=4)
+    restored.set_state(state)
+    for w in want:
+        np.testing.assert_array_equal(next(restored)["inputs"], w)
+    other_seed = make_iterator(config, prepared, "train", seed=5)
+    with pytest.raises(DataError, match="seed"):
+        other_seed.set_state(state)
+
+
+def test_streamed_epochs_wrap_and_are_counted(tfds_corpus):
+    config, prepared = tfds_corpus
+    it = make_iterator(config, prepared, "validation", seed=0)
+    epochs = [it.epoch]
+    for _ in range(3 * it.rows_per_epoch // config.batch_size + 2):
+        next(it)
+        epochs.append(it.epoch)
+    assert epochs[0] == 0 and max(epochs) >= 2 and epochs == sorted(epochs)
+
+
+def test_tfds_unknown_name_split_or_field(tfds_corpus):
+    config, _ = tfds_corpus
+    with pytest.raises(DataError, match="tiny_corpus:1.2.0"):
+        prepare_data(dataclasses.replace(config, source="tfds:no_such_dataset"))
+    with pytest.raises(DataError, match="no split 'validation'.*dev, train"):
+        prepare_data(dataclasses.replace(config, val_split="validation"))
+    with pytest.raises(DataError, match="no feature 'text'.*content"):
+        prepare_data(dataclasses.replace(config, text_field="text"))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as sp_model
 
 from jaxlm.errors import DataError
 
@@ -25,6 +26,7 @@ SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")  # ids 0..3 for trained and char to
 CODE_SYMBOLS = ("\n", "\t")
 # sentencepiece skips training sentences longer than max_sentence_length, so documents are cut into chunks.
 _CHUNK_BYTES = 2048
+_MARKER = "\u2581"  # sentencepiece's visible space
 
 
 def _ids_list(ids: Sequence[int] | np.ndarray) -> list[int]:
@@ -47,6 +49,13 @@ class SentencePieceTokenizer:
         self.pad_id = pad if pad >= 0 else self.unk_id
         if self.eos_id < 0:
             raise DataError(f"the sentencepiece model {name} has no end-of-sequence piece: use a model with </s>")
+        # sentencepiece writes spaces as U+2581, so that character in a text would come back as a space. Models
+        # that promise exact round trips (byte fallback, no dummy prefix: ours) encode it as its three bytes.
+        spec = sp_model.ModelProto()
+        spec.ParseFromString(model_proto)
+        marker = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in _MARKER.encode("utf-8")]
+        exact = spec.trainer_spec.byte_fallback and not spec.normalizer_spec.add_dummy_prefix
+        self._marker_ids = marker if exact and self.unk_id not in marker else None
 
     def __getstate__(self):
         return {"model_proto": self.model_proto, "name": self.name}
@@ -55,10 +64,20 @@ class SentencePieceTokenizer:
         self.__init__(state["model_proto"], state["name"])
 
     def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text)
+        if self._marker_ids is None or _MARKER not in text:
+            return self._sp.encode(text)
+        ids: list[int] = []
+        for i, part in enumerate(text.split(_MARKER)):
+            if i:
+                ids.extend(self._marker_ids)
+            ids.extend(self._sp.encode(part))
+        return ids
 
     def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
-        return self._sp.encode(texts, num_threads=num_threads)
+        out = self._sp.encode(texts, num_threads=num_threads)
+        if self._marker_ids is not None:
+            out = [self.encode(t) if _MARKER in t else ids for t, ids in zip(texts, out)]
+        return out
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._sp.decode(_ids_list(ids))
