@@ -3,6 +3,9 @@
     tokens_BT -> embed (+ learned positions) -> n_layers x Block -> final norm -> logits_BTV
     Block:  x + Attention(norm(x)),  then  x + MLP(norm(x))        (pre-norm, residual dropout)
 
+For generation the same modules also read and extend a `KVCache`: the keys and values of every earlier token,
+so that each new token costs one position's work instead of a pass over the whole sequence.
+
 | ModelConfig.family | positions | norm | MLP | attention | output matrix |
 |---|---|---|---|---|---|
 | gpt2  | learned | LayerNorm (bias) | GELU (tanh), 4x | MHA | tied to the embedding |
@@ -20,8 +23,10 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxlm.config import ModelConfig
@@ -83,13 +88,20 @@ def attention_mask(segment_ids_BT: Array | None, T: int, S: int) -> Array | None
     return same[:, None, :, :]
 
 
-def einsum_attention(q_BTHE: Array, k_BSKE: Array, v_BSKE: Array, mask_B1TS: Array | None) -> Array:
-    """Causal softmax attention written out; K key/value heads are shared by groups of G = H // K query heads."""
+def einsum_attention(
+    q_BTHE: Array, k_BSKE: Array, v_BSKE: Array, mask_B1TS: Array | None, query_offset: Array | int | None = None
+) -> Array:
+    """Causal softmax attention written out; K key/value heads are shared by groups of G = H // K query heads.
+
+    Query t sits at key position `query_offset + t` (by default the queries are the last T of the S keys).
+    """
     B, T, H, E = q_BTHE.shape
     S, K = k_BSKE.shape[1], k_BSKE.shape[2]
+    if query_offset is None:
+        query_offset = S - T
     q_BTKGE = q_BTHE.reshape(B, T, K, H // K, E)
     scores_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE).astype(jnp.float32) / jnp.sqrt(E)
-    causal_TS = jnp.arange(T)[:, None] + (S - T) >= jnp.arange(S)[None, :]
+    causal_TS = jnp.arange(T)[:, None] + query_offset >= jnp.arange(S)[None, :]
     keep = causal_TS[None, None, None]
     if mask_B1TS is not None:
         keep = keep & mask_B1TS[:, :, None]
@@ -99,11 +111,48 @@ def einsum_attention(q_BTHE: Array, k_BSKE: Array, v_BSKE: Array, mask_B1TS: Arr
     return out_BTKGE.reshape(B, T, H, E)
 
 
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for S slots per row, written left to right as tokens are fed.
+
+    A query sees a slot only if the slot is at or before its own and carries the same segment id; the slots of
+    left padding carry segment 0, real tokens segment 1, so padding is invisible to the tokens after it.
+    """
+
+    k_LBSKE: Array
+    v_LBSKE: Array
+    segment_ids_BS: Array  # int32; 0 for padding and for slots not yet written
+    index: Array  # int32 scalar: the next slot to write
+
+
+def init_cache(cfg: ModelConfig, batch: int, slots: int) -> KVCache:
+    """An empty cache for `batch` rows of up to `slots` tokens each, in the compute dtype."""
+    shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
+    return KVCache(
+        k_LBSKE=jnp.zeros(shape, cfg.dtype),
+        v_LBSKE=jnp.zeros(shape, cfg.dtype),
+        segment_ids_BS=jnp.zeros((batch, slots), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
 class Attention(nn.Module):
+    """Causal self-attention; with `kv_BSKE` (one layer's cached keys and values) it also attends to the past.
+
+    Returns the output, or (output, updated keys and values) when a cache is given.
+    """
+
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD: Array, positions_BT: Array, mask_B1TS: Array | None) -> Array:
+    def __call__(
+        self,
+        x_BTD: Array,
+        positions_BT: Array,
+        mask_B1TS: Array | None,
+        cache_index: Array | None = None,
+        kv_BSKE: tuple[Array, Array] | None = None,
+    ):
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5  # GPT-2's scaling of residual projections
@@ -122,7 +171,14 @@ class Attention(nn.Module):
             inv_freq = rope_frequencies(cfg)
             q_BTHE, k_BTKE = apply_rope(q_BTHE, positions_BT, inv_freq), apply_rope(k_BTKE, positions_BT, inv_freq)
 
-        if cfg.attention == "einsum":
+        if kv_BSKE is not None:
+            # Write this call's keys and values into their slots, then attend over every slot written so far.
+            k_BSKE, v_BSKE = (
+                lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype), cache_index, axis=1)
+                for cached, new in zip(kv_BSKE, (k_BTKE, v_BTKE))
+            )
+            out_BTHE = einsum_attention(q_BTHE, k_BSKE, v_BSKE, mask_B1TS, query_offset=cache_index)
+        elif cfg.attention == "einsum":
             out_BTHE = einsum_attention(q_BTHE, k_BTKE, v_BTKE, mask_B1TS)
         else:
             out_BTHE = jax.nn.dot_product_attention(
@@ -132,7 +188,8 @@ class Attention(nn.Module):
             features=cfg.d_model, axis=(-2, -1), use_bias=cfg.bias, dtype=dtype, name="out",
             kernel_init=_param_init(out_std, ("heads", "head_dim", "embed")), bias_init=_zeros(("embed",)),
         )(out_BTHE)
-        return checkpoint_name(out_BTD, "attn_out")
+        out_BTD = checkpoint_name(out_BTD, "attn_out")
+        return out_BTD if kv_BSKE is None else (out_BTD, (k_BSKE, v_BSKE))
 
 
 class MLP(nn.Module):
@@ -161,20 +218,31 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block; its call signature fits `nn.scan` (carry in, carry and nothing out)."""
+    """Pre-norm residual block; its call signature fits `nn.scan`: the residual stream is the carry, and this
+    layer's slice of the KV cache (if any) goes in and comes out updated."""
 
     cfg: ModelConfig
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x_BTD: Array, positions_BT: Array, mask_B1TS: Array | None):
+    def __call__(
+        self,
+        x_BTD: Array,
+        positions_BT: Array,
+        mask_B1TS: Array | None,
+        cache_index: Array | None = None,
+        kv_BSKE: tuple[Array, Array] | None = None,
+    ):
         cfg = self.cfg
         dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
         h_BTD = make_norm(cfg, "attn_norm")(x_BTD).astype(cfg.dtype)
-        x_BTD = x_BTD + dropout(Attention(cfg, name="attn")(h_BTD, positions_BT, mask_B1TS))
+        attn_BTD = Attention(cfg, name="attn")(h_BTD, positions_BT, mask_B1TS, cache_index, kv_BSKE)
+        if kv_BSKE is not None:
+            attn_BTD, kv_BSKE = attn_BTD
+        x_BTD = x_BTD + dropout(attn_BTD)
         h_BTD = make_norm(cfg, "mlp_norm")(x_BTD).astype(cfg.dtype)
         x_BTD = x_BTD + dropout(MLP(cfg, name="mlp")(h_BTD))
-        return x_BTD, None
+        return x_BTD, kv_BSKE
 
 
 REMAT_POLICIES: dict[str, Any] = {
@@ -185,7 +253,11 @@ REMAT_POLICIES: dict[str, Any] = {
 
 
 class Transformer(nn.Module):
-    """tokens [B, T] -> logits [B, T, V] (float32)."""
+    """tokens [B, T] -> logits [B, T, V] (float32).
+
+    With `cache`, the tokens are fed into the cache's next T slots and the call returns (logits, updated cache);
+    positions then default to the slot numbers and segment ids to 1 (a real token).
+    """
 
     cfg: ModelConfig
 
@@ -197,12 +269,24 @@ class Transformer(nn.Module):
         positions_BT: Array | None = None,
         segment_ids_BT: Array | None = None,
         deterministic: bool = True,
-    ) -> Array:
+        cache: KVCache | None = None,
+    ):
         cfg = self.cfg
         B, T = tokens_BT.shape
+        first_position = 0 if cache is None else cache.index
         if positions_BT is None:
-            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        mask_B1TS = attention_mask(segment_ids_BT, T, T)
+            positions_BT = jnp.broadcast_to(first_position + jnp.arange(T, dtype=jnp.int32), (B, T))
+        if cache is None:
+            mask_B1TS = attention_mask(segment_ids_BT, T, T)
+            cache_index = kv_LBSKE = None
+        else:
+            if segment_ids_BT is None:
+                segment_ids_BT = jnp.ones((B, T), jnp.int32)
+            slot_segments_BS = lax.dynamic_update_slice_in_dim(
+                cache.segment_ids_BS, segment_ids_BT.astype(jnp.int32), cache.index, axis=1
+            )
+            mask_B1TS = (segment_ids_BT[:, :, None] == slot_segments_BS[:, None, :])[:, None]
+            cache_index, kv_LBSKE = cache.index, (cache.k_LBSKE, cache.v_LBSKE)
 
         embed = nn.Embed(
             cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, name="embed", embedding_init=_param_init(cfg.init_std, ("vocab", "embed"))
@@ -220,18 +304,28 @@ class Transformer(nn.Module):
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             # One compiled block, iterated: compile time stays flat in depth; params gain a leading `layers` axis.
+            # The cache's leading L axis is scanned in step with the params.
             stack = nn.scan(
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_BTD, _ = stack(cfg, deterministic, name="blocks")(x_BTD, positions_BT, mask_B1TS)
+            x_BTD, kv_LBSKE = stack(cfg, deterministic, name="blocks")(
+                x_BTD, positions_BT, mask_B1TS, cache_index, kv_LBSKE
+            )
         else:
+            new_kv = []
             for i in range(cfg.n_layers):
-                x_BTD, _ = block(cfg, deterministic, name=f"block_{i}")(x_BTD, positions_BT, mask_B1TS)
+                kv_BSKE = None if kv_LBSKE is None else (kv_LBSKE[0][i], kv_LBSKE[1][i])
+                x_BTD, kv_BSKE = block(cfg, deterministic, name=f"block_{i}")(
+                    x_BTD, positions_BT, mask_B1TS, cache_index, kv_BSKE
+                )
+                new_kv.append(kv_BSKE)
+            if cache is not None:
+                kv_LBSKE = tuple(jnp.stack(layers) for layers in zip(*new_kv))
 
         x_BTD = make_norm(cfg, "final_norm")(x_BTD).astype(cfg.dtype)
         if cfg.tie_embeddings:
@@ -241,7 +335,13 @@ class Transformer(nn.Module):
                 cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name="lm_head",
                 kernel_init=_param_init(cfg.init_std, ("embed", "vocab")),
             )(x_BTD)
-        return logits_BTV.astype(jnp.float32)
+        logits_BTV = logits_BTV.astype(jnp.float32)
+        if cache is None:
+            return logits_BTV
+        new_cache = KVCache(
+            k_LBSKE=kv_LBSKE[0], v_LBSKE=kv_LBSKE[1], segment_ids_BS=slot_segments_BS, index=cache.index + T
+        )
+        return logits_BTV, new_cache
 
 
 def init_params(cfg: ModelConfig, rng: Array, seq_len: int = 8) -> Any:
@@ -257,8 +357,12 @@ def forward(
     *,
     positions_BT: Array | None = None,
     segment_ids_BT: Array | None = None,
-) -> Array:
-    """Logits [B, T, V] in evaluation mode (no dropout): the entry point for tools, tests and evaluation."""
+    cache: KVCache | None = None,
+):
+    """Logits [B, T, V] in evaluation mode (no dropout): the entry point for tools, tests and evaluation.
+
+    With `cache`, returns (logits, updated cache): see `Transformer`.
+    """
     return Transformer(cfg).apply(
-        {"params": params}, tokens_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT
+        {"params": params}, tokens_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, cache=cache
     )
