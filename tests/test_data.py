@@ -78,7 +78,8 @@ def test_tokenizer_keeps_whitespace_tabs_and_unicode(pystdlib):
     tok = prepared.tokenizer
     assert prepared.vocab_size == tok.vocab_size == 1024
     assert len({tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id}) == 4
-    for text in [" leading", "x  =  1\n\n\n", "\tif x:\r\n\t\treturn 'é☃🙂'  ", "   \n", "1234567890", "日本語 テキスト", "a\u2581b \u2581"]:
+    texts = [" leading", "x  =  1\n\n\n", "\tif x:\r\n\t\treturn 'é☃🙂'  ", "   \n", "1234567890", "日本語 テキスト"]
+    for text in texts + ["a\u2581b \u2581"]:
         ids = tok.encode(text)
         assert tok.bos_id not in ids and tok.eos_id not in ids
         assert tok.decode(ids) == text
@@ -334,8 +335,9 @@ def test_every_tokenizer_round_trips_validation_documents(text_corpus, kind):
 
 
 def test_missing_or_broken_model_file(tmp_path, text_corpus):
-    config = DataConfig(source=f"text:{text_corpus}/data/**/*.*", text_field="body", cache_dir=str(text_corpus / "cache"),
-                        val_fraction=0.25, seq_len=16, batch_size=2, tokenizer=str(tmp_path / "missing.model"))
+    config = DataConfig(source=f"text:{text_corpus}/data/**/*.*", text_field="body",
+                        cache_dir=str(text_corpus / "cache"), val_fraction=0.25, seq_len=16, batch_size=2,
+                        tokenizer=str(tmp_path / "missing.model"))
     with pytest.raises(DataError, match="does not exist"):
         prepare_data(config)
     broken = tmp_path / "broken.model"
@@ -466,3 +468,11 @@ def test_tfds_unknown_name_split_or_field(tfds_corpus):
         prepare_data(dataclasses.replace(config, val_split="validation"))
     with pytest.raises(DataError, match="no feature 'text'.*content"):
         prepare_data(dataclasses.replace(config, text_field="text"))
+
+
+def test_loader_tokens_per_sec_counts_input_tokens(pystdlib):
+    from jaxlm.data import loader_tokens_per_sec
+
+    config, prepared = pystdlib
+    rate = loader_tokens_per_sec(config, prepared, seconds=0.2)
+    assert rate > 0 and np.isfinite(rate)

@@ -27,14 +27,12 @@ from jaxlm.errors import DataError
 
 CORPUS_VERSION = "1.0.0"  # bump when the document layout or split rule changes: old caches are then ignored
 # Folders of the standard library that are not library source: third-party packages and test suites.
-STDLIB_SKIP_DIRS = frozenset(
-    {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "idlelib/idle_test"}
-)
+STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 
 
 @dataclass(frozen=True)
 class Document:
-    key: str  # unique within the corpus; also what the split hash reads for pystdlib
+    key: str  # unique within the corpus (a path, or path:line for .jsonl)
     text: str
     undecodable_bytes: int
     split: str
@@ -51,7 +49,6 @@ class Corpus:
     stats: dict[str, Any]  # documents, bytes, undecodable bytes, skipped lines per split
     dataset_dir: str = ""
     _open: Callable[[str], Sequence[Any]] | None = field(default=None, repr=False)
-
     large: bool = False  # too big to read whole for a character vocabulary (catalog datasets)
 
     def source_of(self, split: str) -> Sequence[Any]:
@@ -325,8 +322,9 @@ def _prepare_local(
             json.dump(stats, f, indent=2)
         os.replace(tmp, meta_path)
     return Corpus(
-        source=source, fingerprint=fingerprint, text_field="text", splits={"train": "train", "validation": "validation"},
-        stats=stats, dataset_dir=dataset_dir, _open=_open_local(dataset_dir),
+        source=source, fingerprint=fingerprint, text_field="text",
+        splits={"train": "train", "validation": "validation"}, stats=stats, dataset_dir=dataset_dir,
+        _open=_open_local(dataset_dir),
     )
 
 

@@ -55,7 +55,8 @@ class Prepared:
         return self.tokenizer.vocab_size
 
     def token_files(self, split: str) -> tuple[str, str]:
-        return os.path.join(self.tokens_dir, f"{split}.tokens.bin"), os.path.join(self.tokens_dir, f"{split}.offsets.npy")
+        base = os.path.join(self.tokens_dir, split)
+        return f"{base}.tokens.bin", f"{base}.offsets.npy"
 
 
 def _token_dtype(vocab_size: int) -> np.dtype:
@@ -92,7 +93,8 @@ def _tokenize_split(corpus: Corpus, split: str, tokenizer: Tokenizer, tokens_pat
     tmp_tokens = f"{tokens_path}.tmp{os.getpid()}"
     with open(tmp_tokens, "wb") as f:
         for start in range(0, len(src), _ENCODE_CHUNK):
-            decoded = [record_text_counting(src[i], corpus.text_field) for i in range(start, min(start + _ENCODE_CHUNK, len(src)))]
+            stop = min(start + _ENCODE_CHUNK, len(src))
+            decoded = [record_text_counting(src[i], corpus.text_field) for i in range(start, stop)]
             texts = [text for text, _ in decoded]
             encoded = tokenizer.encode_batch(texts, num_threads=_threads())
             for (text, bad), ids in zip(decoded, encoded):
@@ -187,8 +189,9 @@ def prepare_data(data_config: DataConfig) -> Prepared:
     else:
         os.makedirs(tokens_dir, exist_ok=True)
         stats: dict[str, Any] = {
-            "source": data_config.source, "tokenizer": getattr(tokenizer, "name", data_config.tokenizer),
-            "vocab_size": tokenizer.vocab_size, "streaming": streaming,
+            "source": data_config.source, "tokenizer": data_config.tokenizer,
+            "tokenizer_file": getattr(tokenizer, "name", data_config.tokenizer), "vocab_size": tokenizer.vocab_size,
+            "streaming": streaming,
         }
         for split in SPLITS:
             if streaming:
