@@ -267,3 +267,220 @@ def test_envelope_errors():
     far = Curve(N=1e10, tokens=np.array([1e15, 2e15]), loss=np.array([2.0, 1.9]))
     with pytest.raises(ScalingError, match="do not overlap"):
         fit_envelope([Curve(N=1e7, tokens=np.array([1e8, 2e8]), loss=np.array([4.0, 3.9])), far])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sweeps and results tables
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+import os  # noqa: E402
+
+from jaxlm.config import DataConfig, Experiment, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
+from jaxlm.errors import ConfigError  # noqa: E402
+from jaxlm.flops import count_nonembedding_params, count_params, flops_per_token  # noqa: E402
+from jaxlm.optim import make_schedule  # noqa: E402
+from jaxlm.scaling import (  # noqa: E402
+    AspectRatioShapes,
+    branch_from_trunk,
+    collect_curves,
+    collect_results,
+    isoflop_grid,
+    read_csv,
+    write_csv,
+    wsd_branches,
+)
+
+
+def sweep_base(tmp_path, family="gpt2", **model):
+    model = ModelConfig(family=family, vocab_size=512, max_seq_len=128, **model)
+    return Experiment(
+        name="iso",
+        model=model,
+        data=DataConfig(vocab_size=512, seq_len=64, batch_size=8),
+        optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10),
+        train=TrainConfig(steps=100, out_dir=str(tmp_path / "iso"), eval_every=50, log_every=10),
+    )
+
+
+def test_isoflop_grid_members(tmp_path):
+    base = sweep_base(tmp_path)
+    budgets = [3e13, 1e14, 3e14]
+    members = isoflop_grid(base, budgets, sizes_per_budget=5)
+    assert len(members) == 15
+    tokens_per_step = 8 * 64
+    for C in budgets:
+        group = [m for m in members if m.name.startswith(f"iso-C{C:.0e}-")]
+        assert len(group) == 5
+        sizes = [count_params(m.model) for m in group]
+        assert sizes == sorted(sizes) and len(set(sizes)) == 5
+        centre = math.sqrt(C / 120)  # D = 20 N and C = 6ND
+        assert sizes[0] < centre < sizes[-1]
+        for m, n in zip(group, sizes):
+            assert m.name == f"iso-C{C:.0e}-N{n}"
+            assert m.train.out_dir == os.path.join(str(tmp_path / "iso"), m.name)
+            spent = flops_per_token(m.model, 64) * m.train.steps * tokens_per_step
+            assert abs(spent / C - 1) <= 0.5 / m.train.steps + 1e-12  # whole steps
+            assert m.optim.warmup_steps == round(0.05 * m.train.steps)
+            assert m.optim.lr == base.optim.lr and m.data == base.data
+            # Freshly resolved shapes: GPT-2's d_ff is 4 d_model of the new width, heads of 64.
+            assert m.model.d_ff == 4 * m.model.d_model and m.model.head_dim == 64
+            assert m.model.vocab_size == 512 and m.model.max_seq_len == 128
+            assert m.train.eval_every <= m.train.steps
+
+
+def test_isoflop_grid_llama_gqa(tmp_path):
+    base = sweep_base(tmp_path, family="llama", n_layers=2, d_model=256, n_heads=4, n_kv_heads=2)
+    members = isoflop_grid(base, [1e15], sizes_per_budget=5)
+    assert len(members) == 5
+    for m in members:
+        cfg = m.model
+        assert cfg.n_heads == 2 * cfg.n_kv_heads and cfg.head_dim == 64
+        assert cfg.d_ff == 256 * -(-(8 * cfg.d_model // 3) // 256)  # Llama's default for this width
+        assert cfg.tie_embeddings is False and cfg.bias is False
+
+
+def test_isoflop_grid_budget_too_small(tmp_path):
+    with pytest.raises(ConfigError, match=r"budget C=1e\+08 is too small for the smallest shape"):
+        isoflop_grid(sweep_base(tmp_path), [1e14, 1e8])
+    with pytest.raises(ConfigError, match="at least 3 sizes"):
+        isoflop_grid(sweep_base(tmp_path), [1e14], sizes_per_budget=2)
+
+
+def test_aspect_ratio_shapes():
+    rule = AspectRatioShapes(aspect=64, head_dim=64)
+    base = ModelConfig(family="gpt2", vocab_size=512, max_seq_len=128)
+    for target in np.geomspace(1e6, 3e8, 12):
+        cfg = rule(base, target)
+        assert abs(math.log(count_params(cfg) / target)) < math.log(1.3)
+        assert 32 <= cfg.d_model / cfg.n_layers <= 128
+    big = rule(base, 1.2e8)
+    assert 40 < big.d_model / big.n_layers < 100  # near the aspect when the ladder is fine
+
+
+def test_wsd_branches_share_the_stable_phase(tmp_path):
+    base = sweep_base(tmp_path)
+    tokens_per_step = 8 * 64
+    members = wsd_branches(base, [tokens_per_step * s for s in (500, 1000, 2000)], decay_fraction=0.2)
+    assert [m.train.steps for m in members] == [2000, 1000, 500]
+    trunk = members[0]
+    for m in members:
+        assert m.optim.schedule == "wsd" and m.optim.decay_fraction == 0.2
+        assert m.optim.warmup_steps == 100 and m.model == base.model
+    # The learning rates (from the optimizer's own schedule) agree with the trunk's until each branch cools down,
+    # and the trunk keeps a checkpoint at each cooldown start.
+    trunk_lr = make_schedule(trunk.optim, trunk.train.steps)
+    for m in members[1:]:
+        lr = make_schedule(m.optim, m.train.steps)
+        start = m.train.steps - round(0.2 * m.train.steps)
+        assert all(float(lr(s)) == float(trunk_lr(s)) for s in range(0, start + 1, 7))
+        assert float(lr(m.train.steps)) == pytest.approx(base.optim.min_lr)
+        assert start % trunk.train.ckpt_every == 0
+        assert trunk.train.keep_checkpoints * trunk.train.ckpt_every >= trunk.train.steps - start
+    with pytest.raises(ConfigError, match="before the shared warmup"):
+        wsd_branches(base, [tokens_per_step * 10, tokens_per_step * 10_000], warmup_fraction=0.05)
+
+
+def fake_run(root, experiment, rows):
+    """A run directory as the trainer leaves it: config.json and metrics.jsonl."""
+    run_dir = experiment.run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        f.write(experiment.to_json())
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def train_rows(experiment, final_loss):
+    per_step = experiment.data.batch_size * experiment.data.seq_len
+    steps = experiment.train.steps
+    rows = []
+    for s in sorted({*range(0, steps, max(1, steps // 4)), steps}):
+        if s:
+            rows.append({"step": s, "tokens": s * per_step, "loss": final_loss + (steps - s) / steps, "lr": 1e-3,
+                         "grad_norm": 1.0, "tokens_per_sec": 1e4, "mfu": 0.1})
+        rows.append({"step": s, "val_loss": final_loss + 0.05 + (steps - s) / steps, "val_bpb": 1.0})
+    return rows
+
+
+def test_branch_from_trunk_copies_checkpoint_and_metrics(tmp_path):
+    base = sweep_base(tmp_path)
+    trunk, branch = wsd_branches(base, [512 * 400, 512 * 100])
+    fake_run(tmp_path, trunk, train_rows(trunk, 2.0))
+    start = 100 - 20
+    with pytest.raises(ConfigError, match=f"no checkpoint at step {start}"):
+        branch_from_trunk(trunk, branch)
+    step_dir = os.path.join(trunk.run_dir, "checkpoints", str(start))
+    os.makedirs(os.path.join(step_dir, "state"))
+    with open(os.path.join(step_dir, "state", "arrays"), "w") as f:
+        f.write("weights")
+    copied = branch_from_trunk(trunk, branch)
+    assert copied == os.path.join(branch.run_dir, "checkpoints", str(start))
+    with open(os.path.join(copied, "state", "arrays")) as f:
+        assert f.read() == "weights"
+    with open(os.path.join(branch.run_dir, "metrics.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps and max(steps) <= start
+    with pytest.raises(ConfigError, match="already has checkpoints"):
+        branch_from_trunk(trunk, branch)
+    other = dataclasses.replace(branch, optim=dataclasses.replace(branch.optim, lr=1.0))
+    with pytest.raises(ConfigError, match="not a branch"):
+        branch_from_trunk(trunk, other)
+
+
+def test_collect_results_and_csv_round_trip(tmp_path):
+    base = sweep_base(tmp_path)
+    members = isoflop_grid(base, [3e13], sizes_per_budget=5)
+    losses = [3.4, 3.1, 3.0, 3.05, 3.2]
+    for m, loss in zip(members, losses):
+        fake_run(tmp_path, m, train_rows(m, loss))
+    rows = collect_results(str(tmp_path / "iso"))
+    assert [r["name"] for r in rows] == sorted(m.name for m in members)
+    by_name = {r["name"]: r for r in rows}
+    for m, loss in zip(members, losses):
+        r = by_name[m.name]
+        D = m.train.steps * 8 * 64
+        assert r["N"] == count_params(m.model) and r["N_nonembed"] == count_nonembedding_params(m.model)
+        assert r["D"] == D and r["C"] == pytest.approx(flops_per_token(m.model, 64) * D)
+        assert r["train_loss"] == pytest.approx(loss) and r["val_loss"] == pytest.approx(loss + 0.05)
+    path = tmp_path / "results.csv"
+    write_csv(rows, str(path))
+    back = read_csv(str(path))
+    assert back == rows
+    curves = collect_curves(str(tmp_path / "iso"))
+    assert len(curves) == 5 and all(c.tokens[-1] == by_name[c.name]["D"] for c in curves)
+    # An unfinished run is named, or left out on request.
+    m = members[0]
+    fake_run(tmp_path, m, [r for r in train_rows(m, 3.4) if r["step"] < m.train.steps])
+    with pytest.raises(ScalingError, match=f"run .*{re.escape(m.name)} is unfinished"):
+        collect_results(str(tmp_path / "iso"))
+    assert len(collect_results(str(tmp_path / "iso"), allow_unfinished=True)) == 4
+
+
+def test_read_csv_errors(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text("name,N,D,C,train_loss,val_loss\na,1e6,2e7,1e14,3.0,3.1\n")
+    with pytest.raises(ScalingError, match="lacks column.*N_nonembed"):
+        read_csv(str(path))
+    path.write_text("name,N,N_nonembed,D,C,train_loss,val_loss\na,1e6,5e5,2e7,1e14,3.0,3.1\nb,2e6,1e6,1e7,1e14,3.0,0\n")
+    with pytest.raises(ScalingError, match=r"line 3 \(b\): val_loss = 0.0 is not a positive number"):
+        read_csv(str(path))
+    path.write_text("name,N,N_nonembed,D,C,train_loss,val_loss\na,1e6,5e5,x,1e14,3.0,3.1\n")
+    with pytest.raises(ScalingError, match="line 2: D = 'x' is not a number"):
+        read_csv(str(path))
+    with pytest.raises(ScalingError, match="is not a file"):
+        read_csv(str(tmp_path / "absent.csv"))
+    with pytest.raises(ScalingError, match=r"line 2 \(a\): N = -1.0"):
+        write_csv([{"name": "a", "N": -1.0, "N_nonembed": 1.0, "D": 1.0, "C": 1.0, "train_loss": 1.0,
+                    "val_loss": 1.0}], str(tmp_path / "w.csv"))
+
+
+@pytest.mark.skipif(not EPOCH_CSV.exists(), reason=f"reference data not present at {DATA}")
+def test_read_csv_epoch_layout():
+    rows = read_csv(str(EPOCH_CSV))
+    assert len(rows) == 245
+    first = rows[0]
+    assert first["N"] == pytest.approx(6795600349.289497) and first["loss"] == pytest.approx(5.005581996196243)
+    assert first["D"] == pytest.approx(9.993852799709755e18 / (6 * 6795600349.289497))
