@@ -188,9 +188,12 @@ def _evaluate(experiment, eval_step, params, prepared, mesh) -> float:
         process_index=jax.process_index(), process_count=jax.process_count(),
     )
     total, count = 0.0, 0.0
-    for _ in range(experiment.train.eval_steps):
-        loss_sum, n = eval_step(params, sharding.global_batch(next(it), mesh))
-        total, count = total + float(loss_sum), count + float(n)
+    try:
+        for _ in range(experiment.train.eval_steps):
+            loss_sum, n = eval_step(params, sharding.global_batch(next(it), mesh))
+            total, count = total + float(loss_sum), count + float(n)
+    finally:
+        it.close()
     return total / count
 
 
@@ -212,9 +215,22 @@ def _load_init_params(experiment: Experiment, state: Any) -> Any:
     return {**state, "params": params}
 
 
+def _prepare_once(experiment: Experiment):
+    """Prepare corpus and tokenizer on process 0 first, so that processes sharing a cache never race to build it."""
+    from jaxlm.data import prepare_data
+
+    if jax.process_count() == 1:
+        return prepare_data(experiment.data)
+    from jax.experimental import multihost_utils
+
+    prepared = prepare_data(experiment.data) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("jaxlm: data prepared")
+    return prepared or prepare_data(experiment.data)
+
+
 def train(experiment: Experiment) -> dict[str, Any]:
     """Run (or resume) an experiment to its last step; returns the summary written to summary.json."""
-    from jaxlm.data import make_iterator, prepare_data
+    from jaxlm.data import make_iterator
 
     sharding.initialize_distributed(experiment.mesh)
     mesh = sharding.make_mesh(experiment.mesh)
@@ -233,7 +249,7 @@ def train(experiment: Experiment) -> dict[str, Any]:
     primary = jax.process_index() == 0
     write_or_check_config(experiment)
 
-    prepared = prepare_data(experiment.data)
+    prepared = _prepare_once(experiment)
     if prepared.vocab_size > experiment.model.vocab_size:
         raise ConfigError(
             f"the tokenizer has {prepared.vocab_size} tokens but ModelConfig.vocab_size={experiment.model.vocab_size}:"
@@ -353,6 +369,7 @@ def train(experiment: Experiment) -> dict[str, Any]:
                 raise Preempted(f"SIGTERM: saved a checkpoint at step {step} in {run_dir}; rerun the same command to resume")
         if pending is not None:
             read(*pending)
+    train_iter.close()
     checkpoints.wait()
     checkpoints.close()
 
