@@ -484,3 +484,76 @@ def test_read_csv_epoch_layout():
     first = rows[0]
     assert first["N"] == pytest.approx(6795600349.289497) and first["loss"] == pytest.approx(5.005581996196243)
     assert first["D"] == pytest.approx(9.993852799709755e18 / (6 * 6795600349.289497))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# python -m tools.fit_scaling
+
+from tools import fit_scaling  # noqa: E402
+
+
+def known_law_sweep(tmp_path, budgets=(3e13, 1e14, 3e14)):
+    """A sweep directory whose runs' losses follow the known law (curves included), as the trainer leaves it."""
+    base = sweep_base(tmp_path)
+    members = isoflop_grid(base, list(budgets), sizes_per_budget=5)
+    per_step = 8 * 64
+    for m in members:
+        n = count_params(m.model)
+        steps = m.train.steps
+        rows = []
+        for s in np.unique(np.geomspace(1, steps, 12).round().astype(int)):
+            s = int(s)
+            rows.append({"step": s, "tokens": s * per_step, "loss": float(law(n, s * per_step)), "lr": 1e-3,
+                         "grad_norm": 1.0, "tokens_per_sec": None, "mfu": None})
+        rows.append({"step": steps, "val_loss": float(law(n, steps * per_step)) + 0.01, "val_bpb": 1.0})
+        fake_run(tmp_path, m, rows)
+    return str(tmp_path / "iso")
+
+
+def test_fit_scaling_tool_on_a_sweep(tmp_path, capsys):
+    sweep = known_law_sweep(tmp_path)
+    out = tmp_path / "fits"
+    assert fit_scaling.main([sweep, "--out", str(out), "--bootstrap", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "Approach 1" in printed and "Approach 2 (IsoFLOP parabolas, 3 budgets" in printed and "alpha" in printed
+    for name in ("isoflop.png", "optimal.png", "parametric.png", "envelope.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fits = json.loads((out / "fits.json").read_text())
+    assert set(fits) == {"approach1", "approach2", "approach3"}
+    assert fits["approach3"]["values"]["alpha"] == pytest.approx(ALPHA, abs=0.05)
+    assert set(fits["approach2"]["intervals"]) >= {"a", "b"}
+    assert len(read_csv(str(out / "results.csv"))) == 15
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("name,N,N_nonembed,D,C,train_loss\na,1,1,1,1,1\n", r"lacks column\(s\) val_loss"),
+        ("name,N,N_nonembed,D,C,train_loss,val_loss\na,1,1,1,1,1,-2\n", r"line 2 \(a\): val_loss = -2.0"),
+    ],
+)
+def test_fit_scaling_tool_bad_csv(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    assert fit_scaling.main([str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: ") and re.search(message, err)
+
+
+def test_fit_scaling_tool_names_a_budget_without_a_parabola(tmp_path, capsys):
+    rows = collect_results(known_law_sweep(tmp_path))
+    at_1e14 = [r for r in rows if r["name"].startswith("iso-C1e+14-")]
+    rows = [r for r in rows if r not in at_1e14] + at_1e14[:2]
+    path = tmp_path / "two.csv"
+    write_csv(rows, str(path))
+    assert fit_scaling.main([str(path), "--approaches", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "budget C=1e+14 has 2 model size(s)" in err
+    assert fit_scaling.main([str(path), "--approaches", "2", "--unfittable", "skip", "--bootstrap", "0",
+                             "--out", str(tmp_path / "o")]) == 0
+    assert "skipped 1 budgets" in capsys.readouterr().out
+
+
+def test_fit_scaling_tool_missing_source(tmp_path, capsys):
+    assert fit_scaling.main([str(tmp_path / "nothing")]) == 2
+    assert "is not a file" in capsys.readouterr().err
