@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,41 +35,49 @@ from jaxlm.model import KVCache, forward, init_cache, init_params
 Array = jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class Sampler:
-    """How the next token is chosen from the logits (hashable: it is a static argument of the jitted steps)."""
+    """How the next token is chosen. The numbers are traced (changing them does not recompile); `greedy` is part
+    of the compiled program. Build one with `make_sampler`, which checks the values."""
 
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 0  # 0: no cut
-    top_p: float = 1.0  # 1: no cut
+    temperature: Array
+    top_k: Array  # 0: no cut
+    top_p: Array  # 1: no cut
+    greedy: bool = flax.struct.field(pytree_node=False, default=False)
 
-    def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0 (0 keeps every token), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1] (1 keeps every token), got {self.top_p}")
+
+def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> Sampler:
+    """Greedy at temperature 0; otherwise temperature, then top-k, then top-p sampling."""
+    if not temperature >= 0:
+        raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k < 0:
+        raise ConfigError(f"top_k must be >= 0 (0 keeps every token), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p}")
+    return Sampler(
+        temperature=np.float32(temperature if temperature > 0 else 1.0), top_k=np.int32(top_k),
+        top_p=np.float32(top_p), greedy=temperature == 0,
+    )
 
 
 def sample_logits(logits_BV: Array, key: Array, sampler: Sampler) -> Array:
     """The next token of each row [B] (int32) from float32 logits [B, V]."""
-    if sampler.temperature == 0:
+    if sampler.greedy:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    V = logits_BV.shape[-1]
     logits_BV = logits_BV / sampler.temperature
     never = jnp.finfo(logits_BV.dtype).min
-    if 0 < sampler.top_k < logits_BV.shape[-1]:
-        kth_largest_B1 = lax.top_k(logits_BV, sampler.top_k)[0][:, -1:]
-        logits_BV = jnp.where(logits_BV >= kth_largest_B1, logits_BV, never)
-    if sampler.top_p < 1:
-        # Keep a token when the probability of the tokens ranked above it is still short of top_p (the most
-        # likely token is always kept); the cut is a logit threshold, found in the sorted order.
-        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-        mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-        n_kept_B1 = jnp.sum(mass_before_BV < sampler.top_p, axis=-1, keepdims=True)
-        threshold_B1 = jnp.take_along_axis(sorted_BV, n_kept_B1 - 1, axis=-1)
-        logits_BV = jnp.where(logits_BV >= threshold_B1, logits_BV, never)
+    # Both cuts are logit thresholds read off the sorted logits: the k-th largest, then the smallest logit of
+    # the most likely tokens whose probability (within the top k) reaches top_p. Ties at a threshold are kept.
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    rank_V = jnp.arange(V)
+    n_top_k = jnp.where(sampler.top_k > 0, jnp.minimum(sampler.top_k, V), V)
+    probs_BV = jax.nn.softmax(jnp.where(rank_V < n_top_k, sorted_BV, never), axis=-1)
+    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    n_top_p_B1 = jnp.sum((mass_before_BV < sampler.top_p) & (rank_V < n_top_k), axis=-1, keepdims=True)
+    n_kept_B1 = jnp.where(sampler.top_p < 1, n_top_p_B1, n_top_k)
+    threshold_B1 = jnp.take_along_axis(sorted_BV, n_kept_B1 - 1, axis=-1)
+    logits_BV = jnp.where(logits_BV >= threshold_B1, logits_BV, never)
     return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
@@ -134,9 +143,9 @@ def _inference_config(cfg: ModelConfig) -> ModelConfig:
 # ------------------------------------------------------------------------------------------ cached generation
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "slots", "sampler"))
+@functools.partial(jax.jit, static_argnames=("cfg", "slots"))
 def prefill(
-    cfg: ModelConfig, params: Any, prompt_BP: Array, pad_B: Array, key: Array, *, slots: int, sampler: Sampler
+    cfg: ModelConfig, params: Any, prompt_BP: Array, pad_B: Array, key: Array, sampler: Sampler, *, slots: int
 ) -> tuple[Array, KVCache]:
     """Feed the left-padded prompts into an empty cache of `slots` slots; returns the first new token [B]."""
     B, P = prompt_BP.shape
@@ -148,7 +157,7 @@ def prefill(
     return sample_logits(logits_BPV[:, -1], jax.random.fold_in(key, 0), sampler), cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampler"))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
 def decode(
     cfg: ModelConfig,
     params: Any,
@@ -157,9 +166,9 @@ def decode(
     pad_B: Array,
     key: Array,
     eos_id: Array,
+    sampler: Sampler,
     *,
     max_new_tokens: int,
-    sampler: Sampler,
 ) -> tuple[Array, Array]:
     """Tokens [B, max_new_tokens] starting with `first_B`, and how many columns were produced before every row
     had emitted `eos_id` (columns after a row's eos hold eos)."""
@@ -201,7 +210,7 @@ def generate(
     Runs with the params where they are: params sharded over a mesh stay sharded.
     """
     _check_request(cfg, prompts, max_new_tokens)
-    sampler = Sampler(temperature, top_k, top_p)
+    sampler = make_sampler(temperature, top_k, top_p)
     cfg = _inference_config(cfg)
     prompt_BP, pad_B = _left_pad(prompts)
     key = jax.random.key(seed)
@@ -218,9 +227,9 @@ def generate(
 # --------------------------------------------------------------------------------------- reference: no cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampler"))
+@functools.partial(jax.jit, static_argnames=("cfg",))
 def _uncached_step(
-    cfg: ModelConfig, params: Any, tokens_BS: Array, pad_B: Array, last: Array, key: Array, *, sampler: Sampler
+    cfg: ModelConfig, params: Any, tokens_BS: Array, pad_B: Array, last: Array, key: Array, sampler: Sampler
 ) -> Array:
     """The token after slot `last`, from a full forward pass over the whole buffer (later slots cannot be seen)."""
     positions_BS, segment_ids_BS = _padding_layout(pad_B, tokens_BS.shape[1])
@@ -241,14 +250,15 @@ def generate_uncached(
     seed: int = 0,
     eos_id: int | None = None,
 ) -> list[list[int]]:
-    """Same contract as `generate`, without a cache: every step re-runs the forward pass over the sequence."""
+    """Same contract as `generate`, without a cache: every step re-runs the forward pass over the whole context."""
     _check_request(cfg, prompts, max_new_tokens)
-    sampler = Sampler(temperature, top_k, top_p)
+    sampler = make_sampler(temperature, top_k, top_p)
     cfg = _inference_config(cfg)
     prompt_BP, pad_B = _left_pad(prompts)
     B, P = prompt_BP.shape
-    # A fixed-size buffer compiles once; the slots not yet filled lie in the future of every slot read.
-    tokens_BS = np.zeros((B, P + max_new_tokens - 1), np.int32)
+    # A buffer of the whole context compiles once for any prompt length; slots not yet filled lie in the
+    # future of every slot read, so the causal mask hides them.
+    tokens_BS = np.zeros((B, cfg.max_seq_len), np.int32)
     tokens_BS[:, :P] = prompt_BP
     key = jax.random.key(seed)
     out_BN = np.zeros((B, max_new_tokens), np.int32)
@@ -294,7 +304,7 @@ def benchmark_decode(
     _check_request(cfg, [[0] * prompt_len], new_tokens)
     if new_tokens < 2:
         raise ConfigError(f"new_tokens must be at least 2 to time decoding, got {new_tokens}")
-    sampler = Sampler()
+    sampler = make_sampler()
     params = jax.jit(functools.partial(init_params, cfg))(jax.random.key(seed))
     rng = np.random.default_rng(seed)
     prompt_BP = rng.integers(0, cfg.vocab_size, (batch, prompt_len), dtype=np.int32)

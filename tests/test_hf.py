@@ -1,0 +1,195 @@
+"""Hugging Face import and export, checked against transformers itself (PyTorch, float32, CPU)."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlm.config import ModelConfig
+from jaxlm.errors import ConfigError
+from jaxlm.generate import generate
+from jaxlm.hf import load_hf, save_hf
+from jaxlm.model import forward
+from jaxlm.model import init_params as _init_params
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+V = 96
+EOS = V - 1
+TOKENS = np.random.default_rng(0).integers(0, V, (3, 24))
+init_params = jax.jit(_init_params, static_argnums=0)  # one compilation instead of many small ones
+
+
+def _gpt2(**kw):
+    return transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, vocab_size=V, n_positions=64, bos_token_id=EOS, eos_token_id=EOS,
+        pad_token_id=0, **kw,
+    )
+
+
+def _llama(**kw):
+    base = dict(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+        vocab_size=V, max_position_embeddings=64, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=EOS,
+        pad_token_id=0,
+    )
+    return transformers.LlamaConfig(**{**base, **kw})
+
+
+HF_CONFIGS = {
+    "gpt2-tied": lambda: _gpt2(),
+    "gpt2-untied": lambda: _gpt2(tie_word_embeddings=False),
+    "llama-gqa-tied": lambda: _llama(rope_theta=500.0, tie_word_embeddings=True),
+    "llama-mqa-untied-bias": lambda: _llama(num_key_value_heads=1, rope_theta=2e5, attention_bias=True),
+    "llama3-rope-scaling": lambda: _llama(
+        max_position_embeddings=256, mlp_bias=True,
+        rope_scaling={
+            "rope_type": "llama3", "rope_theta": 1000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+        },
+    ),
+}
+
+
+def _random_hf_model(hf_config):
+    """A transformers model whose every weight, bias and norm scale is random (default init zeroes biases)."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _hf_logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.numpy()
+
+
+def _same_params(a, b) -> bool:
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(
+        np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+
+
+@pytest.fixture(scope="module", params=sorted(HF_CONFIGS))
+def hf_dir(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    model = _random_hf_model(HF_CONFIGS[request.param]())
+    model.save_pretrained(path)
+    return str(path), model
+
+
+def test_logits_match_transformers(hf_dir):
+    path, model = hf_dir
+    cfg, params = load_hf(path)
+    got = np.asarray(forward(cfg, params, TOKENS))
+    np.testing.assert_allclose(got, _hf_logits(model, TOKENS), atol=1e-4, rtol=0)
+    if cfg.rope_scaling_factor:  # the scaling really changes the model, so the match above tested it
+        plain = dataclasses.replace(cfg, rope_scaling_factor=0.0)
+        assert np.abs(np.asarray(forward(plain, params, TOKENS)) - got).max() > 1e-2
+
+
+def test_greedy_generation_matches_transformers(hf_dir):
+    path, model = hf_dir
+    cfg, params = load_hf(path)
+    prompts = [TOKENS[0, :5].tolist(), TOKENS[1, :9].tolist()]  # one batch, left-padded by generate
+
+    def theirs(prompt, eos):
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=eos)
+        return out[0, len(prompt):].tolist()
+
+    ours = generate(cfg, params, prompts, max_new_tokens=20, eos_id=EOS)
+    assert ours == [theirs(p, EOS) for p in prompts]
+    assert [len(row) for row in ours] == [20, 20]
+    # With a token the model does produce as the end of sequence, both stop right after it.
+    stop = ours[0][6]
+    stopped = generate(cfg, params, prompts, max_new_tokens=20, eos_id=stop)
+    assert stopped == [theirs(p, stop) for p in prompts]
+    assert len(stopped[0]) <= 7
+
+
+def test_save_then_transformers_and_load_hf_round_trip(hf_dir, tmp_path):
+    path, model = hf_dir
+    cfg, params = load_hf(path)
+    save_hf(cfg, params, str(tmp_path))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    np.testing.assert_allclose(_hf_logits(reloaded, TOKENS), _hf_logits(model, TOKENS), atol=1e-5, rtol=0)
+    cfg2, params2 = load_hf(str(tmp_path))
+    assert cfg2 == cfg
+    assert _same_params(params2, params)
+
+
+JAXLM_CONFIGS = {
+    # Settings Hugging Face classes cannot hold on their own: no biases in a GPT-2, unstacked layers, q/k/v biases
+    # without an output bias, an output bias without q/k/v biases.
+    "gpt2-no-bias-unscanned": ModelConfig(
+        family="gpt2", n_layers=2, d_model=32, n_heads=4, vocab_size=V, max_seq_len=32, bias=False,
+        scan_layers=False, init_std=0.1,
+    ),
+    "llama-qkv-bias-only": ModelConfig(
+        family="llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48, vocab_size=V, max_seq_len=32,
+        qkv_bias=True, init_std=0.1,
+    ),
+    "llama-bias-without-qkv": ModelConfig(
+        family="llama", n_layers=1, d_model=32, n_heads=2, vocab_size=V, max_seq_len=32, bias=True, qkv_bias=False,
+        tie_embeddings=True, init_std=0.1, rope_scaling_factor=4.0, rope_original_max_len=16,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(JAXLM_CONFIGS))
+def test_export_of_jaxlm_models(name, tmp_path):
+    cfg = JAXLM_CONFIGS[name]
+    params = jax.tree.map(np.asarray, init_params(cfg, jax.random.key(0)))
+    # Biases and norm scales start at 0 and 1: make them random so that the mapping of each one is tested.
+    leaves, treedef = jax.tree.flatten(params)
+    rng = np.random.default_rng(1)
+    params = treedef.unflatten([x + rng.normal(0, 0.1, x.shape).astype(np.float32) for x in leaves])
+    save_hf(cfg, params, str(tmp_path), max_shard_bytes=20_000)  # small shards: the index is written and read
+    assert os.path.isfile(tmp_path / "model.safetensors.index.json")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    np.testing.assert_allclose(_hf_logits(model, TOKENS[:, :16]), forward(cfg, params, TOKENS[:, :16]), atol=1e-4, rtol=0)
+    cfg2, params2 = load_hf(str(tmp_path))
+    assert cfg2 == cfg
+    assert _same_params(params2, params)
+
+
+def test_bfloat16_export(tmp_path):
+    cfg = JAXLM_CONFIGS["llama-qkv-bias-only"]
+    params = init_params(cfg, jax.random.key(0))
+    save_hf(cfg, params, str(tmp_path), dtype="bfloat16")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert next(model.parameters()).dtype == torch.bfloat16
+    _, params2 = load_hf(str(tmp_path))
+    rounded = jax.tree.map(lambda x: np.asarray(x).astype(jax.numpy.bfloat16).astype(np.float32), params)
+    assert _same_params(params2, rounded)
+    assert not _same_params(params2, jax.tree.map(np.asarray, params))
+
+
+def test_unusable_directories_are_clear_errors(tmp_path):
+    cfg = JAXLM_CONFIGS["llama-qkv-bias-only"]
+    save_hf(cfg, init_params(cfg, jax.random.key(0)), str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+    with pytest.raises(ConfigError, match="mistral"):
+        load_hf(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(ConfigError, match="layers.2"):
+        load_hf(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    with pytest.raises(ConfigError, match="no place"):
+        load_hf(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 64}))
+    with pytest.raises(ConfigError, match="shape"):
+        load_hf(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    os.replace(tmp_path / "model.safetensors", tmp_path / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match="safetensors only"):
+        load_hf(str(tmp_path))
