@@ -1,0 +1,129 @@
+"""Convert between Hugging Face model directories and jaxlm runs.
+
+    python -m tools.convert_hf --to-jaxlm path/to/hf_model --out runs/imported
+    python -m tools.convert_hf --from-run runs/quickstart --out exported/quickstart [--dtype bfloat16]
+
+--to-jaxlm writes a jaxlm run directory: config.json (the imported model; the data section names the model's
+sentencepiece tokenizer.model, copied into the run) and a step-0 checkpoint with fresh optimizer state. Sample
+from it with `python -m tools.sample --run`, or start training from its weights with `--train.init_from`.
+A model without tokenizer.model (GPT-2's tokenizer is not sentencepiece) needs `--tokenizer`: a .model file, or
+any DataConfig.tokenizer value, knowing that a tokenizer other than the model's own makes its weights meaningless.
+
+--from-run writes a directory that transformers loads with `from_pretrained` (GPT2LMHeadModel or
+LlamaForCausalLM) from the run's latest checkpoint (or a checkpoints/<step> directory), with the run's
+sentencepiece tokenizer as tokenizer.model and its bos and eos ids in config.json.
+Bad input prints one line on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+
+from jaxlm.errors import CheckpointError, ConfigError, JaxlmError
+
+USAGE_ERROR = 2
+
+
+def to_jaxlm(hf_dir: str, out: str, tokenizer: str = "") -> str:
+    """Import a Hugging Face directory as a jaxlm run directory; returns the run directory."""
+    import jax
+
+    from jaxlm.checkpoint import Checkpoints, write_or_check_config
+    from jaxlm.config import DataConfig, Experiment, TrainConfig
+    from jaxlm.hf import load_hf
+    from jaxlm.optim import make_optimizer
+    from jaxlm.train import abstract_train_state
+
+    cfg, params = load_hf(hf_dir)
+    out = os.path.abspath(out)
+    own_spm = os.path.join(hf_dir, "tokenizer.model")
+    tokenizer = tokenizer or (own_spm if os.path.isfile(own_spm) else "")
+    if not tokenizer:
+        raise ConfigError(
+            f"{hf_dir} has no sentencepiece tokenizer.model: pass --tokenizer (a .model file, or a DataConfig "
+            "tokenizer), or sample from the directory as it is with `python -m tools.sample --hf`"
+        )
+    if tokenizer.endswith(".model"):
+        if not os.path.isfile(tokenizer):
+            raise ConfigError(f"--tokenizer {tokenizer} does not exist: give the path of a sentencepiece .model file")
+        os.makedirs(out, exist_ok=True)
+        copied = os.path.join(out, "tokenizer.model")
+        if os.path.abspath(tokenizer) != copied:
+            shutil.copyfile(tokenizer, copied)
+        tokenizer = copied
+    experiment = Experiment(
+        name=os.path.basename(out) or "imported",
+        model=cfg,
+        data=DataConfig(tokenizer=tokenizer, vocab_size=cfg.vocab_size, seq_len=min(256, cfg.max_seq_len)),
+        train=TrainConfig(out_dir=out),
+    )
+    write_or_check_config(experiment)
+    checkpoints = Checkpoints(out, async_save=False)
+    try:
+        if checkpoints.latest_step() is not None:
+            raise CheckpointError(f"{out} already holds a checkpoint: choose a new --out")
+        opt_state = jax.jit(make_optimizer(experiment.optim, experiment.train.steps).init)(params)
+        state = {"step": jax.numpy.zeros((), jax.numpy.int32), "params": params, "opt_state": opt_state}
+        if jax.tree.structure(state) != jax.tree.structure(abstract_train_state(experiment)):
+            raise CheckpointError("the imported state does not have the layout of a jaxlm train state")
+        checkpoints.save(0, state, data_state=None)
+        checkpoints.wait()
+    finally:
+        checkpoints.close()
+    return out
+
+
+def from_run(run: str, out: str, dtype: str = "float32", with_tokenizer: bool = True) -> str:
+    """Export a run's checkpoint as a Hugging Face directory; returns the directory."""
+    from jaxlm.checkpoint import load_params
+    from jaxlm.hf import save_hf
+    from tools.sample import run_tokenizer
+
+    experiment, params = load_params(run)
+    tokenizer = run_tokenizer(experiment.data) if with_tokenizer else None
+    bos_id = getattr(tokenizer, "bos_id", None)
+    eos_id = getattr(tokenizer, "eos_id", None)
+    save_hf(
+        experiment.model, params, out, dtype=dtype,
+        bos_id=bos_id if bos_id is not None and bos_id >= 0 else None, eos_id=eos_id,
+    )
+    proto = getattr(tokenizer, "model_proto", None)
+    if proto is not None:
+        with open(os.path.join(out, "tokenizer.model"), "wb") as f:
+            f.write(proto)
+    return out
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tools.convert_hf", description=__doc__.split("\n\n")[0])
+    direction = p.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--to-jaxlm", metavar="HF_DIR", help="import a Hugging Face directory as a jaxlm run")
+    direction.add_argument("--from-run", metavar="RUN_DIR", help="export a jaxlm run as a Hugging Face directory")
+    p.add_argument("--out", required=True, help="the directory to write")
+    p.add_argument("--tokenizer", default="", help="--to-jaxlm: the run's tokenizer (default: HF_DIR/tokenizer.model)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="--from-run: tensor type of the written weights (float32 is exact)")
+    p.add_argument("--no-tokenizer", action="store_true", help="--from-run: do not load or write the tokenizer")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        if args.to_jaxlm:
+            out = to_jaxlm(args.to_jaxlm, args.out, args.tokenizer)
+            print(f"wrote jaxlm run {out}: sample with `python -m tools.sample --run {out}`")
+        else:
+            out = from_run(args.from_run, args.out, args.dtype, not args.no_tokenizer)
+            print(f"wrote Hugging Face model {out}: load with transformers' AutoModelForCausalLM.from_pretrained")
+    except JaxlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
+
+
+if __name__ == "__main__":
+    main()
