@@ -108,31 +108,42 @@ def _huber_objective(params, log_n, log_d, log_loss, weights, delta):
     params: (R, 5) rows of (a, b, e, alpha, beta); weights: None, (n,) or (R, n) point multiplicities.
     Returns (R,) values and (R, 5) gradients; a row that overflows gives a non-finite value.
     """
-    a, b, e, alpha, beta = (params[:, i : i + 1] for i in range(5))
+    a, b, e, alpha, beta = (np.ascontiguousarray(params[:, i : i + 1]) for i in range(5))
     # The LSE without the usual max shift: the terms are the model's own A/N^alpha, B/D^beta and E, which stay
     # far from overflow at any sensible point; an overflowing trial step comes out non-finite and is rejected.
+    # Operations write into their inputs where they can: at 4500 x 240 the temporaries cost as much as the maths.
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        e1 = np.exp(a - alpha * log_n)
-        e2 = np.exp(b - beta * log_d)
+        e1 = np.multiply(alpha, log_n)
+        np.exp(np.subtract(a, e1, out=e1), out=e1)
+        e2 = np.multiply(beta, log_d)
+        np.exp(np.subtract(b, e2, out=e2), out=e2)
         e3 = np.exp(e)
-        total = e1 + e2
+        total = np.add(e1, e2)
         total += e3
-        r = log_loss - np.log(total)
-        # Huber as c (|r| - c / 2) with c = min(|r|, delta); its derivative in r is clip(r, -delta, delta).
+        r = np.log(total)
+        np.subtract(log_loss, r, out=r)
+        # Huber = c (|r| - c / 2) with c = min(|r|, delta); its derivative in r is clip(r, -delta, delta).
         abs_r = np.abs(r)
         c = np.minimum(abs_r, delta)
-        abs_r -= 0.5 * c
-        abs_r *= c
-        psi = np.clip(r, -delta, delta, out=r)
         if weights is not None:
             abs_r *= weights
+        value = np.einsum("ij,ij->i", c, abs_r)
+        if weights is not None:
+            c *= np.sqrt(weights)
+        value -= 0.5 * np.einsum("ij,ij->i", c, c)
+        psi = np.clip(r, -delta, delta, out=r)
+        if weights is not None:
             psi *= weights
-        value = abs_r.sum(axis=1)
         # d huber / d param = -psi * d LSE / d param; the LSE's derivatives are the softmax weights of its terms.
         q = np.divide(psi, total, out=psi)
-        q1 = e1 * q
+        q1 = np.multiply(e1, q, out=e1)
         q2 = np.multiply(e2, q, out=e2)
-        grad = np.stack([-q1.sum(1), -q2.sum(1), -e3[:, 0] * q.sum(1), q1 @ log_n, q2 @ log_d], axis=1)
+        # einsum rather than `@`: a multithreaded BLAS matrix-vector product is many times slower at this size.
+        grad = np.stack(
+            [-q1.sum(1), -q2.sum(1), -e3[:, 0] * q.sum(1), np.einsum("ij,j->i", q1, log_n),
+             np.einsum("ij,j->i", q2, log_d)],
+            axis=1,
+        )
     return value, grad
 
 
@@ -622,6 +633,8 @@ def _envelope_core(curves, n_points):
     grid = np.geomspace(c_lo, c_hi, n_points)
     best = np.full(n_points, np.inf)
     best_n = np.zeros(n_points)
+    smallest = np.full(n_points, np.inf)  # the range of sizes with data at each C
+    largest = np.zeros(n_points)
     for n, t, l in curves:
         want = np.log(grid / (6 * n))
         inside = (want >= np.log(t[0])) & (want <= np.log(t[-1]))
@@ -629,12 +642,17 @@ def _envelope_core(curves, n_points):
         at[inside] = np.interp(want[inside], np.log(t), l)
         better = at < best
         best[better], best_n[better] = at[better], n
-    covered = np.isfinite(best)  # a gap between runs of every size leaves no loss to compare
-    grid, best, best_n = grid[covered], best[covered], best_n[covered]
-    if len(np.unique(best_n)) < 2:
+        smallest[inside] = np.minimum(smallest[inside], n)
+        largest[inside] = np.maximum(largest[inside], n)
+    # Where the smallest or largest size with data wins, the optimum may lie beyond it: the point only bounds
+    # N_opt, and keeping it would flatten the fitted slope. (Also drops C with no data from any run.)
+    interior = np.isfinite(best) & (best_n > smallest) & (best_n < largest)
+    if len(np.unique(best_n[interior])) < 2:
         raise ScalingError(
-            f"one model size (N={best_n[0]:.3g}) is optimal over the whole compute range; add smaller and larger runs"
+            "the envelope's optimum is a size between the smallest and largest run at fewer than two sizes: add "
+            "smaller and larger runs so that the optimum is bracketed over a range of compute"
         )
+    grid, best, best_n = grid[interior], best[interior], best_n[interior]
     d_opt = grid / (6 * best_n)
     a, k_n = _power_law(grid, best_n)
     b, k_d = _power_law(grid, d_opt)
@@ -647,7 +665,8 @@ def fit_envelope(
     """Approach 1: at each of `n_points` log-spaced compute values C = 6ND, the run with the lowest loss
     (curves interpolated linearly in log tokens) gives N_opt and D_opt; power laws are fitted to them.
 
-    The range is where at least two model sizes have data. With bootstrap > 0, whole runs are resampled.
+    The range is where at least two model sizes have data; compute values where the smallest or largest size
+    with data wins are left out (the optimum is not bracketed there). With bootstrap > 0, whole runs are resampled.
     """
     if len(curves) < 2:
         raise ScalingError(f"fit_envelope needs at least 2 training curves, got {len(curves)}")

@@ -264,6 +264,8 @@ def test_envelope_errors():
     bad = Curve(N=1e8, tokens=np.array([1e9, 2e9]), loss=np.array([3.0, 0.0]), name="tiny")
     with pytest.raises(ScalingError, match=r"curve 1 \(tiny\): loss\[1\] = 0.0"):
         fit_envelope([curves[0], bad])
+    with pytest.raises(ScalingError, match="bracketed"):  # two sizes: each winner is the smallest or largest
+        fit_envelope(known_law_curves(2))
     far = Curve(N=1e10, tokens=np.array([1e15, 2e15]), loss=np.array([2.0, 1.9]))
     with pytest.raises(ScalingError, match="do not overlap"):
         fit_envelope([Curve(N=1e7, tokens=np.array([1e8, 2e8]), loss=np.array([4.0, 3.9])), far])
