@@ -3,25 +3,38 @@
 The model names every parameter axis (`embed`, `heads`, `mlp`, ...); `LOGICAL_RULES` says which mesh axis each
 name is split over. Data parallelism splits the batch over `data` and `fsdp`; FSDP also splits the `embed` axis
 of the weights (each device holds 1/fsdp of every matrix and the compiler gathers it when needed); tensor
-parallelism splits heads, MLP width and vocabulary over `tensor`.
+parallelism splits heads, MLP width and vocabulary over `tensor`. The optimizer moments carry the same names as
+their parameters, so they are split the same way.
+
+The same experiment runs on one CPU, a GPU machine or a TPU pod slice: only `MeshConfig` changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+import os
+import socket
+import sys
+import threading
+import time
+from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxlm.config import MeshConfig
+from jaxlm.config import Experiment, MeshConfig
 from jaxlm.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+EXIT_STATUS = 2  # what `jaxlm.cli.run` exits with on a JaxlmError; used where no exception can reach it
 
+# Logical axis name -> mesh axes. The order matters for activations (flax gives each mesh axis to the first name
+# that claims it): `batch` comes first, so an activation [batch, seq, embed] is split over the batch only, while a
+# weight [embed, ...] (which has no batch axis) is split over `fsdp`.
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
     ("embed", "fsdp"),
@@ -35,25 +48,112 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+# ------------------------------------------------------------------------------------------ multi-process start-up
+
+
+def detected_cluster() -> str | None:
+    """The name of the cluster environment (TPU pod, SLURM, Open MPI, Kubernetes) JAX can start from, if any."""
+    # jax.distributed.initialize() without arguments asks these same classes; there is no public way to ask
+    # whether it would succeed, and calling it on a plain machine fails.
+    from jax._src import clusters
+
+    for env in clusters.ClusterEnv._cluster_types:
+        if not env.opt_in_only_method and env.is_env_present():
+            return env.__name__
+    return None
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"MeshConfig.coordinator_address={address!r} must be host:port, e.g. 10.0.0.1:1234")
+    return host.strip("[]"), int(port)
+
+
+def _wait_for_listener(address: str, deadline: float) -> bool:
+    """True once something accepts TCP connections at `address`; False if nothing does before `deadline`."""
+    host, port = _split_address(address)
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+                return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def _exit_unless_done_within(seconds: float, message: str) -> Iterator[None]:
+    """Print `message` and end the process with EXIT_STATUS if the block is still running after `seconds`.
+
+    JAX's coordination client blocks in C++ while it waits for the other processes and aborts the process
+    (SIGABRT, a long C++ trace) when its own timeout passes; no Python exception ever comes back. This timer
+    fires first, so a run whose peers never arrive ends with one line and the usual exit status.
+    """
+
+    def fire():
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        os._exit(EXIT_STATUS)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def initialize_distributed(cfg: MeshConfig) -> None:
-    """Start multi-process JAX when asked to (or when JAX recognises a TPU pod or cluster); no-op otherwise."""
+    """Join a multi-process run when one is configured or JAX recognises the cluster; otherwise do nothing.
+
+    With `coordinator_address` set, every process calls this with the same address and process count and its own
+    `process_id`. Without it, a TPU pod slice or a SLURM/Open MPI/Kubernetes job is detected by JAX. On a plain
+    machine nothing happens. Processes that cannot all meet within `init_timeout_s` end with one line on stderr
+    and exit status 2. Call it before anything else touches JAX devices.
+    """
     if jax.distributed.is_initialized():
         return
+    cluster = None if cfg.coordinator_address else detected_cluster()
+    if not cfg.coordinator_address and cluster is None:
+        return
+    # CPU processes exchange data through gloo (over TCP); GPUs and TPUs use their own interconnect.
+    if jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    timeout = cfg.init_timeout_s
+    deadline = time.monotonic() + timeout
     if cfg.coordinator_address:
-        try:
-            jax.distributed.initialize(
-                coordinator_address=cfg.coordinator_address,
-                num_processes=cfg.num_processes,
-                process_id=cfg.process_id,
-                initialization_timeout=cfg.init_timeout_s,
-            )
-        except Exception as e:  # the coordinator's errors are long C++ messages; one line is enough
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _split_address(cfg.coordinator_address)  # a malformed address fails now, not after the timeout
+        who = f"process {cfg.process_id} of {cfg.num_processes}"
+        where = f"the coordinator at {cfg.coordinator_address}"
+        if cfg.process_id != 0 and not _wait_for_listener(cfg.coordinator_address, deadline):
             raise ConfigError(
-                f"could not join the coordinator at {cfg.coordinator_address} as process {cfg.process_id} of "
-                f"{cfg.num_processes} within {cfg.init_timeout_s}s ({first}): start every process with the same "
-                "address and check that process 0 is running"
-            ) from None
+                f"{who}: nothing answered at {cfg.coordinator_address} within {timeout}s: start process 0 with the "
+                "same --mesh.coordinator-address, and check that its host and port are reachable from here"
+            )
+        kwargs = dict(
+            coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes, process_id=cfg.process_id
+        )
+    else:
+        who, where = f"process of a {cluster} job", "its coordinator"
+        kwargs = {}
+    remaining = max(1.0, deadline - time.monotonic())
+    message = (
+        f"{who}: not every process joined {where} within {timeout}s: start all processes with the same "
+        "--mesh flags (or raise --mesh.init-timeout-s)"
+    )
+    with _exit_unless_done_within(remaining, message):
+        try:
+            # JAX's own timeout is longer than ours, so that ours (one line, exit status 2) is the one that fires.
+            jax.distributed.initialize(**kwargs, initialization_timeout=int(remaining) + 30)
+        except Exception as e:  # a port in use, a call after JAX started, ...: one line is enough
+            text = str(e).strip()
+            first = text.splitlines()[0] if text else type(e).__name__
+            raise ConfigError(f"{who}: could not join {where}: {first}") from None
+
+
+# ----------------------------------------------------------------------------------------------------- the mesh
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
@@ -76,17 +176,65 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
-    devices = devices if devices is not None else jax.devices()
+    """The (data, fsdp, tensor) mesh over `devices` (default: every device of every process)."""
+    devices = list(devices) if devices is not None else jax.devices()
     shape = mesh_shape(cfg, len(devices))
-    # Auto axes: the compiler propagates shardings from the parameters and batch (GSPMD-style).
+    # Auto axes: the compiler propagates shardings from the parameters and batch (GSPMD-style). jax.make_mesh
+    # orders devices by topology (ICI rings on TPUs); the last axis, `tensor`, varies fastest, so it stays
+    # within a host and `data` spans hosts.
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    if devices == jax.devices():
-        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
 
-def _mesh_axes_for(names: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
-    """The partition spec for one array from its logical names; an axis the mesh does not divide is replicated."""
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_fits(experiment: Experiment, mesh: Mesh) -> None:
+    """Raise ConfigError unless the model and batch divide evenly over the mesh and its processes."""
+    model, dp, tp, fsdp = experiment.model, data_parallel_size(mesh), mesh.shape["tensor"], mesh.shape["fsdp"]
+    batch, accum = experiment.data.batch_size, experiment.train.grad_accum
+    if batch % (dp * accum):
+        raise ConfigError(
+            f"DataConfig.batch_size={batch} must be divisible by the data-parallel size data x fsdp = {dp} times "
+            f"TrainConfig.grad_accum={accum}: use a batch size that is a multiple of {dp * accum}"
+        )
+    if model.n_heads % tp:
+        raise ConfigError(
+            f"ModelConfig.n_heads={model.n_heads} must be divisible by the tensor-parallel size "
+            f"MeshConfig.tensor={tp}: choose a tensor size that divides the number of heads"
+        )
+    if model.d_ff % tp:
+        raise ConfigError(
+            f"ModelConfig.d_ff={model.d_ff} must be divisible by the tensor-parallel size MeshConfig.tensor={tp}"
+        )
+    if model.d_model % fsdp:
+        raise ConfigError(
+            f"ModelConfig.d_model={model.d_model} must be divisible by MeshConfig.fsdp={fsdp}, which splits it"
+        )
+    # Each process feeds the rows of the batch its own devices hold (jaxlm.data gives process i the i-th slice).
+    # That only works when no batch shard is held by devices of two processes, as when `tensor` spans hosts.
+    owners: dict[int, set[int]] = {}
+    for (d, f, _), device in np.ndenumerate(mesh.devices):
+        owners.setdefault(d * fsdp + f, set()).add(device.process_index)
+    shared = sorted(shard for shard, procs in owners.items() if len(procs) > 1)
+    if shared:
+        raise ConfigError(
+            f"batch shard {shared[0]} of the mesh data={mesh.shape['data']} fsdp={fsdp} tensor={tp} lies on devices "
+            f"of several processes: make data x fsdp a multiple of the {jax.process_count()} processes and keep "
+            "tensor within one host"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- shardings
+
+
+def partition_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
+    """The partition spec of one array from its logical axis names.
+
+    A mesh axis is used at most once per array, and an array axis the mesh axes do not divide is replicated
+    (GPT-2's 50257-token vocabulary, say, cannot be split in two).
+    """
     rules = dict(LOGICAL_RULES)
     used: set[str] = set()
     spec = []
@@ -107,21 +255,32 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
 
     def one(leaf):
         if isinstance(leaf, nn.LogicallyPartitioned):
-            return NamedSharding(mesh, _mesh_axes_for(leaf.names, leaf.value.shape, mesh))
+            return NamedSharding(mesh, partition_spec(leaf.names, leaf.value.shape, mesh))
         return NamedSharding(mesh, P())
 
     return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows split over (data, fsdp); replicated over tensor."""
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
-
-
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assemble each process's rows of the batch into global arrays sharded over the batch axes."""
+    """Assemble each process's rows of the batch (process i holds the i-th slice) into global sharded arrays."""
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+    n = jax.process_count()
+    return {
+        k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * n, *v.shape[1:]))
+        for k, v in local_batch.items()
+    }
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh) -> Iterator[None]:
+    """Make the model's `nn.with_logical_constraint` calls take effect in what is traced inside this block.
+
+    Outside it they do nothing, so the model runs unchanged on one device and in tools.
+    """
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        yield
