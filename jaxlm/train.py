@@ -234,17 +234,7 @@ def train(experiment: Experiment) -> dict[str, Any]:
 
     sharding.initialize_distributed(experiment.mesh)
     mesh = sharding.make_mesh(experiment.mesh)
-    dp = sharding.data_parallel_size(mesh)
-    if experiment.data.batch_size % (dp * experiment.train.grad_accum):
-        raise ConfigError(
-            f"DataConfig.batch_size={experiment.data.batch_size} must be divisible by the data-parallel size "
-            f"{dp} x grad_accum {experiment.train.grad_accum}"
-        )
-    if experiment.model.n_heads % mesh.shape["tensor"]:
-        raise ConfigError(
-            f"ModelConfig.n_heads={experiment.model.n_heads} must be divisible by the tensor-parallel size "
-            f"{mesh.shape['tensor']}"
-        )
+    sharding.check_fits(experiment, mesh)
     run_dir = experiment.run_dir
     primary = jax.process_index() == 0
     write_or_check_config(experiment)
