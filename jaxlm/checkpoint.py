@@ -51,17 +51,32 @@ class Checkpoints:
 
     def __init__(self, run_dir: str, keep: int = 3, keep_best: bool = False, async_save: bool = True):
         self.directory = os.path.abspath(os.path.join(run_dir, CHECKPOINT_DIR))
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise CheckpointError(f"{self.directory} is not a directory: move it away and rerun")
         policy: Any = pp.LatestN(n=keep)
         if keep_best:
             best = pp.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1, keep_checkpoints_without_metrics=False)
             policy = pp.AnyPreservationPolicy([policy, best])
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=policy, enable_async_checkpointing=async_save, create=True
+            preservation_policy=policy, enable_async_checkpointing=async_save, create=True,
+            cleanup_tmp_directories=True,  # the remains of a save that a crash interrupted
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        except Exception as e:
+            raise CheckpointError(f"cannot open the checkpoints in {self.directory} ({_one_line(e)})") from None
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        """The newest complete checkpoint; a step directory orbax does not recognise is an error, not a fresh start."""
+        latest = self.manager.latest_step()
+        steps = [int(n) for n in os.listdir(self.directory) if n.isdigit()] if os.path.isdir(self.directory) else []
+        unknown = sorted(set(steps) - set(self.manager.all_steps()))
+        if unknown:
+            raise CheckpointError(
+                f"{self.directory}/{unknown[-1]} is not a complete checkpoint: delete it to resume from "
+                f"{'step ' + str(latest) if latest is not None else 'scratch'}"
+            )
+        return latest
 
     def save(self, step: int, state: Any, data_state: dict | None, metrics: dict | None = None) -> None:
         args = ocp.args.Composite(
@@ -101,33 +116,49 @@ def read_config(run_dir: str) -> Experiment | None:
         raise CheckpointError(f"{path} is not a jaxlm config ({_one_line(e)}): point to a jaxlm run directory") from None
 
 
-def write_or_check_config(experiment: Experiment) -> bool:
-    """Write config.json into a new run directory; in an existing one, refuse a different config.
+# Fields that do not change what is computed: a run may resume with other values of these.
+BOOKKEEPING = {
+    "train": {"out_dir", "log_every", "eval_every", "eval_steps", "ckpt_every", "keep_checkpoints", "keep_best",
+              "async_checkpoints", "samples", "sample_tokens"},
+    "data": {"num_workers", "cache_dir"},
+}
 
-    Returns True when the directory already held this config (the run may resume from it).
+
+def _computation(d: dict[str, Any]) -> dict[str, Any]:
+    return {
+        section: {k: v for k, v in value.items() if k not in BOOKKEEPING.get(section, ())}
+        if isinstance(value, dict) else value
+        for section, value in d.items()
+    }
+
+
+def write_or_check_config(experiment: Experiment) -> bool:
+    """Write config.json into the run directory; refuse a directory that holds a run of another config.
+
+    Returns True when the directory already held this config (the run may resume from it). Bookkeeping fields
+    (logging, evaluation and checkpoint intervals, paths) may differ; config.json then records the new values.
     """
     run_dir = experiment.run_dir
     existing = read_config(run_dir)
     if existing is not None:
-        if existing.to_dict() != experiment.to_dict():
-            old, new = existing.to_dict(), experiment.to_dict()
+        old, new = _computation(existing.to_dict()), _computation(experiment.to_dict())
+        if old != new:
             diffs = [
-                f"{section}.{key}: {old[section][key]!r} -> {new[section][key]!r}"
+                f"{section}.{key}: {old[section].get(key)!r} -> {new[section][key]!r}"
                 for section in new if isinstance(new[section], dict)
                 for key in new[section] if old.get(section, {}).get(key) != new[section][key]
-            ]
+            ] or [f"{key}: {old.get(key)!r} -> {new[key]!r}" for key in new if old.get(key) != new[key]]
             raise CheckpointError(
-                f"{run_dir} holds a run of another config ({'; '.join(diffs[:3]) or 'name'}): use a new "
+                f"{run_dir} holds a run of another config ({'; '.join(diffs[:3])}): use a new "
                 "--train.out_dir, or delete the old run directory"
             )
-        return True
     if jax.process_index() == 0:
         os.makedirs(run_dir, exist_ok=True)
         tmp = os.path.join(run_dir, CONFIG_FILE + ".tmp")
         with open(tmp, "w") as f:
             f.write(experiment.to_json())
         os.replace(tmp, os.path.join(run_dir, CONFIG_FILE))
-    return False
+    return existing is not None
 
 
 def resolve_checkpoint(path: str) -> tuple[str, int | None]:

@@ -91,10 +91,21 @@ def _doc() -> str:
     return (getattr(main, "__doc__", None) or "").strip().split("\n\n")[0]
 
 
+def quiet_library_logs() -> None:
+    """orbax and tfds log routine progress as absl warnings; a run's own output says what matters."""
+    import logging
+
+    import absl.logging
+
+    absl.logging.set_verbosity(absl.logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
 def run(default: Experiment | Sequence[Experiment], argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Parse overrides, then train each experiment (a sweep skips finished members and resumes the others)."""
     from jaxlm.train import PREEMPTED_EXIT_CODE, Preempted, train
 
+    quiet_library_logs()
     try:
         experiments = parse(default, argv)
         summaries = []

@@ -175,6 +175,7 @@ class TrainConfig:
     grad_accum: int = 1  # microbatches per step
     keep_checkpoints: int = 3
     keep_best: bool = False  # also keep the checkpoint with the lowest validation loss
+    async_checkpoints: bool = True  # write checkpoints in the background while training goes on
     skip_nonfinite: bool = False  # skip an update whose loss or gradient norm is not finite
     max_nonfinite: int = 3  # stop after this many skipped updates in a row
     init_from: str = ""  # a run directory or checkpoint path whose params initialise this run

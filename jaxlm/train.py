@@ -250,7 +250,9 @@ def train(experiment: Experiment) -> dict[str, Any]:
         process_index=jax.process_index(), process_count=jax.process_count(),
     )
 
-    checkpoints = Checkpoints(run_dir, experiment.train.keep_checkpoints, experiment.train.keep_best)
+    checkpoints = Checkpoints(
+        run_dir, experiment.train.keep_checkpoints, experiment.train.keep_best, experiment.train.async_checkpoints
+    )
     state_sharding = state_shardings(experiment, mesh)
     latest = checkpoints.latest_step()
     if latest is not None:
