@@ -10,9 +10,9 @@ from jaxlm.config import DataConfig, Experiment, ModelConfig, OptimConfig, Train
 EXPERIMENT = Experiment(
     name="quickstart",
     model=ModelConfig(family="gpt2", n_layers=4, d_model=128, n_heads=4, vocab_size=2048, max_seq_len=256),
-    data=DataConfig(source="pystdlib", tokenizer="sentencepiece-bpe", vocab_size=2048, seq_len=128, batch_size=16),
+    data=DataConfig(source="pystdlib", tokenizer="sentencepiece-bpe", vocab_size=2048, seq_len=128, batch_size=32),
     optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=50, weight_decay=0.1),
-    train=TrainConfig(steps=600, eval_every=100, eval_steps=8, ckpt_every=200, log_every=10),
+    train=TrainConfig(steps=600, eval_every=100, eval_steps=16, ckpt_every=200, log_every=10),
 )
 
 
