@@ -306,11 +306,13 @@ def _minimise_parametric(log_n, log_d, log_loss, weights, delta, starts, polish_
         return _huber_objective(params, log_n, log_d, log_loss, w, delta)
 
     x, f, converged = _batched_lbfgs(fun, starts)
-    best = None
-    for i in _distinct_best(x, f, converged, polish_count):
-        px, pf, ok = _polish(log_n, log_d, log_loss, weights, delta, x[i])
-        if ok and (best is None or pf < best[1]):
-            best = (px, pf)
+    ends = _distinct_best(x, f, converged, polish_count)
+    polished = [_polish(log_n, log_d, log_loss, weights, delta, x[i]) for i in ends]
+    good = [(px, pf) for px, pf, ok in polished if ok]
+    best = min(good, key=lambda r: r[1]) if good else None
+    lowest = min((pf for _, pf, _ in polished), default=np.inf)
+    if best is not None and lowest < best[1] - 1e-9 * abs(best[1]):
+        best = None  # an unconverged point beats every converged one: the minimum was not found
     return best, x, f, converged
 
 
@@ -338,7 +340,8 @@ def fit_parametric(
     best, x, f, converged = _minimise_parametric(log_n, log_d, log_loss, None, delta, _initial_grid(), polish)
     if best is None:
         raise ScalingError(
-            f"the parametric fit did not converge from any of its {len(x)} starts: check that loss falls with N and D"
+            f"the parametric fit did not converge (best of {len(x)} starts refined by L-BFGS-B without reaching a "
+            "minimum): check that loss falls with N and D, and that the runs are not duplicated or mislabelled"
         )
     (a, b, e, alpha, beta), objective = best
     if not (alpha > 0 and beta > 0):
@@ -370,6 +373,9 @@ def fit_parametric(
                 failed += 1
                 continue
             a_, b_, e_, al_, be_ = px
+            if not (al_ > 0 and be_ > 0):  # no compute-optimal frontier in this resample
+                failed += 1
+                continue
             draws.append((np.exp(e_), np.exp(a_), np.exp(b_), al_, be_, be_ / (al_ + be_), al_ / (al_ + be_)))
         _too_many_failures("fit_parametric", failed, bootstrap)
         table = np.array(draws)
@@ -795,7 +801,9 @@ def isoflop_grid(
     f"{base.name}-C{C:.0e}-N{N}" (N by `count`) and write to <base run dir>/<member name>.
     """
     if sizes_per_budget < 3:
-        raise ConfigError(f"sizes_per_budget={sizes_per_budget}: a parabola per budget needs at least 3 sizes (5 is usual)")
+        raise ConfigError(
+            f"sizes_per_budget={sizes_per_budget}: a parabola per budget needs at least 3 sizes (5 is usual)"
+        )
     if not (span > 1 and tokens_per_param > 0 and 0 <= warmup_fraction < 1):
         raise ConfigError(
             f"span={span}, tokens_per_param={tokens_per_param}, warmup_fraction={warmup_fraction}: span must exceed 1, "
@@ -976,9 +984,8 @@ def _read_run(run_dir: str) -> tuple[Experiment, list[dict], list[dict]]:
 def _run_dirs(sweep_dir: str) -> list[str]:
     if not os.path.isdir(sweep_dir):
         raise ScalingError(f"{sweep_dir} is not a directory: give a sweep's run directory or a results CSV")
-    dirs = sorted(
-        os.path.join(sweep_dir, d) for d in os.listdir(sweep_dir) if os.path.exists(os.path.join(sweep_dir, d, "config.json"))
-    )
+    names = sorted(os.listdir(sweep_dir))
+    dirs = [os.path.join(sweep_dir, d) for d in names if os.path.exists(os.path.join(sweep_dir, d, "config.json"))]
     if not dirs:
         raise ScalingError(f"{sweep_dir} holds no run directories (subdirectories with config.json)")
     return dirs

@@ -241,7 +241,8 @@ def test_group_budgets():
 
 def known_law_curves(sizes=20):
     tokens = np.geomspace(1e8, 1e12, 80)
-    return [Curve(N=float(n), tokens=tokens, loss=law(n, tokens), name=f"N{n:.0e}") for n in np.geomspace(1e7, 1e10, sizes)]
+    sizes = np.geomspace(1e7, 1e10, sizes)
+    return [Curve(N=float(n), tokens=tokens, loss=law(n, tokens), name=f"N{n:.0e}") for n in sizes]
 
 
 def test_envelope_recovers_known_exponents():

@@ -75,8 +75,8 @@ def fmt_interval(fit, name, value, digits=4):
     return f"{value:.{digits}g}"
 
 
-def print_power_laws(title, fit, level):
-    print(f"{title}")
+def print_power_laws(title, fit):
+    print(title)
     print(f"  N_opt = {fit.k_n:.3g} C^a   a = {fmt_interval(fit, 'a', fit.a)}")
     print(f"  D_opt = {fit.k_d:.3g} C^b   b = {fmt_interval(fit, 'b', fit.b)}")
 
@@ -92,17 +92,16 @@ def fit_all(args, rows, column, curves, epoch):
     common = dict(bootstrap=args.bootstrap, seed=args.seed, level=args.level)
     fits: dict = {}
     pct = f"{100 * args.level:g}%"
-    print(f"{len(rows)} runs from {args.source}; fitting {column}; intervals: {pct} bootstrap percentiles "
-          f"({args.bootstrap} resamples)" if args.bootstrap else f"{len(rows)} runs from {args.source}; fitting {column}")
+    intervals = f"; intervals: {pct} bootstrap percentiles ({args.bootstrap} resamples)" if args.bootstrap else ""
+    print(f"{len(rows)} runs from {args.source}; fitting {column}{intervals}")
     if "1" in wanted and curves:
         fits["1"] = scaling.fit_envelope(curves, **common)
-        print_power_laws(f"Approach 1 (envelope of {len(curves)} training curves, C = 6ND):", fits["1"], args.level)
+        print_power_laws(f"Approach 1 (envelope of {len(curves)} training curves, C = 6ND):", fits["1"])
     if "2" in wanted:
         skip = (args.unfittable or ("skip" if epoch else "error")) == "skip"
         fit = scaling.fit_isoflop(N, C, loss, budget_rtol=args.budget_rtol, skip_unfittable=skip, **common)
         fits["2"] = fit
-        print_power_laws(f"Approach 2 (IsoFLOP parabolas, {len(fit.budgets)} budgets, D_opt = C / 6 N_opt):", fit,
-                         args.level)
+        print_power_laws(f"Approach 2 (IsoFLOP parabolas, {len(fit.budgets)} budgets, D_opt = C / 6 N_opt):", fit)
         for i, (c, n, d, l) in enumerate(zip(fit.budgets, fit.n_opt, fit.d_opt, fit.loss_opt)):
             print(f"    C={c:9.3g}  N_opt={fmt_interval(fit, f'n_opt[{i}]', n, 3)}  D_opt={d:.3g}  loss={l:.4f}")
         if fit.skipped:
