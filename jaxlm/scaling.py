@@ -798,7 +798,8 @@ def isoflop_grid(
     sizes are log-spaced from centre / span to centre x span and mapped to shapes by `shape_rule(base.model, N)`.
     Each member trains on D = C / flops_per_token tokens: TrainConfig.steps = D / (batch_size x seq_len), which is
     also the learning-rate schedule's length, with `warmup_fraction` of it as warmup. Members are named
-    f"{base.name}-C{C:.0e}-N{N}" (N by `count`) and write to <base run dir>/<member name>.
+    f"{base.name}-C{C:.0e}-N{N}" (N by `count`, which should be the count the shape rule targets) and write to
+    <base run dir>/<member name>, so that the base's run directory is the sweep's (`collect_results`).
     """
     if sizes_per_budget < 3:
         raise ConfigError(

@@ -161,6 +161,7 @@ def label_with_interval(fit, name, value):
 
 def plot_isoflop(fit, N, loss, path, credit=""):
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator
 
     fig, ax = plt.subplots(figsize=(7, 5))
     colours = plt.cm.viridis(np.linspace(0, 0.9, len(fit.budgets)))
@@ -171,6 +172,8 @@ def plot_isoflop(fit, N, loss, path, credit=""):
         ax.plot(np.exp(x), np.polyval(fit.parabolas[i], x), color=colour, lw=1)
         ax.plot(fit.n_opt[i], fit.loss_opt[i], marker="*", color=colour, ms=12, mec="black", mew=0.6)
     ax.set_xscale("log")
+    # Minor ticks at 2 and 5 only: labelled ticks at every integer crowd a range under a decade or two.
+    ax.xaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
     ax.set_xlabel("parameters N")
     ax.set_ylabel("loss")
     ax.set_title("IsoFLOP profiles: parabolas in log N and their minima (*)")
