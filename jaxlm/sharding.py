@@ -52,14 +52,14 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def detected_cluster() -> str | None:
-    """The name of the cluster environment (TPU pod, SLURM, Open MPI, Kubernetes) JAX can start from, if any."""
+    """The cluster environment JAX can start a multi-process run from ("gcetpu", "slurm", "ompi", ...), if any."""
     # jax.distributed.initialize() without arguments asks these same classes; there is no public way to ask
     # whether it would succeed, and calling it on a plain machine fails.
     from jax._src import clusters
 
     for env in clusters.ClusterEnv._cluster_types:
         if not env.opt_in_only_method and env.is_env_present():
-            return env.__name__
+            return env.name or env.__name__
     return None
 
 
@@ -136,7 +136,7 @@ def initialize_distributed(cfg: MeshConfig) -> None:
             coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes, process_id=cfg.process_id
         )
     else:
-        who, where = f"process of a {cluster} job", "its coordinator"
+        who, where = f"{cluster} process", "the job's coordinator"
         kwargs = {}
     remaining = max(1.0, deadline - time.monotonic())
     message = (
