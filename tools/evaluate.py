@@ -1,0 +1,81 @@
+"""Evaluate a checkpoint: loss, perplexity and bits per byte on a corpus split, or multiple-choice accuracy.
+
+    python -m tools.evaluate --run runs/quickstart                        # the run's validation split, whole
+    python -m tools.evaluate --run runs/quickstart --split train --batches 50
+    python -m tools.evaluate --run runs/quickstart --source text:notes/*.txt   # another corpus, same tokenizer
+    python -m tools.evaluate --run runs/quickstart --hellaswag hellaswag_val.jsonl
+
+`--run` takes a run directory, a checkpoint step directory (runs/<name>/checkpoints/<step>), or an
+instruction-tuned run (LoRA adapters are folded into their base weights). Prints one summary line and the
+figures as JSON (also written to `--out` when given).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import tyro
+
+from jaxlm.errors import JaxlmError
+
+
+@dataclass(frozen=True)
+class Args:
+    run: str  # run directory, checkpoint step directory, or finetuned run
+    split: str = "validation"  # train | validation (or any split of a tfds: corpus)
+    source: str = ""  # another corpus (pystdlib | text:<glob> | tfds:<name>); "" is the run's own
+    batches: int = 0  # batches to evaluate; 0 reads the whole split once
+    batch_size: int = 0  # 0: the run's batch size
+    seq_len: int = 0  # 0: the run's sequence length
+    hellaswag: str = ""  # a JSONL file of ctx, endings, label: multiple-choice scoring instead of loss
+    out: str = ""  # also write the figures to this JSON file
+
+
+def evaluate(args: Args) -> dict:
+    from jaxlm import evaluate as ev
+    from jaxlm.finetune import load_lm, load_tokenizer
+
+    experiment, params = load_lm(args.run)
+    if args.hellaswag:
+        items = ev.read_choices(args.hellaswag)
+        result = ev.score_choices(
+            experiment.model, params, load_tokenizer(experiment), items, batch_size=args.batch_size or 16
+        )
+        result["file"] = args.hellaswag
+        print(
+            f"{args.run}: {result['items']} items  accuracy {result['accuracy']:.4f}  "
+            f"accuracy_norm {result['accuracy_norm']:.4f}  (chance {result['chance']:.4f}"
+            f"{', %d contexts shortened' % result['truncated_contexts'] if result['truncated_contexts'] else ''})"
+        )
+    else:
+        result = ev.lm_metrics(
+            experiment, params, split=args.split, source=args.source, batches=args.batches,
+            batch_size=args.batch_size, seq_len=args.seq_len,
+        )
+        print(
+            f"{args.run}: {result['source']} {result['split']}  loss {result['loss']:.4f}  "
+            f"perplexity {result['perplexity']:.2f}  bits/byte {result['bits_per_byte']:.4f}  "
+            f"({result['tokens']:,} tokens in {result['batches']} batches)"
+        )
+    result["run"] = args.run
+    print(json.dumps(result, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = tyro.cli(Args, args=list(sys.argv[1:] if argv is None else argv), description=__doc__.split("\n\n")[0])
+    try:
+        return evaluate(args)
+    except JaxlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
