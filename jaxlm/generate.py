@@ -136,8 +136,21 @@ def _until_eos(out_BN: np.ndarray, n_steps: int, eos_id: int | None) -> list[lis
 
 
 def _inference_config(cfg: ModelConfig) -> ModelConfig:
-    # Rematerialisation only matters for gradients; dropping it keeps the params' tree and shapes.
-    return dataclasses.replace(cfg, remat="none") if cfg.remat != "none" else cfg
+    # Rematerialisation only matters for gradients. Layers run unrolled (see `_unscanned`).
+    return dataclasses.replace(cfg, remat="none", scan_layers=False)
+
+
+def _unscanned(params: Any) -> Any:
+    """Stacked layer params ("blocks", leading L axis) as one subtree per layer ("block_i").
+
+    Called inside the jitted functions: the slices are taken once, before the decode loop, instead of once per
+    layer per token as a scan over the stacked params would (several times slower on CPU).
+    """
+    if "blocks" not in params:
+        return params
+    n_layers = jax.tree.leaves(params["blocks"])[0].shape[0]
+    layers = {f"block_{i}": jax.tree.map(lambda x, i=i: x[i], params["blocks"]) for i in range(n_layers)}
+    return {**{k: v for k, v in params.items() if k != "blocks"}, **layers}
 
 
 # ------------------------------------------------------------------------------------------ cached generation
@@ -149,6 +162,7 @@ def prefill(
 ) -> tuple[Array, KVCache]:
     """Feed the left-padded prompts into an empty cache of `slots` slots; returns the first new token [B]."""
     B, P = prompt_BP.shape
+    params = _unscanned(params)
     positions_BP, segment_ids_BP = _padding_layout(pad_B, P)
     cache = init_cache(cfg, B, slots)
     logits_BPV, cache = forward(
@@ -173,6 +187,7 @@ def decode(
     """Tokens [B, max_new_tokens] starting with `first_B`, and how many columns were produced before every row
     had emitted `eos_id` (columns after a row's eos hold eos)."""
     B = first_B.shape[0]
+    params = _unscanned(params)
     out_BN = jnp.full((B, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first_B)
 
     def unfinished(state):
@@ -232,6 +247,7 @@ def _uncached_step(
     cfg: ModelConfig, params: Any, tokens_BS: Array, pad_B: Array, last: Array, key: Array, sampler: Sampler
 ) -> Array:
     """The token after slot `last`, from a full forward pass over the whole buffer (later slots cannot be seen)."""
+    params = _unscanned(params)
     positions_BS, segment_ids_BS = _padding_layout(pad_B, tokens_BS.shape[1])
     logits_BSV = forward(cfg, params, tokens_BS, positions_BT=positions_BS, segment_ids_BT=segment_ids_BS)
     logits_BV = lax.dynamic_index_in_dim(logits_BSV, last, axis=1, keepdims=False)

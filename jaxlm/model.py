@@ -89,25 +89,39 @@ def attention_mask(segment_ids_BT: Array | None, T: int, S: int) -> Array | None
 
 
 def einsum_attention(
-    q_BTHE: Array, k_BSKE: Array, v_BSKE: Array, mask_B1TS: Array | None, query_offset: Array | int | None = None
+    q_BTHE: Array,
+    k_BTKE: Array,
+    v_BTKE: Array,
+    mask_B1TT: Array | None,
+    past: tuple[Array, Array, Array] | None = None,
 ) -> Array:
     """Causal softmax attention written out; K key/value heads are shared by groups of G = H // K query heads.
 
-    Query t sits at key position `query_offset + t` (by default the queries are the last T of the S keys).
+    `past` = (k_BSKE, v_BSKE, keep_B1TS) adds S earlier keys and values (a KV cache) that query t sees where
+    keep is True; they are scored beside the T new keys, so the cache is only read, never copied.
     """
     B, T, H, E = q_BTHE.shape
-    S, K = k_BSKE.shape[1], k_BSKE.shape[2]
-    if query_offset is None:
-        query_offset = S - T
+    K = k_BTKE.shape[2]
     q_BTKGE = q_BTHE.reshape(B, T, K, H // K, E)
-    scores_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE).astype(jnp.float32) / jnp.sqrt(E)
-    causal_TS = jnp.arange(T)[:, None] + query_offset >= jnp.arange(S)[None, :]
-    keep = causal_TS[None, None, None]
-    if mask_B1TS is not None:
-        keep = keep & mask_B1TS[:, :, None]
-    scores_BKGTS = jnp.where(keep, scores_BKGTS, jnp.finfo(jnp.float32).min)
-    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKE.dtype)
-    out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE)
+
+    def masked_scores(k_BSKE: Array, keep_B1TS: Array) -> Array:
+        scores_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE).astype(jnp.float32) / jnp.sqrt(E)
+        return jnp.where(keep_B1TS[:, :, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
+
+    keep_B1TT = jnp.tril(jnp.ones((T, T), bool))[None, None]
+    if mask_B1TT is not None:
+        keep_B1TT = keep_B1TT & mask_B1TT
+    scores_BKGTT = masked_scores(k_BTKE, keep_B1TT)
+    if past is None:
+        probs_BKGTT = jax.nn.softmax(scores_BKGTT, axis=-1).astype(v_BTKE.dtype)
+        out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTT, v_BTKE)
+    else:
+        k_BSKE, v_BSKE, keep_B1TS = past
+        S = k_BSKE.shape[1]
+        scores_BKGTS = masked_scores(k_BSKE, keep_B1TS)
+        probs = jax.nn.softmax(jnp.concatenate([scores_BKGTS, scores_BKGTT], axis=-1), axis=-1).astype(v_BTKE.dtype)
+        out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs[..., :S], v_BSKE)
+        out_BTKGE += jnp.einsum("bkgts,bske->btkge", probs[..., S:], v_BTKE)
     return out_BTKGE.reshape(B, T, H, E)
 
 
@@ -115,14 +129,16 @@ def einsum_attention(
 class KVCache:
     """Keys and values of every layer for S slots per row, written left to right as tokens are fed.
 
-    A query sees a slot only if the slot is at or before its own and carries the same segment id; the slots of
-    left padding carry segment 0, real tokens segment 1, so padding is invisible to the tokens after it.
+    A query sees a written slot only if it carries the same segment id; the slots of left padding carry segment
+    0, real tokens segment 1, so padding is invisible to the tokens after it.
     """
 
     k_LBSKE: Array
     v_LBSKE: Array
     segment_ids_BS: Array  # int32; 0 for padding and for slots not yet written
     index: Array  # int32 scalar: the next slot to write
+    # Known when tracing: a fresh cache has no past to attend to, so the first call (prefill) skips it.
+    empty: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int) -> KVCache:
@@ -133,13 +149,13 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int) -> KVCache:
         v_LBSKE=jnp.zeros(shape, cfg.dtype),
         segment_ids_BS=jnp.zeros((batch, slots), jnp.int32),
         index=jnp.zeros((), jnp.int32),
+        empty=True,
     )
 
 
 class Attention(nn.Module):
-    """Causal self-attention; with `kv_BSKE` (one layer's cached keys and values) it also attends to the past.
-
-    Returns the output, or (output, updated keys and values) when a cache is given.
+    """Causal self-attention; with `past` (one layer's cached keys and values, and which of them each query
+    may see) it also attends to earlier tokens, and returns (output, this call's keys and values) for the cache.
     """
 
     cfg: ModelConfig
@@ -150,8 +166,7 @@ class Attention(nn.Module):
         x_BTD: Array,
         positions_BT: Array,
         mask_B1TS: Array | None,
-        cache_index: Array | None = None,
-        kv_BSKE: tuple[Array, Array] | None = None,
+        past: tuple[Array, Array, Array] | None = None,
     ):
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
@@ -171,13 +186,8 @@ class Attention(nn.Module):
             inv_freq = rope_frequencies(cfg)
             q_BTHE, k_BTKE = apply_rope(q_BTHE, positions_BT, inv_freq), apply_rope(k_BTKE, positions_BT, inv_freq)
 
-        if kv_BSKE is not None:
-            # Write this call's keys and values into their slots, then attend over every slot written so far.
-            k_BSKE, v_BSKE = (
-                lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype), cache_index, axis=1)
-                for cached, new in zip(kv_BSKE, (k_BTKE, v_BTKE))
-            )
-            out_BTHE = einsum_attention(q_BTHE, k_BSKE, v_BSKE, mask_B1TS, query_offset=cache_index)
+        if past is not None:
+            out_BTHE = einsum_attention(q_BTHE, k_BTKE, v_BTKE, mask_B1TS, past)
         elif cfg.attention == "einsum":
             out_BTHE = einsum_attention(q_BTHE, k_BTKE, v_BTKE, mask_B1TS)
         else:
@@ -189,7 +199,7 @@ class Attention(nn.Module):
             kernel_init=_param_init(out_std, ("heads", "head_dim", "embed")), bias_init=_zeros(("embed",)),
         )(out_BTHE)
         out_BTD = checkpoint_name(out_BTD, "attn_out")
-        return out_BTD if kv_BSKE is None else (out_BTD, (k_BSKE, v_BSKE))
+        return out_BTD if past is None else (out_BTD, (k_BTKE, v_BTKE))
 
 
 class MLP(nn.Module):
@@ -218,8 +228,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block; its call signature fits `nn.scan`: the residual stream is the carry, and this
-    layer's slice of the KV cache (if any) goes in and comes out updated."""
+    """Pre-norm residual block; its call signature fits `nn.scan`: the residual stream is the carry, this
+    layer's slice of the KV cache (if any) is scanned over, and its new keys and values come out."""
 
     cfg: ModelConfig
     deterministic: bool = True
@@ -230,19 +240,21 @@ class Block(nn.Module):
         x_BTD: Array,
         positions_BT: Array,
         mask_B1TS: Array | None,
-        cache_index: Array | None = None,
+        cache_keep_B1TS: Array | None = None,
         kv_BSKE: tuple[Array, Array] | None = None,
     ):
         cfg = self.cfg
         dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
         h_BTD = make_norm(cfg, "attn_norm")(x_BTD).astype(cfg.dtype)
-        attn_BTD = Attention(cfg, name="attn")(h_BTD, positions_BT, mask_B1TS, cache_index, kv_BSKE)
-        if kv_BSKE is not None:
-            attn_BTD, kv_BSKE = attn_BTD
+        past = None if kv_BSKE is None else (*kv_BSKE, cache_keep_B1TS)
+        attn_BTD = Attention(cfg, name="attn")(h_BTD, positions_BT, mask_B1TS, past)
+        new_kv_BTKE = None
+        if past is not None:
+            attn_BTD, new_kv_BTKE = attn_BTD
         x_BTD = x_BTD + dropout(attn_BTD)
         h_BTD = make_norm(cfg, "mlp_norm")(x_BTD).astype(cfg.dtype)
         x_BTD = x_BTD + dropout(MLP(cfg, name="mlp")(h_BTD))
-        return x_BTD, kv_BSKE
+        return x_BTD, new_kv_BTKE
 
 
 REMAT_POLICIES: dict[str, Any] = {
@@ -276,17 +288,18 @@ class Transformer(nn.Module):
         first_position = 0 if cache is None else cache.index
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(first_position + jnp.arange(T, dtype=jnp.int32), (B, T))
-        if cache is None:
-            mask_B1TS = attention_mask(segment_ids_BT, T, T)
-            cache_index = kv_LBSKE = None
-        else:
-            if segment_ids_BT is None:
-                segment_ids_BT = jnp.ones((B, T), jnp.int32)
-            slot_segments_BS = lax.dynamic_update_slice_in_dim(
-                cache.segment_ids_BS, segment_ids_BT.astype(jnp.int32), cache.index, axis=1
-            )
-            mask_B1TS = (segment_ids_BT[:, :, None] == slot_segments_BS[:, None, :])[:, None]
-            cache_index, kv_LBSKE = cache.index, (cache.k_LBSKE, cache.v_LBSKE)
+        if cache is not None and segment_ids_BT is None:
+            segment_ids_BT = jnp.ones((B, T), jnp.int32)
+        mask_B1TS = attention_mask(segment_ids_BT, T, T)
+        cache_keep_B1TS = kv_LBSKE = None
+        if cache is not None:
+            # The new tokens see the slots written before them that carry their own segment id. A fresh cache
+            # (known when tracing) has no such slots, so the first call attends to none of it.
+            S = 0 if cache.empty else cache.segment_ids_BS.shape[1]
+            written_S = jnp.arange(S) < cache.index
+            same_segment_BTS = segment_ids_BT[:, :, None] == cache.segment_ids_BS[:, None, :S]
+            cache_keep_B1TS = (same_segment_BTS & written_S)[:, None]
+            kv_LBSKE = (cache.k_LBSKE[:, :, :S], cache.v_LBSKE[:, :, :S])
 
         embed = nn.Embed(
             cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, name="embed", embedding_init=_param_init(cfg.init_std, ("vocab", "embed"))
@@ -313,19 +326,18 @@ class Transformer(nn.Module):
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_BTD, kv_LBSKE = stack(cfg, deterministic, name="blocks")(
-                x_BTD, positions_BT, mask_B1TS, cache_index, kv_LBSKE
+            x_BTD, new_kv_LBTKE = stack(cfg, deterministic, name="blocks")(
+                x_BTD, positions_BT, mask_B1TS, cache_keep_B1TS, kv_LBSKE
             )
         else:
             new_kv = []
             for i in range(cfg.n_layers):
                 kv_BSKE = None if kv_LBSKE is None else (kv_LBSKE[0][i], kv_LBSKE[1][i])
-                x_BTD, kv_BSKE = block(cfg, deterministic, name=f"block_{i}")(
-                    x_BTD, positions_BT, mask_B1TS, cache_index, kv_BSKE
+                x_BTD, new_kv_BTKE = block(cfg, deterministic, name=f"block_{i}")(
+                    x_BTD, positions_BT, mask_B1TS, cache_keep_B1TS, kv_BSKE
                 )
-                new_kv.append(kv_BSKE)
-            if cache is not None:
-                kv_LBSKE = tuple(jnp.stack(layers) for layers in zip(*new_kv))
+                new_kv.append(new_kv_BTKE)
+            new_kv_LBTKE = None if cache is None else tuple(jnp.stack(layer_kv) for layer_kv in zip(*new_kv))
 
         x_BTD = make_norm(cfg, "final_norm")(x_BTD).astype(cfg.dtype)
         if cfg.tie_embeddings:
@@ -338,10 +350,13 @@ class Transformer(nn.Module):
         logits_BTV = logits_BTV.astype(jnp.float32)
         if cache is None:
             return logits_BTV
-        new_cache = KVCache(
-            k_LBSKE=kv_LBSKE[0], v_LBSKE=kv_LBSKE[1], segment_ids_BS=slot_segments_BS, index=cache.index + T
+        # One write of every layer's new keys and values: inside a decode loop it happens in place.
+        k_LBSKE, v_LBSKE = (
+            lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype), cache.index, axis=2)
+            for cached, new in zip((cache.k_LBSKE, cache.v_LBSKE), new_kv_LBTKE)
         )
-        return logits_BTV, new_cache
+        segment_ids_BS = lax.dynamic_update_slice_in_dim(cache.segment_ids_BS, segment_ids_BT, cache.index, axis=1)
+        return logits_BTV, KVCache(k_LBSKE, v_LBSKE, segment_ids_BS.astype(jnp.int32), cache.index + T)
 
 
 def init_params(cfg: ModelConfig, rng: Array, seq_len: int = 8) -> Any:

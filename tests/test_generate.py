@@ -8,7 +8,7 @@ from jaxlm import sharding
 from jaxlm.config import MeshConfig, ModelConfig
 from jaxlm.errors import ConfigError
 from jaxlm.generate import generate, generate_uncached, make_sampler, sample_logits
-from jaxlm.model import Transformer, init_params
+from jaxlm.model import Transformer, forward, init_cache, init_params
 
 # Three prompts of different lengths: the batch is left-padded to the longest.
 PROMPTS = [[5, 9, 2, 33, 17, 8, 41], [12], [7, 7, 30, 2]]
@@ -34,6 +34,20 @@ def model(request):
 def greedy(model):
     cfg, params = model
     return generate(cfg, params, PROMPTS, max_new_tokens=NEW)
+
+
+def test_cache_gives_the_logits_of_the_full_forward_pass(model):
+    cfg, params = model
+    tokens_BT = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 10))
+    step = jax.jit(forward, static_argnums=0)
+    prefill_BTV, cache = step(cfg, params, tokens_BT[:, :6], cache=init_cache(cfg, 2, 12))
+    logits = [prefill_BTV]
+    for t in range(6, 10):  # then one token at a time
+        logits_B1V, cache = step(cfg, params, tokens_BT[:, t : t + 1], cache=cache)
+        logits.append(logits_B1V)
+    got = np.concatenate(logits, axis=1)
+    np.testing.assert_allclose(got, step(cfg, params, tokens_BT), atol=1e-5, rtol=0)
+    assert int(cache.index) == 10
 
 
 def test_cached_greedy_equals_full_forward_every_step(model, greedy):
