@@ -1,0 +1,77 @@
+"""Chinchilla on C4: the IsoFLOP sweep of experiments.chinchilla_cpu at accelerator scale, declared, not yet run.
+
+What it tests: Hoffmann et al. 2022's approaches 1-3 on `tfds:c4/en:3.1.0` with Llama-family models (RoPE,
+RMSNorm, SwiGLU, untied embeddings), over two decades of compute: 5 budgets (1e18, 3e18, 1e19, 3e19, 1e20
+FLOPs) x 7 sizes from centre / 3 to centre x 3 around D = 20 N; 32M to 2.8B parameters, 4 to 37 layers, width
+about 64 x depth in heads of 128. Sequences of 2,048 tokens, global batches of 256 (524k tokens), bfloat16
+compute with cuDNN flash attention, activations rematerialised except each block's attention and MLP outputs.
+The learning rate shrinks with width (3e-3 x 256 / d_model, 10x cosine decay, 5% warmup), as wider models need.
+
+Cost: about 1.0e21 training FLOPs in all (7.2e20 for the 5 x 5 core; each budget's members spend it evenly);
+at 40% MFU that is about 700 H100-hours or 1,500 TPU v5p chip-hours. The longest member runs 93k steps; the
+largest member of the smallest budget, 1,041. No member sees more than 50B tokens, a third of C4's training split.
+
+Prepare C4 once as ArrayRecord (`tfds build c4/en:3.1.0 --data_dir DIR --file_format array_record`), then
+`python -m experiments.chinchilla_c4 --data.tfds-data-dir DIR`; on several hosts, give each a slice
+(`--sweep.members 0:12`, ...). On TPUs add `--model.attention xla` (cuDNN is NVIDIA's). Members near 1B
+parameters and up hold 16 bytes of optimizer state per parameter on every chip of a data-parallel mesh: on chips
+with less memory than that needs, shard it with `--mesh.data 1 --mesh.fsdp -1`; `--train.grad-accum K` cuts
+activation memory. Overrides that change a member's compute are refused, as in experiments.chinchilla_cpu.
+Once every member is finished, process 0 fits and plots into runs/chinchilla_c4/fits.
+
+Found: not run yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from experiments.chinchilla_cpu import budget_grid, run_isoflop_sweep
+from jaxlm.config import DataConfig, Experiment, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+from jaxlm.scaling import AspectRatioShapes
+
+BUDGETS = (1e18, 3e18, 1e19, 3e19, 1e20)
+SIZES_PER_BUDGET = 7
+SPAN = 3.0
+SHAPES = AspectRatioShapes(aspect=64.0, head_dim=128)
+BOOTSTRAP = 1000
+LR_AT_256 = 3e-3  # the peak learning rate of a 256-wide model; others scale as 1 / d_model
+
+BASE = Experiment(
+    name="chinchilla_c4",
+    model=ModelConfig(
+        family="llama", n_layers=4, d_model=512, n_heads=4, vocab_size=32000, max_seq_len=2048,
+        dtype="bfloat16", attention="cudnn", remat="attn_mlp",
+    ),
+    data=DataConfig(
+        source="tfds:c4/en:3.1.0", tokenizer="sentencepiece-bpe", vocab_size=32000, seq_len=2048, batch_size=256,
+        num_workers=16,
+    ),
+    optim=OptimConfig(lr=LR_AT_256, min_lr=LR_AT_256 / 10, schedule="cosine", weight_decay=0.1, grad_clip=1.0),
+    train=TrainConfig(
+        out_dir=os.path.join("runs", "chinchilla_c4"), eval_every=2000, eval_steps=20, ckpt_every=1000,
+        keep_checkpoints=2, log_every=50,
+    ),
+    mesh=MeshConfig(data=-1),
+)
+
+
+def scale_lr(member: Experiment) -> Experiment:
+    """The member with its peak (and final) learning rate scaled as 1 / d_model from LR_AT_256."""
+    lr = LR_AT_256 * 256 / member.model.d_model
+    return dataclasses.replace(member, optim=dataclasses.replace(member.optim, lr=lr, min_lr=lr / 10))
+
+
+_GRID, BUDGET_OF = budget_grid(BASE, BUDGETS, sizes_per_budget=SIZES_PER_BUDGET, shape_rule=SHAPES, span=SPAN)
+SWEEP = tuple(scale_lr(m) for m in _GRID)
+SWEEP_DIR = BASE.run_dir
+FITS_DIR = os.path.join(SWEEP_DIR, "fits")
+
+
+def main() -> None:
+    run_isoflop_sweep(SWEEP, BUDGET_OF, FITS_DIR, bootstrap=BOOTSTRAP)
+
+
+if __name__ == "__main__":
+    main()

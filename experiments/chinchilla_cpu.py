@@ -1,0 +1,138 @@
+"""Chinchilla on a CPU: an IsoFLOP sweep of tiny GPT-2s on the Python standard library, then the three fits.
+
+What it tests: that jaxlm's sweep machinery (isoflop_grid, run directories, resume, collect_results) and fits
+(jaxlm.scaling approaches 1-3, tools.fit_scaling) give a compute-optimal frontier from real training runs, end to
+end, on hardware everyone has. 3 compute budgets (3e11, 1e12, 3e12 FLOPs) x 5 sizes; byte-level tokens (vocab
+260, so that embeddings do not swamp models this small); GPT-2 shapes of 1 to 4 layers, width about 24 x depth,
+heads of 8; 17k to 500k parameters (N counts every parameter, embeddings included, as Hoffmann et al. 2022 do).
+Every member trains on D = C / flops_per_token tokens in batches of 8 x 128 under a cosine schedule as long as
+the run, and is scored by its validation loss (nats per byte) on the same 128 x 8 x 128 held-out bytes.
+
+Cost: 2.15e13 training FLOPs in all; no member sees more than 0.7 epochs of the 10.9M training bytes; the
+smallest budget's members run 271 to 2,530 steps.
+
+Run: `python -m experiments.chinchilla_cpu` trains every member under runs/chinchilla_cpu/<member>, skipping
+finished ones and resuming unfinished ones, then (on process 0, once every member is finished) fits and plots into
+runs/chinchilla_cpu/fits. `--sweep.members 3:6` runs a slice; the fit alone is
+`python -m tools.fit_scaling runs/chinchilla_cpu --out runs/chinchilla_cpu/fits --bootstrap 200`.
+Overrides apply to every member as given: each member's steps were fixed when this module was imported, so an
+override that changes a member's compute (--data.batch-size, --data.seq-len, --train.steps, model shape fields)
+is refused with exit status 2 instead of silently leaving the IsoFLOP budgets; change BASE or BUDGETS here and the
+grid is rebuilt. Do not override --train.out-dir or --name: every member would share one directory or name.
+
+Found: (filled in from the run below.)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+
+from jaxlm.cli import USAGE_ERROR, parse, run
+from jaxlm.config import DataConfig, Experiment, ModelConfig, OptimConfig, TrainConfig
+from jaxlm.errors import ConfigError, JaxlmError
+from jaxlm.flops import flops_per_token
+from jaxlm.scaling import AspectRatioShapes, isoflop_grid
+
+BUDGETS = (3e11, 1e12, 3e12)
+SIZES_PER_BUDGET = 5
+SPAN = 3.0  # sizes from centre / SPAN to centre x SPAN around Chinchilla's D = 20 N
+SHAPES = AspectRatioShapes(aspect=24.0, head_dim=8)
+BOOTSTRAP = 200
+
+BASE = Experiment(
+    name="chinchilla_cpu",
+    model=ModelConfig(family="gpt2", n_layers=1, d_model=32, n_heads=4, vocab_size=260, max_seq_len=128),
+    data=DataConfig(source="pystdlib", tokenizer="byte", seq_len=128, batch_size=8),
+    optim=OptimConfig(lr=3e-3, min_lr=3e-4, schedule="cosine", weight_decay=0.1),
+    # Evaluate at the start and the end only (eval_every is capped at each member's steps), on 131k bytes.
+    train=TrainConfig(
+        out_dir=os.path.join("runs", "chinchilla_cpu"), eval_every=10**9, eval_steps=128, ckpt_every=1000,
+        keep_checkpoints=1, log_every=10, samples=0,
+    ),
+)
+
+
+def budget_grid(
+    base: Experiment, budgets: Sequence[float], **grid
+) -> tuple[tuple[Experiment, ...], Mapping[str, float]]:
+    """The sweep's members (budget by budget) and each member's declared compute budget, by name."""
+    members, budget_of = [], {}
+    for budget in budgets:
+        for member in isoflop_grid(base, [budget], **grid):
+            members.append(member)
+            budget_of[member.name] = float(budget)
+    return tuple(members), MappingProxyType(budget_of)
+
+
+SWEEP, BUDGET_OF = budget_grid(BASE, BUDGETS, sizes_per_budget=SIZES_PER_BUDGET, shape_rule=SHAPES, span=SPAN)
+SWEEP_DIR = BASE.run_dir
+FITS_DIR = os.path.join(SWEEP_DIR, "fits")
+
+
+def member_flops(member: Experiment) -> float:
+    """Training FLOPs of a member as configured: flops_per_token x steps x tokens per step."""
+    tokens = member.train.steps * member.data.batch_size * member.data.seq_len
+    return flops_per_token(member.model, member.data.seq_len) * tokens
+
+
+def check_budgets(members: Sequence[Experiment], budget_of: Mapping[str, float], rtol: float = 0.01) -> None:
+    """Raise ConfigError unless every member still spends its declared budget (whole steps: within rtol)."""
+    for member in members:
+        budget = budget_of.get(member.name)
+        if budget is None:
+            raise ConfigError(f"{member.name!r} is not a member of this sweep: do not override --name")
+        spent = member_flops(member)
+        if abs(spent / budget - 1) > rtol:
+            raise ConfigError(
+                f"{member.name}: the overrides make it train on {spent:.3g} FLOPs, not its budget {budget:.3g} "
+                "(a member's steps are fixed by the grid): change the sweep's base or budgets in its module instead"
+            )
+
+
+def all_finished(members: Sequence[Experiment]) -> bool:
+    return all(os.path.exists(os.path.join(m.run_dir, "summary.json")) for m in members)
+
+
+def run_isoflop_sweep(
+    sweep: Sequence[Experiment],
+    budget_of: Mapping[str, float],
+    fits_dir: str,
+    *,
+    bootstrap: int = BOOTSTRAP,
+    argv: Sequence[str] | None = None,
+) -> None:
+    """Train the members a command line selects, then fit and plot once every member of `sweep` is finished."""
+    try:
+        members = parse(sweep, argv)
+        check_budgets(members, budget_of)
+    except JaxlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
+    run(tuple(members), argv=[])
+
+    import jax
+
+    sweep_dir = os.path.commonpath([m.run_dir for m in sweep])
+    fit_command = f"python -m tools.fit_scaling {sweep_dir} --out {fits_dir} --bootstrap {bootstrap}"
+    if jax.process_index() != 0:
+        return
+    if not all_finished(sweep):
+        print(f"some members of the sweep are unfinished; once all are, fit with: {fit_command}")
+        return
+    from tools import fit_scaling
+
+    print(f"all {len(sweep)} members finished; fitting: {fit_command}")
+    code = fit_scaling.main([sweep_dir, "--out", fits_dir, "--bootstrap", str(bootstrap)])
+    if code:
+        sys.exit(code)
+
+
+def main() -> None:
+    run_isoflop_sweep(SWEEP, BUDGET_OF, FITS_DIR)
+
+
+if __name__ == "__main__":
+    main()
