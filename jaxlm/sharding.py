@@ -12,6 +12,7 @@ The same experiment runs on one CPU, a GPU machine or a TPU pod slice: only `Mes
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import socket
@@ -151,6 +152,18 @@ def initialize_distributed(cfg: MeshConfig) -> None:
             text = str(e).strip()
             first = text.splitlines()[0] if text else type(e).__name__
             raise ConfigError(f"{who}: could not join {where}: {first}") from None
+
+
+def run_config(experiment: Experiment) -> Experiment:
+    """The experiment as its run directory records it: the same in every process of a run and across restarts.
+
+    A process's id differs between the processes of one run, and the coordinator's address and the start-up
+    timeout may change when a preempted run restarts on other machines; none of them changes what is computed.
+    """
+    mesh = dataclasses.replace(
+        experiment.mesh, coordinator_address="", process_id=-1, init_timeout_s=MeshConfig.init_timeout_s
+    )
+    return dataclasses.replace(experiment, mesh=mesh)
 
 
 # ----------------------------------------------------------------------------------------------------- the mesh

@@ -237,7 +237,7 @@ def train(experiment: Experiment) -> dict[str, Any]:
     sharding.check_fits(experiment, mesh)
     run_dir = experiment.run_dir
     primary = jax.process_index() == 0
-    write_or_check_config(experiment)
+    write_or_check_config(sharding.run_config(experiment))
 
     prepared = _prepare_once(experiment)
     if prepared.vocab_size > experiment.model.vocab_size:
@@ -373,8 +373,14 @@ def train(experiment: Experiment) -> dict[str, Any]:
         "val_bpb": last_eval["val_bpb"] if last_eval else None, "tokens_per_sec": tps,
         "mfu": tps * flops_per_token / peak, "wall_s": wall, "params": flops.count_params(experiment.model),
     }
+    params = state["params"]
+    if jax.process_count() > 1 and experiment.train.samples:
+        # Process 0 samples alone, so it needs the params on its own devices: every process joins the gather.
+        from jax.experimental import multihost_utils
+
+        params = jax.device_put(multihost_utils.process_allgather(params, tiled=True), jax.local_devices()[0])
     if primary:
-        _write_outputs(experiment, state["params"], prepared, summary)
+        _write_outputs(experiment, params, prepared, summary)
     return summary
 
 

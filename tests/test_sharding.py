@@ -282,6 +282,16 @@ def test_multi_process_start_up_needs_a_cluster_or_an_address(monkeypatch):
         sharding.initialize_distributed(MeshConfig(coordinator_address="localhost", num_processes=2, process_id=1))
 
 
+def test_every_process_of_a_run_records_the_same_config():
+    first = Experiment(mesh=MeshConfig(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=0))
+    second = dataclasses.replace(first, mesh=dataclasses.replace(first.mesh, process_id=1))
+    restarted = dataclasses.replace(first, mesh=dataclasses.replace(first.mesh, coordinator_address="10.0.0.7:99"))
+    assert sharding.run_config(first) == sharding.run_config(second) == sharding.run_config(restarted)
+    assert sharding.run_config(first).mesh.num_processes == 2 and sharding.run_config(first).model == first.model
+    wider = dataclasses.replace(first, mesh=dataclasses.replace(first.mesh, data=1, fsdp=-1))
+    assert sharding.run_config(wider) != sharding.run_config(first)
+
+
 # ------------------------------------------------------------------------------------ accumulation and remat
 
 
