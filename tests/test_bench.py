@@ -1,0 +1,90 @@
+"""tools.bench runs end to end on tiny configs, and tools.torch_reference computes what jaxlm computes."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlm.config import ModelConfig
+from jaxlm.model import forward, init_params
+from tools import bench
+
+TINY = [
+    "--experiment", "quickstart", "--model.n-layers", "1", "--model.d-model", "32", "--model.n-heads", "2",
+    "--model.n-kv-heads", "2", "--model.d-ff", "64", "--model.vocab-size", "61", "--model.max-seq-len", "16",
+    "--data.tokenizer", "char", "--data.seq-len", "16", "--data.batch-size", "8",
+]
+REQUIRED = {"tokens_per_sec", "step_ms", "mfu", "compile_s", "peak_flops", "vocab_size"}
+
+
+def _last_json(capsys) -> dict:
+    lines = capsys.readouterr().out.strip().splitlines()
+    return json.loads(lines[-1])
+
+
+def test_train_ends_with_json_of_the_run(capsys):
+    bench.main(["train", *TINY, "--steps", "2", "--warmup", "1", "--peak-flops", "1e12"])
+    record = _last_json(capsys)
+    assert REQUIRED <= set(record)
+    assert record["vocab_size"] == 61 and record["seq_len"] == 16 and record["batch_size"] == 8
+    assert record["steps"] == 2 and record["peak_flops"] == 1e12
+    # The figures must agree with each other: tokens/s from the step time, MFU from tokens/s.
+    assert record["tokens_per_sec"] == pytest.approx(8 * 16 / (record["step_ms"] / 1e3))
+    assert record["mfu"] == pytest.approx(record["tokens_per_sec"] * record["flops_per_token"] / 1e12)
+    assert record["compile_s"] > 0 and record["temp_bytes"] >= 0
+
+
+def test_train_with_torch_reports_the_ratio(capsys):
+    pytest.importorskip("torch")
+    bench.main(["train", *TINY, "--steps", "2", "--warmup", "0", "--peak-flops", "1e12", "--torch"])
+    record = _last_json(capsys)
+    assert record["torch_params"] == record["params"]
+    assert record["ratio_vs_torch"] == pytest.approx(record["tokens_per_sec"] / record["torch_tokens_per_sec"])
+
+
+def test_compile_ends_with_json_per_depth_and_policy(capsys):
+    bench.main(["compile", *TINY, "--depths", "2", "--remat", "full"])
+    record = _last_json(capsys)
+    assert [(r["n_layers"], r["remat"]) for r in record["rows"]] == [(2, "full")]
+    assert record["rows"][0]["compile_s"] > 0 and record["rows"][0]["temp_bytes"] > 0
+
+
+def test_unknown_experiment_is_one_line_and_status_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["train", "--experiment", "no_such_experiment"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no_such_experiment" in err[0]
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ModelConfig(family="gpt2", n_layers=2, d_model=32, n_heads=4, vocab_size=50, max_seq_len=16),
+        ModelConfig(family="gpt2", n_layers=2, d_model=32, n_heads=4, vocab_size=50, max_seq_len=16, bias=False),
+        ModelConfig(
+            family="llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, vocab_size=50, max_seq_len=16,
+            rope_scaling_factor=8.0, rope_original_max_len=8,
+        ),
+    ],
+    ids=["gpt2", "gpt2-nobias", "llama-gqa"],
+)
+def test_torch_reference_computes_jaxlm_logits(cfg):
+    """The reference must be the same model: with jaxlm's weights copied in, the same logits."""
+    torch = pytest.importorskip("torch")
+    from tools import torch_reference
+
+    params = init_params(cfg, jax.random.key(3))
+    # Non-trivial norms and biases, so that a mix-up of scale and shift or of q, k, v would show.
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape, dtype=np.float32), params)
+    tokens = rng.integers(0, cfg.vocab_size, (2, 12)).astype(np.int32)
+    expected = np.asarray(jax.jit(lambda p, t: forward(cfg, p, t))(params, tokens))
+
+    model = torch_reference.TorchTransformer(cfg)
+    torch_reference.load_jaxlm_params(model, params)
+    assert torch_reference.count_params(model) == sum(x.size for x in jax.tree.leaves(params))
+    with torch.no_grad():
+        got = model(torch.from_numpy(tokens.astype(np.int64))).numpy()
+    np.testing.assert_allclose(got, expected, atol=2e-4, rtol=2e-4)

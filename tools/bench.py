@@ -1,0 +1,502 @@
+"""Benchmarks: the train step, KV-cache decoding, the input pipeline, and compilation.
+
+    python -m tools.bench train --experiment quickstart [--preset gpt2-124m] [--model.n-layers 6 ...] --steps 20
+    python -m tools.bench train --experiment quickstart --torch      # also the PyTorch reference, interleaved
+    python -m tools.bench decode [--prompt-len 64] [--new-tokens 32]
+    python -m tools.bench data --experiment quickstart
+    python -m tools.bench compile --experiment quickstart [--depths 2 8 24]
+
+Arguments other than the tool's own are the experiment's overrides (`--section.field value`, as for
+`python -m experiments.<name>`); `--preset NAME` first swaps in a published model shape from
+`jaxlm.config.PRESETS`. The train benchmark feeds random tokens (no corpus is read), so it times the step alone.
+Every subcommand prints a table and ends with one JSON line holding its figures.
+
+Step times are medians over the timed steps, each step waited for; the spread is the 10th-90th percentile
+range. On a machine shared with other work, compare only figures measured in the same run: `--torch`
+interleaves the two implementations step by step for that reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib
+import json
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from jaxlm.config import PRESETS, REMAT_POLICIES, DataConfig, Experiment
+from jaxlm.errors import ConfigError, JaxlmError
+
+USAGE_ERROR = 2
+
+
+# ------------------------------------------------------------------------------------------------ experiments
+
+
+def load_experiment(name: str, overrides: Sequence[str], preset: str | None = None) -> Experiment:
+    """`experiments.<name>.EXPERIMENT` (or the first selected member of its SWEEP), preset and overrides applied."""
+    from jaxlm import cli
+
+    try:
+        module = importlib.import_module(f"experiments.{name}")
+    except ModuleNotFoundError as e:
+        if e.name not in (f"experiments.{name}", "experiments"):
+            raise
+        raise ConfigError(f"no experiment named {name!r}: give the name of a file in experiments/ (e.g. quickstart)")
+    default = getattr(module, "EXPERIMENT", None) or getattr(module, "SWEEP", None)
+    if default is None:
+        raise ConfigError(f"experiments/{name}.py declares neither EXPERIMENT nor SWEEP")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+        swap = lambda e: _with_model(e, PRESETS[preset])  # noqa: E731
+        default = swap(default) if isinstance(default, Experiment) else [swap(e) for e in default]
+    return cli.parse(default, list(overrides))[0]
+
+
+def _with_model(experiment: Experiment, model) -> Experiment:
+    """The experiment with another model; the sequence length is capped at the model's context."""
+    data = experiment.data
+    if data.seq_len > model.max_seq_len:
+        data = dataclasses.replace(data, seq_len=model.max_seq_len)
+    return dataclasses.replace(experiment, model=model, data=data)
+
+
+def synthetic_tokens(experiment: Experiment, seed: int = 0) -> np.ndarray:
+    """Random token rows [batch, seq_len + 1]: inputs are the first seq_len, targets the last seq_len."""
+    rng = np.random.default_rng(seed)
+    shape = (experiment.data.batch_size, experiment.data.seq_len + 1)
+    return rng.integers(0, experiment.model.vocab_size, shape, dtype=np.int32)
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def _memory(compiled) -> dict[str, int]:
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return {}
+    names = ("temp", "argument", "output", "alias", "generated_code")
+    return {f"{n}_bytes": int(getattr(stats, f"{n}_size_in_bytes", 0)) for n in names}
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def print_table(title: str, rows: Sequence[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    print(title)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+
+
+def print_grid(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for i, row in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def emit_json(record: dict[str, Any]) -> None:
+    """The last line of every subcommand: one JSON object."""
+    print(json.dumps(record, sort_keys=True, default=float), flush=True)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ----------------------------------------------------------------------------------------------------- train
+
+
+@dataclasses.dataclass
+class CompiledStep:
+    """A compiled train step with the state and batch it runs on (the state is donated: use `run`)."""
+
+    compiled: Any
+    state: Any
+    batch: dict[str, Any]
+    lower_s: float
+    compile_s: float
+    memory: dict[str, int]
+
+    def run(self) -> None:
+        import jax
+
+        self.state, metrics = self.compiled(self.state, self.batch)
+        jax.block_until_ready(metrics["loss"])
+
+
+def build_train_step(experiment: Experiment, tokens: np.ndarray) -> CompiledStep:
+    """jaxlm's jitted train step, as `jaxlm.train.train` builds it, compiled ahead of time on a fixed batch."""
+    import jax
+
+    from jaxlm import sharding, train
+
+    mesh = sharding.make_mesh(experiment.mesh)
+    if hasattr(sharding, "check_fits"):
+        sharding.check_fits(experiment, mesh)
+    state_sharding = train.state_shardings(experiment, mesh)
+    state = train.init_train_state(experiment, mesh)
+    batch = sharding.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, mesh)
+    step = jax.jit(
+        train.make_train_step(experiment), in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+        out_shardings=(state_sharding, None), donate_argnums=0,
+    )
+    start = time.perf_counter()
+    lowered = step.lower(state, batch)
+    lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    return CompiledStep(compiled, state, batch, lower_s, compile_s, _memory(compiled))
+
+
+def _torch_step(experiment: Experiment, tokens: np.ndarray) -> tuple[Callable[[], None], dict[str, Any]]:
+    try:
+        import torch
+
+        from tools import torch_reference
+    except ImportError:
+        raise ConfigError(
+            "--torch needs PyTorch: pip install torch (the CPU build is enough), or leave out --torch"
+        ) from None
+    step, model = torch_reference.make_train_step(experiment)
+    batch = torch.from_numpy(tokens.astype(np.int64))
+
+    def run() -> None:
+        float(step(batch))  # reading the loss is the step's end (eager CPU ops are already done)
+
+    info = {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "torch_params": torch_reference.count_params(model)}
+    return run, info
+
+
+def _step_stats(times: Sequence[float], tokens_per_step: int, prefix: str = "") -> dict[str, float]:
+    median = statistics.median(times)
+    return {
+        f"{prefix}step_ms": 1e3 * median,
+        f"{prefix}step_ms_p10": 1e3 * _percentile(times, 10),
+        f"{prefix}step_ms_p90": 1e3 * _percentile(times, 90),
+        f"{prefix}step_ms_min": 1e3 * min(times),
+        f"{prefix}tokens_per_sec": tokens_per_step / median,
+    }
+
+
+def bench_train(
+    experiment: Experiment, steps: int = 10, warmup: int = 2, with_torch: bool = False, peak: float | None = None
+) -> dict[str, Any]:
+    """Time jaxlm's train step (and, with `with_torch`, the PyTorch reference, step for step) on random tokens."""
+    import jax
+
+    from jaxlm import flops
+
+    if steps < 1 or warmup < 0:
+        raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+    tokens = synthetic_tokens(experiment, experiment.train.seed)
+    step = build_train_step(experiment, tokens)
+    runners: dict[str, Callable[[], None]] = {"jax": step.run}
+    record: dict[str, Any] = {}
+    if with_torch:
+        runners["torch"], info = _torch_step(experiment, tokens)
+        record.update(info)
+    for _ in range(warmup):
+        for run in runners.values():
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(steps):  # interleaved, so that both see the same machine load
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+
+    if peak is None:
+        peak_flops, peak_source = flops.peak_flops()
+    else:
+        peak_flops, peak_source = peak, "given on the command line"
+    m, d = experiment.model, experiment.data
+    tokens_per_step = d.batch_size * d.seq_len
+    fpt = flops.flops_per_token(m, d.seq_len)
+    record.update(_step_stats(times["jax"], tokens_per_step))
+    achieved = record["tokens_per_sec"] * fpt
+    record.update({
+        "benchmark": "train", "experiment": experiment.name, "date": _now(),
+        "device": jax.devices()[0].device_kind, "device_count": jax.device_count(), "jax_version": jax.__version__,
+        "family": m.family, "n_layers": m.n_layers, "d_model": m.d_model, "n_heads": m.n_heads,
+        "vocab_size": m.vocab_size, "seq_len": d.seq_len, "batch_size": d.batch_size, "dtype": m.dtype,
+        "remat": m.remat, "scan_layers": m.scan_layers, "attention": m.attention,
+        "grad_accum": experiment.train.grad_accum, "params": flops.count_params(m),
+        "steps": steps, "warmup": warmup, "tokens_per_step": tokens_per_step,
+        "flops_per_token": fpt, "achieved_flops": achieved, "peak_flops": peak_flops, "peak_source": peak_source,
+        "mfu": achieved / peak_flops, "lower_s": step.lower_s, "compile_s": step.compile_s, **step.memory,
+    })
+    if with_torch:
+        record.update(_step_stats(times["torch"], tokens_per_step, prefix="torch_"))
+        record["torch_mfu"] = record["torch_tokens_per_sec"] * fpt / peak_flops
+        record["ratio_vs_torch"] = record["tokens_per_sec"] / record["torch_tokens_per_sec"]
+        notes = []
+        if m.dropout > 0:
+            notes.append("the reference has no dropout")
+        if m.dtype != "float32":
+            notes.append("the reference runs in float32")
+        if experiment.train.grad_accum > 1:
+            notes.append("the reference does not accumulate microbatches")
+        if notes:
+            record["torch_notes"] = "; ".join(notes)
+    return record
+
+
+def print_train(record: dict[str, Any]) -> None:
+    r = record
+    spread = f"p10 {r['step_ms_p10']:.1f} / p90 {r['step_ms_p90']:.1f} / min {r['step_ms_min']:.1f} ms"
+    rows = [
+        ("model", f"{r['family']} {r['n_layers']}L d{r['d_model']} h{r['n_heads']} V{r['vocab_size']} "
+                  f"({r['params']:,} params, {r['dtype']}, remat {r['remat']}, scan {r['scan_layers']}, "
+                  f"attention {r['attention']})"),
+        ("batch", f"{r['batch_size']} x {r['seq_len']} tokens, grad_accum {r['grad_accum']}"),
+        ("device", f"{r['device']} x {r['device_count']} (jax {r['jax_version']})"),
+        ("step time", f"{r['step_ms']:.1f} ms median over {r['steps']} steps ({spread})"),
+        ("tokens/s", f"{r['tokens_per_sec']:,.0f}"),
+        ("model FLOPs/token", f"{r['flops_per_token']:,.0f}"),
+        ("achieved FLOP/s", f"{r['achieved_flops'] / 1e9:,.1f} GFLOP/s"),
+        ("peak FLOP/s", f"{r['peak_flops'] / 1e9:,.1f} GFLOP/s ({r['peak_source']})"),
+        ("MFU", f"{r['mfu']:.1%}"),
+        ("compile", f"{r['compile_s']:.1f} s (+ {r['lower_s']:.1f} s tracing and lowering)"),
+        ("memory", f"temp {_fmt_bytes(r.get('temp_bytes'))}, arguments {_fmt_bytes(r.get('argument_bytes'))}, "
+                   f"outputs {_fmt_bytes(r.get('output_bytes'))}, aliased {_fmt_bytes(r.get('alias_bytes'))}"),
+    ]
+    if "torch_step_ms" in r:
+        rows += [
+            ("torch step time", f"{r['torch_step_ms']:.1f} ms median (p10 {r['torch_step_ms_p10']:.1f} / "
+                                f"p90 {r['torch_step_ms_p90']:.1f} ms; torch {r['torch_version']}, "
+                                f"{r['torch_threads']} threads)"),
+            ("torch tokens/s", f"{r['torch_tokens_per_sec']:,.0f} (MFU {r['torch_mfu']:.1%})"),
+            ("jaxlm / torch", f"{r['ratio_vs_torch']:.2f}x tokens/s (same run, steps interleaved)"),
+        ]
+        if "torch_notes" in r:
+            rows.append(("torch notes", r["torch_notes"]))
+    print_table(f"train step: {r['experiment']}", rows)
+
+
+# ---------------------------------------------------------------------------------------------------- decode
+
+
+def bench_decode(
+    models: dict[str, Any], batches: Sequence[int], prompt_len: int, new_tokens: int, uncached_steps: int | None
+) -> list[dict[str, Any]]:
+    """`jaxlm.generate.benchmark_decode` for each model and batch size."""
+    import inspect
+
+    from jaxlm.generate import benchmark_decode
+
+    accepts_uncached = "uncached_steps" in inspect.signature(benchmark_decode).parameters
+    rows = []
+    for label, cfg in models.items():
+        for batch in batches:
+            kwargs = {"uncached_steps": uncached_steps} if accepts_uncached and uncached_steps else {}
+            result = benchmark_decode(cfg, batch, prompt_len, new_tokens, seed=0, **kwargs)
+            rows.append({"model": label, **result})
+            print(f"  {label} batch {batch}: done", flush=True)
+    return rows
+
+
+def print_decode(rows: list[dict[str, Any]]) -> None:
+    keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float)) and k not in ("n_layers", "d_model", "vocab_size")]
+    header = ["model"] + keys
+    grid = [[r["model"]] + [f"{r[k]:.4g}" if isinstance(r[k], float) else r[k] for k in keys] for r in rows]
+    print("decode (KV cache vs full recompute)")
+    print_grid(header, grid)
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+
+def bench_data(
+    experiment: Experiment, seconds: float, train_steps: int, gpt2_train_steps: int
+) -> list[dict[str, Any]]:
+    """Loader tokens/s beside train-step tokens/s: for the experiment, and for GPT-2 124M's 8 x 1024 batches."""
+    from jaxlm.data import loader_tokens_per_sec, prepare_data
+
+    prepared = prepare_data(experiment.data)
+    gpt2 = PRESETS["gpt2-124m"]
+    gpt2_data = dataclasses.replace(experiment.data, seq_len=1024, batch_size=8)
+    gpt2_model = dataclasses.replace(gpt2, vocab_size=max(gpt2.vocab_size, prepared.vocab_size))
+    cases = [
+        (experiment.name, experiment, train_steps),
+        ("gpt2-124m 8x1024", dataclasses.replace(experiment, data=gpt2_data, model=gpt2_model), gpt2_train_steps),
+    ]
+    rows = []
+    for label, exp, steps in cases:
+        loader = loader_tokens_per_sec(exp.data, prepared, seconds=seconds)
+        row: dict[str, Any] = {
+            "case": label, "batch_size": exp.data.batch_size, "seq_len": exp.data.seq_len,
+            "loader_tokens_per_sec": loader, "train_tokens_per_sec": None,
+        }
+        if steps > 0:
+            train = bench_train(exp, steps=steps, warmup=1, peak=float("nan"))
+            row["train_tokens_per_sec"] = train["tokens_per_sec"]
+            row["loader_headroom"] = loader / train["tokens_per_sec"]
+        rows.append(row)
+    return rows
+
+
+def print_data(rows: list[dict[str, Any]]) -> None:
+    print("input pipeline vs train step (tokens/s, one process)")
+    grid = []
+    for r in rows:
+        train = r["train_tokens_per_sec"]
+        grid.append([
+            r["case"], f"{r['batch_size']}x{r['seq_len']}", f"{r['loader_tokens_per_sec']:,.0f}",
+            "not measured" if train is None else f"{train:,.0f}",
+            "" if train is None else f"{r['loader_headroom']:.1f}x",
+        ])
+    print_grid(["case", "batch", "loader tok/s", "train step tok/s", "loader / step"], grid)
+
+
+# --------------------------------------------------------------------------------------------------- compile
+
+
+def bench_compile(experiment: Experiment, depths: Sequence[int], policies: Sequence[str]) -> list[dict[str, Any]]:
+    """Lowering and compile time, and the compiled step's memory, by depth and remat policy (scanned layers)."""
+    import jax
+
+    from jaxlm import sharding, train
+
+    rows = []
+    for n_layers in depths:
+        for policy in policies:
+            model = dataclasses.replace(experiment.model, n_layers=n_layers, remat=policy, scan_layers=True)
+            exp = dataclasses.replace(experiment, model=model)
+            mesh = sharding.make_mesh(exp.mesh)
+            state = train.abstract_train_state(exp, mesh)
+            batch_sharding = sharding.batch_sharding(mesh)
+            shape = (exp.data.batch_size, exp.data.seq_len)
+            batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding) for k in ("inputs", "targets")}
+            state_sharding = train.state_shardings(exp, mesh)
+            step = jax.jit(
+                train.make_train_step(exp), in_shardings=(state_sharding, batch_sharding),
+                out_shardings=(state_sharding, None), donate_argnums=0,
+            )
+            start = time.perf_counter()
+            lowered = step.lower(state, batch)
+            lower_s = time.perf_counter() - start
+            start = time.perf_counter()
+            compiled = lowered.compile()
+            compile_s = time.perf_counter() - start
+            rows.append({"n_layers": n_layers, "remat": policy, "lower_s": lower_s, "compile_s": compile_s,
+                         **_memory(compiled)})
+            print(f"  {n_layers} layers, remat {policy}: {compile_s:.1f} s", flush=True)
+    return rows
+
+
+def print_compile(rows: list[dict[str, Any]]) -> None:
+    print("compile time and memory of the train step (scanned layers)")
+    grid = [[r["n_layers"], r["remat"], f"{r['lower_s']:.2f}", f"{r['compile_s']:.2f}",
+             _fmt_bytes(r.get("temp_bytes")), _fmt_bytes(r.get("argument_bytes"))] for r in rows]
+    print_grid(["layers", "remat", "lower s", "compile s", "temp memory", "arguments"], grid)
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.bench", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+        epilog="Other --section.field arguments override the experiment, as on `python -m experiments.<name>`.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--experiment", default="quickstart", help="a module in experiments/ (default: quickstart)")
+        p.add_argument("--preset", default=None, help=f"swap in a published model shape: {', '.join(PRESETS)}")
+
+    p = sub.add_parser("train", allow_abbrev=False, help="time the train step on random tokens")
+    common(p)
+    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (default 2)")
+    p.add_argument("--torch", action="store_true", help="also run the PyTorch reference, interleaved")
+    p.add_argument("--peak-flops", type=float, default=None,
+                   help="FLOP/s to compute MFU against (default: the device table, or a measured matmul on CPU)")
+
+    p = sub.add_parser("decode", allow_abbrev=False, help="KV-cache decoding, batch 1 and 16")
+    common(p)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--uncached-steps", type=int, default=4, help="full-recompute steps timed (0: all)")
+    p.add_argument("--models", nargs="+", default=["experiment", "gpt2-124m"],
+                   help="'experiment' (its model) and/or preset names (default: experiment gpt2-124m)")
+
+    p = sub.add_parser("data", allow_abbrev=False, help="input pipeline tokens/s beside the train step's")
+    common(p)
+    p.add_argument("--seconds", type=float, default=5.0, help="how long to read batches (default 5)")
+    p.add_argument("--train-steps", type=int, default=5, help="timed train steps for the experiment (0: skip)")
+    p.add_argument("--gpt2-train-steps", type=int, default=1,
+                   help="timed train steps of GPT-2 124M at 8x1024 (slow on a CPU; 0: skip)")
+
+    p = sub.add_parser("compile", allow_abbrev=False, help="compile time and memory by depth and remat policy")
+    common(p)
+    p.add_argument("--depths", type=int, nargs="+", default=[2, 8, 24])
+    p.add_argument("--remat", nargs="+", default=list(REMAT_POLICIES), choices=REMAT_POLICIES)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, overrides = _parser().parse_known_args(argv)
+    try:
+        experiment = load_experiment(args.experiment, overrides, args.preset)
+        if args.command == "train":
+            record = bench_train(
+                experiment, steps=args.steps, warmup=args.warmup, with_torch=args.torch, peak=args.peak_flops
+            )
+            print_train(record)
+        elif args.command == "decode":
+            models = {}
+            for name in args.models:
+                if name == "experiment":
+                    models[experiment.name] = experiment.model
+                elif name in PRESETS:
+                    models[name] = PRESETS[name]
+                else:
+                    raise ConfigError(f"--models: {name!r} is neither 'experiment' nor one of {', '.join(PRESETS)}")
+            rows = bench_decode(models, args.batches, args.prompt_len, args.new_tokens, args.uncached_steps or None)
+            print_decode(rows)
+            record = {"benchmark": "decode", "date": _now(), "rows": rows}
+        elif args.command == "data":
+            rows = bench_data(experiment, args.seconds, args.train_steps, args.gpt2_train_steps)
+            print_data(rows)
+            record = {"benchmark": "data", "experiment": experiment.name, "date": _now(), "rows": rows}
+        else:
+            rows = bench_compile(experiment, args.depths, args.remat)
+            print_compile(rows)
+            record = {"benchmark": "compile", "experiment": experiment.name, "date": _now(),
+                      "seq_len": experiment.data.seq_len, "batch_size": experiment.data.batch_size, "rows": rows}
+    except JaxlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
+    emit_json(record)
+    return record
+
+
+if __name__ == "__main__":
+    main()
