@@ -46,7 +46,7 @@ import tyro
 from safetensors.numpy import load_file, save_file
 
 from jaxlm import lora as lora_lib
-from jaxlm.config import Experiment
+from jaxlm.config import Experiment, ModelConfig
 from jaxlm.errors import CheckpointError, ConfigError, DataError, JaxlmError, NonFiniteError
 from jaxlm.model import Transformer, init_params
 from jaxlm.optim import make_optimizer, make_schedule
@@ -97,18 +97,22 @@ class FinetuneConfig:
         _require(bool(self.train_file), "FinetuneConfig.train_file is empty: set --finetune.train_file")
         _require(self.layout in LAYOUTS, f"FinetuneConfig.layout={self.layout!r} is not one of {', '.join(LAYOUTS)}")
         _require(self.max_len >= 3, f"FinetuneConfig.max_len must be at least 3, got {self.max_len}")
-        _require(self.train_last_k >= -1, f"FinetuneConfig.train_last_k must be -1 (all) or >= 0, got {self.train_last_k}")
+        _require(
+            self.train_last_k >= -1, f"FinetuneConfig.train_last_k must be -1 (all) or >= 0, got {self.train_last_k}"
+        )
         _require(self.lora_rank >= 0, f"FinetuneConfig.lora_rank must be >= 0 (0: no LoRA), got {self.lora_rank}")
         _require(
             self.lora_rank == 0 or self.train_last_k == -1,
             "FinetuneConfig.lora_rank and train_last_k are alternatives: set one of them",
         )
         _require(self.samples >= 0 and self.sample_tokens > 0, "FinetuneConfig.samples >= 0 and sample_tokens > 0")
-        _require(not self.balanced or self.task == "classify", "FinetuneConfig.balanced applies to --finetune.task classify")
+        _require(
+            not self.balanced or self.task == "classify", "FinetuneConfig.balanced applies to --finetune.task classify"
+        )
         _require(not self.pack or self.task == "instruct", "FinetuneConfig.pack applies to --finetune.task instruct")
         _require(len(set(self.labels)) == len(self.labels), f"FinetuneConfig.labels repeats a label: {self.labels}")
         _require(len(self.labels) != 1, "FinetuneConfig.labels needs at least two classes")
-        self.lora  # validates the LoRA fields
+        _ = self.lora  # building the spec runs its checks
 
     @property
     def lora(self) -> lora_lib.LoraSpec | None:
@@ -161,6 +165,9 @@ def read_table(path: str, columns: Sequence[str]) -> list[tuple[int, dict[str, s
             missing = [c for c in columns if c not in record]
             if missing:
                 raise DataError(f"{_where(path, line_no)}: missing field {missing[0]!r}")
+            for c in columns:
+                if record[c] is None or isinstance(record[c], (list, dict)):
+                    raise DataError(f"{_where(path, line_no)}: field {c!r} must be a string or a number")
             rows.append((line_no, {c: str(record[c]) for c in columns}))
     else:
         raise DataError(f"{path}: unknown file type {ext or '(none)'}: use .csv, .tsv or .jsonl")
@@ -253,7 +260,9 @@ def encode_classify(
     return ClassifySplit(tokens, lengths, ids, truncated)
 
 
-def classify_batches(data: ClassifySplit, batch_size: int, seed: int, balanced: bool) -> Iterator[dict[str, np.ndarray]]:
+def classify_batches(
+    data: ClassifySplit, batch_size: int, seed: int, balanced: bool
+) -> Iterator[dict[str, np.ndarray]]:
     """Endless training batches: shuffled epochs, or (balanced) a uniformly drawn class and then an example of it."""
     rng = np.random.default_rng(seed)
     by_class = [np.flatnonzero(data.labels == c) for c in range(int(data.labels.max()) + 1)]
@@ -285,13 +294,22 @@ def _role_header(role: str) -> str:
     return f"### {role.capitalize()}:\n"
 
 
-def chat_prompt(messages: Sequence[dict[str, str]]) -> str:
-    """The chat template of a conversation so far, ending where the assistant's next reply begins.
+def _open_reply(messages: Sequence[dict[str, str]]) -> list[tuple[str, bool]]:
+    return _chat_segments([*messages, {"role": "assistant", "content": ""}])[:-1]
 
-    An assistant turn is rendered as its header, its content and the end-of-sequence token; `prompt_ids` adds
-    that token after each assistant message of `messages` when it encodes them.
+
+def chat_prompt(messages: Sequence[dict[str, str]]) -> str:
+    """The chat template's text for a conversation so far, ending where the assistant's next reply begins.
+
+    In token ids each assistant reply is also followed by the end-of-sequence token: encode a conversation
+    with `chat_prompt_ids`, not by encoding this text.
     """
-    return "".join(text for text, _ in _chat_segments([*messages, {"role": "assistant", "content": ""}])[:-1])
+    return "".join(text for text, _ in _open_reply(messages))
+
+
+def chat_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation so far, exactly as training encoded it, ready for the assistant's reply."""
+    return prompt_ids(tokenizer, _open_reply(messages))
 
 
 def prompt_ids(tokenizer: Any, prompt: str | Sequence[tuple[str, bool]]) -> list[int]:
@@ -477,7 +495,7 @@ def _skip_output_projection(next_fn, args, kwargs, context):
 
 
 def apply_model(
-    experiment_or_cfg: Any,
+    cfg: ModelConfig,
     params: Params,
     tokens_BT: jax.Array,
     *,
@@ -490,7 +508,6 @@ def apply_model(
 ) -> jax.Array:
     """Logits [B, T, V], or with `hidden` the final hidden states [B, T, D] (float32), optionally through LoRA
     adapters. With `rng` dropout is on (the model's and the adapters')."""
-    cfg = getattr(experiment_or_cfg, "model", experiment_or_cfg)
     variables = {"params": params if lora is None else lora_lib.attach(params, lora)}
     with contextlib.ExitStack() as stack:
         if lora is not None:
@@ -504,8 +521,14 @@ def apply_model(
 
 
 def _parts(trainable: Params, frozen: Params) -> tuple[Params, Params | None, Params | None]:
-    """(backbone params, adapters or None, classifier head or None) of a split parameter set."""
-    return trainable.get("model", frozen.get("model")), trainable.get("lora"), trainable.get("head")
+    """(backbone params, adapters or None, classifier head or None) of a split parameter set; the backbone's
+    top-level entries may lie partly in `trainable` and partly in `frozen`."""
+    backbone = {**frozen.get("model", {}), **trainable.get("model", {})}
+    return backbone, trainable.get("lora"), trainable.get("head")
+
+
+def full_backbone(trainable: Params, frozen: Params) -> Params:
+    return _parts(trainable, frozen)[0]
 
 
 def classifier_logits(
@@ -639,10 +662,16 @@ def _split_trainable(
         raise ConfigError(
             f"FinetuneConfig.train_last_k={ft.train_last_k} exceeds the model's {experiment.model.n_layers} blocks"
         )
-    mask = {"model": last_k_mask(experiment.model, backbone, ft.train_last_k)}
+    layer_mask = last_k_mask(experiment.model, backbone, ft.train_last_k)
+    # Entries with nothing to train (embeddings, early unscanned blocks) leave the gradient computation entirely;
+    # the scanned blocks share one array per parameter, so there the mask picks the trained layers.
+    moving = {k for k, m in layer_mask.items() if any(np.any(x) for x in jax.tree.leaves(m))}
+    trainable = {"model": {k: v for k, v in backbone.items() if k in moving}, **extra}
+    frozen = {"model": {k: v for k, v in backbone.items() if k not in moving}}
+    mask = {"model": {k: m for k, m in layer_mask.items() if k in moving}}
     if head is not None:
         mask["head"] = jax.tree.map(lambda _: np.float32(1), head)
-    return trainable, {}, mask
+    return trainable, frozen, mask
 
 
 def count_trainable(trainable: Params, mask: Params | None) -> int:
@@ -716,7 +745,8 @@ def _fit(
                 m = jax.device_get(m)
                 if not math.isfinite(float(m["loss"])):
                     raise NonFiniteError(
-                        f"non-finite loss {float(m['loss'])} at step {step}: lower --optim.lr or raise --optim.warmup_steps"
+                        f"non-finite loss {float(m['loss'])} at step {step}: lower --optim.lr or raise "
+                        "--optim.warmup_steps"
                     )
                 metrics.write({"step": step, **{k: float(v) for k, v in m.items()}})
                 bar.set_postfix(loss=f"{float(m['loss']):.3f}")
@@ -759,9 +789,8 @@ def _begin(experiment: Experiment, ft: FinetuneConfig) -> dict[str, Any] | None:
 
 
 def _flatten(tree: Params) -> dict[str, np.ndarray]:
-    return {
-        "/".join(str(k.key) for k in path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-    }
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(k.key) for k in path): np.asarray(leaf) for path, leaf in leaves}
 
 
 def _unflatten(flat: dict[str, np.ndarray]) -> Params:
@@ -814,7 +843,9 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, n_classes: int
 def format_confusion(matrix: np.ndarray, labels: Sequence[str]) -> str:
     width = max(6, *(len(x) for x in labels), len(str(matrix.max())) + 1)
     head = "true \\ predicted".ljust(width) + "".join(x.rjust(width + 1) for x in labels)
-    lines = [head] + [labels[i].ljust(width) + "".join(str(v).rjust(width + 1) for v in row) for i, row in enumerate(matrix)]
+    lines = [head]
+    for label, row in zip(labels, matrix):
+        lines.append(label.ljust(width) + "".join(str(v).rjust(width + 1) for v in row))
     return "\n".join(lines)
 
 
@@ -874,10 +905,11 @@ def train_classifier(experiment: Experiment, ft: FinetuneConfig) -> dict[str, An
     trainable, frozen, mask = _split_trainable(experiment, ft, backbone, head, jax.random.fold_in(rng, 2))
     n_trainable = count_trainable(trainable, mask)
     print(f"trainable parameters: {n_trainable:,}")
-    spec = ft.lora
+    spec, dropout = ft.lora, _uses_dropout(experiment, ft)
 
     def loss_fn(t, fz, batch, rng):
-        logits = classifier_logits(cfg, t, fz, batch["tokens"], batch["lengths"], spec, rng if _uses_dropout(experiment, ft) else None)
+        rng = rng if dropout else None
+        logits = classifier_logits(cfg, t, fz, batch["tokens"], batch["lengths"], spec, rng)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
         return jnp.sum(losses), jnp.float32(losses.shape[0])
 
@@ -916,7 +948,8 @@ def train_classifier(experiment: Experiment, ft: FinetuneConfig) -> dict[str, An
                 f.write(f"{name} split\n{table}\n")
             with open(os.path.join(run_dir, "confusion.json"), "w") as f:
                 json.dump({"split": name, "labels": labels, "matrix": matrix.tolist()}, f, indent=2)
-    save_tree(os.path.join(run_dir, CLASSIFIER_FILE), trainable)
+    saved = trainable if ft.lora is not None else {**trainable, "model": full_backbone(trainable, frozen)}
+    save_tree(os.path.join(run_dir, CLASSIFIER_FILE), saved)
     summary["wall_s"] = time.perf_counter() - started
     _write_summary(run_dir, summary)
     return summary
@@ -938,8 +971,9 @@ class Classifier:
     tokenizer: Any
 
     def predict(self, texts: Sequence[str]) -> list[str]:
-        rows = [(i + 1, {self.finetune.text_column: t, self.finetune.label_column: self.labels[0]}) for i, t in enumerate(texts)]
-        data = encode_classify(rows, "<texts>", self.tokenizer, dataclasses.replace(self.finetune, truncate=True), self.labels)
+        ft = dataclasses.replace(self.finetune, truncate=True)
+        rows = [(i + 1, {ft.text_column: t, ft.label_column: self.labels[0]}) for i, t in enumerate(texts)]
+        data = encode_classify(rows, "<texts>", self.tokenizer, ft, self.labels)
         _, predictions = _classify_eval_fn(self.experiment, self.finetune)(self.trainable, self.frozen, data)
         return [self.labels[i] for i in predictions]
 
@@ -1050,8 +1084,8 @@ def train_instruct(experiment: Experiment, ft: FinetuneConfig) -> dict[str, Any]
         save_tree(os.path.join(run_dir, ADAPTERS_FILE), trainable["lora"])
         params = lora_lib.merge(backbone, trainable["lora"], spec)
     else:
-        params = trainable["model"]
-        _save_lm_checkpoint(experiment, params, opt_state)
+        params = full_backbone(trainable, frozen)
+        _save_lm_checkpoint(experiment, params, opt_state if not frozen.get("model") else None)
     source = splits.get("validation", splits["train"])
     summary["samples"] = write_samples(
         experiment, params, tokenizer, source, ft, os.path.join(run_dir, "samples.txt")
@@ -1061,13 +1095,19 @@ def train_instruct(experiment: Experiment, ft: FinetuneConfig) -> dict[str, Any]
     return summary
 
 
-def _save_lm_checkpoint(experiment: Experiment, params: Params, opt_state: Any) -> None:
-    """A jaxlm checkpoint (the train state layout), so that every tool loads the result as a language model."""
+def _save_lm_checkpoint(experiment: Experiment, params: Params, opt_state: Any | None) -> None:
+    """A jaxlm checkpoint (the train state layout), so that every tool loads the result as a language model.
+
+    `opt_state` is that of {"model": params}, or None when part of the model was frozen (frozen parameters have
+    no moments): then the checkpoint holds a fresh optimizer state, which only fills the layout.
+    """
     from jaxlm.checkpoint import Checkpoints
 
-    # The optimizer state was built for {"model": params}; its leaves are in the order of the plain params'.
-    plain = jax.eval_shape(make_optimizer(experiment.optim, experiment.train.steps).init, params)
-    opt_state = jax.tree.unflatten(jax.tree.structure(plain), jax.tree.leaves(opt_state))
+    tx = make_optimizer(experiment.optim, experiment.train.steps)
+    if opt_state is None:
+        opt_state = tx.init(params)
+    else:  # its leaves are in the order of the plain params'
+        opt_state = jax.tree.unflatten(jax.tree.structure(jax.eval_shape(tx.init, params)), jax.tree.leaves(opt_state))
     checkpoints = Checkpoints(experiment.run_dir, keep=1, async_save=False)
     try:
         step = experiment.train.steps
@@ -1158,10 +1198,19 @@ def parse(
     return command.experiment, command.finetune
 
 
-def run_finetune(experiment: Experiment, ft: FinetuneConfig, argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Parse overrides and run; errors a user can fix print one line on stderr and exit with status 2."""
+def run_finetune(
+    experiment: Experiment,
+    ft: FinetuneConfig,
+    argv: Sequence[str] | None = None,
+    prepare: Callable[[Experiment, FinetuneConfig], None] | None = None,
+) -> dict[str, Any]:
+    """Parse overrides, call `prepare` (an experiment's own set-up, e.g. building its data files) with the
+    parsed configs, and run. Errors a user can fix print one line on stderr and exit with status 2."""
     try:
-        return train_finetune(*parse(experiment, ft, argv))
+        experiment, ft = parse(experiment, ft, argv)
+        if prepare is not None:
+            prepare(experiment, ft)
+        return train_finetune(experiment, ft)
     except JaxlmError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

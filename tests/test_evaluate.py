@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxlm import evaluate as ev
-from jaxlm.config import DataConfig, Experiment, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+from jaxlm.config import DataConfig, Experiment, MeshConfig, ModelConfig, TrainConfig
 from jaxlm.data import make_iterator, prepare_data
 from jaxlm.data.tokenizer import ByteTokenizer
 from jaxlm.errors import DataError
@@ -73,7 +73,8 @@ def test_multiple_choice_matches_numpy(params, tmp_path):
     lengths = [np.array([len(" " + e) for e in r["endings"]]) for r in records]
     result = ev.score_choices(MODEL, params, TOK, items, batch_size=5)
     assert result["accuracy"] == pytest.approx(np.mean([np.argmax(s) for s in reference] == labels))
-    assert result["accuracy_norm"] == pytest.approx(np.mean([np.argmax(s / n) for s, n in zip(reference, lengths)] == labels))
+    normed = [np.argmax(s / n) for s, n in zip(reference, lengths)]
+    assert result["accuracy_norm"] == pytest.approx(np.mean(normed == labels))
     assert result["chance"] == 0.25 and result["items"] == 6
 
 
@@ -117,7 +118,7 @@ def corpus_experiment(tmp_path):
         source=f"text:{folder}/*.txt", tokenizer="byte", seq_len=32, batch_size=4, val_fraction=0.2,
         cache_dir=str(tmp_path / "cache"),
     )
-    return Experiment(name="ev", model=MODEL, data=data, optim=OptimConfig(), train=TrainConfig(), mesh=MeshConfig(data=1))
+    return Experiment(name="ev", model=MODEL, data=data, train=TrainConfig(), mesh=MeshConfig(data=1))
 
 
 def test_lm_metrics_match_numpy(params, tmp_path):
@@ -161,4 +162,5 @@ def test_tool_scores_a_saved_run(params, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--run", str(tmp_path / "run"), "--hellaswag", str(tmp_path / "missing.jsonl")])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines() == [f"error: {tmp_path}/missing.jsonl does not exist: give a .jsonl file with ctx, endings and label on each line"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path}/missing.jsonl does not exist: give a .jsonl file")

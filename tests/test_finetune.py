@@ -9,7 +9,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from jaxlm import finetune as ft_lib
@@ -185,10 +184,12 @@ def test_bad_inputs_are_one_line_and_status_2(tmp_path, capsys):
     ft = FinetuneConfig(train_file=train, val_file=val, max_len=16)
     err = run_cli(exp, ft, [], capsys)
     assert "val.csv:3: unknown label 'z'" in err
-    err = run_cli(exp, dataclasses.replace(ft, val_file="", labels=("x", "y", "w")), ["--train.out_dir", str(tmp_path / "b")], capsys)
+    no_val = dataclasses.replace(ft, val_file="")
+    extra_class = dataclasses.replace(no_val, labels=("x", "y", "w"))
+    err = run_cli(exp, extra_class, ["--train.out_dir", str(tmp_path / "b")], capsys)
     assert "class 'w' has no training example" in err
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "a", "label": "x"}, {"text": "b"}])
-    err = run_cli(exp, dataclasses.replace(ft, train_file=bad, val_file=""), ["--train.out_dir", str(tmp_path / "c")], capsys)
+    err = run_cli(exp, dataclasses.replace(no_val, train_file=bad), ["--train.out_dir", str(tmp_path / "c")], capsys)
     assert "bad.jsonl:2: missing field 'label'" in err
     err = run_cli(exp, ft, ["--finetune.max_len", "1000"], capsys)
     assert "max_len=1000 is beyond the model's context of 128" in err
@@ -253,6 +254,9 @@ def test_chat_layout_trains_every_assistant_turn():
     assert ft_lib.chat_prompt(messages[:2]) == "### System:\nBe brief.\n\n### User:\nhi\n\n### Assistant:\n"
     prefix = ft_lib.prompt_ids(TOK, ft_lib.chat_prompt(messages[:2]))
     assert ids[: len(prefix)] == prefix
+    # Later in the conversation the earlier reply is closed by its end token, as in training.
+    prefix = ft_lib.chat_prompt_ids(TOK, messages[:4])
+    assert ids[: len(prefix)] == prefix and TOK.decode(ids[len(prefix):]) == "ok"
 
 
 @pytest.mark.parametrize(
@@ -297,7 +301,8 @@ def test_packing_keeps_examples_apart(tmp_path):
     assert float(sums[0][1]) == float(sums[1][1]) == sum(float(w[1:].sum()) for w in data.weights)
     assert float(sums[0][0]) == pytest.approx(float(sums[1][0]), rel=1e-5)
     # Without the segment ids the packed examples would see each other and the loss would change.
-    leaky = dict(packed, segment_ids=np.ones_like(packed["segment_ids"]), positions=np.tile(np.arange(128), (len(packed["inputs"]), 1)))
+    rows = len(packed["inputs"])
+    leaky = dict(packed, segment_ids=np.ones((rows, 128), np.int32), positions=np.tile(np.arange(128), (rows, 1)))
     assert abs(float(ft_lib.response_losses(MODEL, {"model": params}, {}, leaky)[0]) - float(sums[0][0])) > 1e-3
 
 
@@ -358,7 +363,8 @@ def test_instruct_run_lowers_response_loss_and_saves_a_language_model(tmp_path, 
         saved = load_file(os.path.join(run, "adapters.safetensors"))
         assert {k.rsplit("/", 1)[1] for k in saved} == {"lora_a", "lora_b"}
         D, F, L = 32, 128, 2
-        assert sum(v.size for v in saved.values()) == summary["trainable_params"] == L * 4 * (2 * (D + D) + (D + F) + (F + D))
+        formula = L * 4 * (2 * (D + D) + (D + F) + (F + D))  # rank 4 on query, value (D x D), fc, proj
+        assert sum(v.size for v in saved.values()) == summary["trainable_params"] == formula
     else:
         from jaxlm.checkpoint import load_params
 
@@ -370,7 +376,8 @@ def test_instruct_run_lowers_response_loss_and_saves_a_language_model(tmp_path, 
 def test_parse_applies_both_sections(tmp_path):
     exp = experiment(tmp_path)
     ft = FinetuneConfig(train_file="t.csv")
-    e, f = ft_lib.parse(exp, ft, ["--optim.lr", "0.5", "--finetune.lora_rank", "4", "--finetune.lora_targets", "query", "fc"])
+    argv = ["--optim.lr", "0.5", "--finetune.lora_rank", "4", "--finetune.lora_targets", "query", "fc"]
+    e, f = ft_lib.parse(exp, ft, argv)
     assert e.optim.lr == 0.5 and f.lora_rank == 4 and f.lora_targets == ("query", "fc")
     assert f.lora == ft_lib.lora_lib.LoraSpec(4, 16.0, 0.0, ("query", "fc"))
 
@@ -380,3 +387,28 @@ def test_user_prompt_follows_the_run_layout(tmp_path):
     assert ft_lib.user_prompt("x") == "### User:\nx\n\n### Assistant:\n"
     (tmp_path / "summary.json").write_text(json.dumps({"layouts": ["alpaca"]}))
     assert ft_lib.run_layout(str(tmp_path)) == "alpaca"
+
+
+def test_instruct_last_k_saves_a_loadable_model_with_frozen_blocks(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", instruct_records(16, 0))
+    ft = FinetuneConfig(task="instruct", train_file=train, max_len=96, train_last_k=1, samples=0)
+    exp = experiment(tmp_path, steps=3)
+    summary = ft_lib.train_finetune(exp, ft)
+    from jaxlm.checkpoint import load_params
+
+    _, params = load_params(str(tmp_path / "ft"))
+    start = init_params(MODEL, jax.random.key(exp.train.seed))
+    for path, after in jax.tree_util.tree_flatten_with_path(params)[0]:
+        keys = [k.key for k in path]
+        before = start
+        for k in keys:
+            before = before[k]
+        before, after = np.asarray(before), np.asarray(after)
+        if keys[0] == "blocks":
+            np.testing.assert_array_equal(after[0], before[0])
+            assert not np.array_equal(after[1], before[1]), keys
+        elif keys[0] == "final_norm":
+            assert not np.array_equal(after, before)
+        else:  # the tied embedding is also the output matrix, and stays frozen with the input side
+            np.testing.assert_array_equal(after, before)
+    assert summary["trainable_params"] == (4 * (32 * 32 + 32) + 4 * 32 + (32 * 128 + 128) + (128 * 32 + 32)) + 2 * 32
