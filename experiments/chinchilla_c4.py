@@ -33,6 +33,7 @@ from jaxlm.scaling import AspectRatioShapes
 
 BUDGETS = (1e18, 3e18, 1e19, 3e19, 1e20)
 SIZES_PER_BUDGET = 7
+TOKENS_PER_PARAM = 20.0  # centred on Chinchilla's D = 20 N
 SPAN = 3.0
 SHAPES = AspectRatioShapes(aspect=64.0, head_dim=128)
 BOOTSTRAP = 1000
@@ -63,7 +64,9 @@ def scale_lr(member: Experiment) -> Experiment:
     return dataclasses.replace(member, optim=dataclasses.replace(member.optim, lr=lr, min_lr=lr / 10))
 
 
-_GRID, BUDGET_OF = budget_grid(BASE, BUDGETS, sizes_per_budget=SIZES_PER_BUDGET, shape_rule=SHAPES, span=SPAN)
+_GRID, BUDGET_OF = budget_grid(
+    BASE, BUDGETS, sizes_per_budget=SIZES_PER_BUDGET, shape_rule=SHAPES, span=SPAN, tokens_per_param=TOKENS_PER_PARAM
+)
 SWEEP = tuple(scale_lr(m) for m in _GRID)
 SWEEP_DIR = BASE.run_dir
 FITS_DIR = os.path.join(SWEEP_DIR, "fits")

@@ -58,8 +58,8 @@ def test_every_member_spends_its_budget(which):
         assert len(group) == module.SIZES_PER_BUDGET
         sizes = [hand_params(m) for m in group]
         assert len(set(sizes)) == len(sizes) >= 5
-        # The sizes bracket Chinchilla's D = 20 N with C = 6ND, the grid's centre.
-        assert min(sizes) < math.sqrt(budget / 120) < max(sizes)
+        # The sizes bracket the grid's centre, D = TOKENS_PER_PARAM x N with C = 6ND.
+        assert min(sizes) < math.sqrt(budget / (6 * module.TOKENS_PER_PARAM)) < max(sizes)
         for m in group:
             tokens = m.train.steps * m.data.batch_size * m.data.seq_len
             # Whole steps: within half a step of the budget.
@@ -88,7 +88,8 @@ def test_cpu_sweep_fits_the_corpus_and_the_clock():
     train_bytes = 10_894_032  # the pystdlib corpus's training split, one token per byte
     for m in sweep:
         assert m.data.source == "pystdlib" and m.data.tokenizer == "byte" and m.model.vocab_size >= 260
-        assert m.train.steps * m.data.batch_size * m.data.seq_len < train_bytes  # less than one epoch
+        assert 8 <= m.model.head_dim <= 24 and m.model.n_heads * m.model.head_dim == m.model.d_model
+        assert m.train.steps * m.data.batch_size * m.data.seq_len < 3 * train_bytes  # under three epochs
     smallest = min(chinchilla_cpu.BUDGETS)
     assert min(m.train.steps for m in sweep if chinchilla_cpu.BUDGET_OF[m.name] == smallest) >= 250
     assert sum(chinchilla_cpu.member_flops(m) for m in sweep) < 3e13
@@ -109,13 +110,14 @@ def test_c4_sweep_is_declared_for_accelerators():
 def test_overrides_that_change_compute_are_refused():
     sweep, budget_of = chinchilla_cpu.SWEEP, chinchilla_cpu.BUDGET_OF
     chinchilla_cpu.check_budgets(parse(sweep, ["--optim.lr", "1e-3", "--train.eval-steps", "4"]), budget_of)
-    for flag, value in [("--data.batch-size", "16"), ("--data.seq-len", "64"), ("--train.steps", "10"),
-                        ("--model.n-layers", "6")]:
-        members = parse(sweep, [flag, value, "--sweep.members", "2"])
+    base = chinchilla_cpu.BASE
+    for flag, value in [("--data.batch-size", 2 * base.data.batch_size), ("--data.seq-len", base.data.seq_len // 2),
+                        ("--train.steps", 10), ("--model.n-layers", 6)]:
+        members = parse(sweep, [flag, str(value), "--sweep.members", "2"])
         with pytest.raises(ConfigError, match=re.escape(f"{members[0].name}: the overrides make it train on")):
             chinchilla_cpu.check_budgets(members, budget_of)
     with pytest.raises(SystemExit) as exit_info:
-        chinchilla_cpu.run_isoflop_sweep(sweep, budget_of, "unused", argv=["--data.batch-size", "16"])
+        chinchilla_cpu.run_isoflop_sweep(sweep, budget_of, "unused", argv=["--data.batch-size", str(2 * base.data.batch_size)])
     assert exit_info.value.code == 2
 
 
@@ -123,7 +125,9 @@ def tiny_sweep(tmp_path):
     base = dataclasses.replace(
         chinchilla_cpu.BASE, train=dataclasses.replace(chinchilla_cpu.BASE.train, out_dir=str(tmp_path / "sweep"))
     )
-    return chinchilla_cpu.budget_grid(base, [3e11], sizes_per_budget=5, shape_rule=chinchilla_cpu.SHAPES)
+    return chinchilla_cpu.budget_grid(
+        base, [3e11], sizes_per_budget=5, shape_rule=chinchilla_cpu.SHAPES, tokens_per_param=chinchilla_cpu.TOKENS_PER_PARAM
+    )
 
 
 def test_sweep_runs_a_slice_and_fits_only_when_all_are_finished(tmp_path, monkeypatch):
