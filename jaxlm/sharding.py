@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import socket
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -293,7 +294,25 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
 def activation_sharding(mesh: Mesh) -> Iterator[None]:
     """Make the model's `nn.with_logical_constraint` calls take effect in what is traced inside this block.
 
-    Outside it they do nothing, so the model runs unchanged on one device and in tools.
+    Outside it they do nothing, so the model runs unchanged on one device and in tools. Without such constraints
+    the compiler tends to split activations like the FSDP-split weights they meet (along `embed`), so that every
+    device computes on the whole batch; with them, activations stay split over the batch.
+
+    Parameters must be boxed with `rules=()` (see `nn.with_logical_partitioning`) for this to be safe: flax would
+    otherwise apply these rules to the flattened 2-D kernel that `nn.DenseGeneral` builds while it checks a
+    parameter's shape inside the traced step, and fail (flax issue #3676). Their placement comes from
+    `logical_shardings` anyway.
     """
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(LOGICAL_RULES):
         yield
+
+
+def traced_with_activation_sharding(fn: Callable, mesh: Mesh) -> Callable:
+    """`fn`, entering `activation_sharding(mesh)` whenever it runs (so: while jax.jit traces it)."""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with activation_sharding(mesh):
+            return fn(*args, **kwargs)
+
+    return traced
