@@ -1,0 +1,114 @@
+"""The GPU throughput check: train-step MFU of gpt2-124m (seq 1024) and llama3.2-1b (seq 2048) in bfloat16.
+
+    python -m tools.gpu_check [--out DIR] [--budget-s 400] [--tiny]
+
+Runs `tools.bench`'s train benchmark over a few batch sizes and remat policies per model, with bfloat16
+compute and cuDNN fused attention, all in one process (one JAX start-up), printing each table and JSON line
+and appending every record to DIR/gpu_results.jsonl. It stops starting new runs when the time budget is spent,
+and records an out-of-memory or other failure as a row instead of stopping. Targets: MFU >= 45% (gpt2-124m)
+and >= 50% (llama3.2-1b) against the H200's 989 TFLOP/s dense bf16 peak. `--tiny` runs the same code on
+small shapes with XLA attention, to check it on a CPU. `tools/gpu_check.sh` is the usual entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+TARGETS = {"gpt2-124m": 0.45, "llama3.2-1b": 0.50}
+
+# (preset, seq_len, batch_size, remat): cheapest first, so a short budget still measures each model.
+RUNS = [
+    ("gpt2-124m", 1024, 32, "none"),
+    ("gpt2-124m", 1024, 64, "none"),
+    ("gpt2-124m", 1024, 64, "dots"),
+    ("llama3.2-1b", 2048, 8, "dots"),
+    ("llama3.2-1b", 2048, 8, "none"),
+    ("llama3.2-1b", 2048, 16, "dots"),
+    ("gpt2-124m", 1024, 128, "dots"),
+    ("llama3.2-1b", 2048, 16, "attn_mlp"),
+]
+
+
+def overrides(seq_len: int, batch: int, remat: str, tiny: bool) -> list[str]:
+    args = [
+        "--model.dtype", "bfloat16", "--model.remat", remat, "--model.attention", "xla" if tiny else "cudnn",
+        "--data.seq-len", str(seq_len), "--data.batch-size", str(batch),
+    ]
+    if tiny:  # the same code path on shapes a CPU runs in seconds
+        args = [
+            "--model.n-layers", "1", "--model.d-model", "64", "--model.n-heads", "2", "--model.n-kv-heads", "2",
+            "--model.d-ff", "128", "--model.vocab-size", "512", "--model.max-seq-len", "64",
+            *args[:6], "--data.seq-len", "32", "--data.batch-size", "8", "--data.tokenizer", "char",
+        ]
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"))
+    parser.add_argument("--budget-s", type=float, default=400.0, help="start no new run after this many seconds")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--tiny", action="store_true", help="small shapes and XLA attention (CPU check)")
+    args = parser.parse_args(argv)
+
+    import jax
+
+    from tools import bench
+
+    os.makedirs(args.out, exist_ok=True)
+    results_path = os.path.join(args.out, "gpu_results.jsonl")
+    started = time.perf_counter()
+    print(f"devices: {jax.devices()}  XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+    records = []
+    for preset, seq_len, batch, remat in RUNS:
+        elapsed = time.perf_counter() - started
+        if elapsed > args.budget_s:
+            print(f"time budget spent ({elapsed:.0f} s): skipping {preset} b{batch} remat {remat}", flush=True)
+            continue
+        argv_run = ["--preset", preset, *overrides(seq_len, batch, remat, args.tiny)]
+        print(f"\n=== {preset} seq {seq_len} batch {batch} remat {remat} (t={elapsed:.0f} s)", flush=True)
+        try:
+            experiment = bench.load_experiment("quickstart", argv_run[2:], preset=preset)
+            record = bench.bench_train(experiment, steps=args.steps, warmup=2)
+            bench.print_train(record)
+        except Exception as e:  # an OOM at one batch size must not lose the other runs
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            traceback.print_exc(limit=2)
+            record = {"benchmark": "train", "error": first}
+        record.update({"preset": preset, "target_mfu": TARGETS[preset], "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                       "command": "python -m tools.bench train --experiment quickstart " + " ".join(argv_run)})
+        records.append(record)
+        with open(results_path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True, default=float) + "\n")
+        bench.emit_json(record)
+        jax.clear_caches()
+
+    print("\nsummary (MFU against the device peak; targets: gpt2-124m 45%, llama3.2-1b 50%)")
+    rows = []
+    for r in records:
+        mfu = r.get("mfu")
+        rows.append([r["preset"], r.get("batch_size", ""), r.get("seq_len", ""), r.get("remat", ""),
+                     f"{r['step_ms']:.1f}" if "step_ms" in r else "", f"{r['tokens_per_sec']:,.0f}" if mfu else "",
+                     f"{mfu:.1%}" if mfu is not None else r.get("error", "")[:60],
+                     "" if mfu is None else ("yes" if mfu >= r["target_mfu"] else "no")])
+    bench.print_grid(["model", "batch", "seq", "remat", "ms/step", "tokens/s", "MFU", "target met"], rows)
+    best = {}
+    for r in records:
+        if r.get("mfu") is not None and r["mfu"] > best.get(r["preset"], {}).get("mfu", -1):
+            best[r["preset"]] = r
+    summary = {"benchmark": "gpu_check", "best": {k: {"mfu": v["mfu"], "tokens_per_sec": v["tokens_per_sec"],
+               "batch_size": v["batch_size"], "remat": v["remat"], "command": v["command"]} for k, v in best.items()},
+               "runs": len(records), "elapsed_s": time.perf_counter() - started}
+    with open(os.path.join(args.out, "gpu_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=float)
+    bench.emit_json(summary)
+    return records
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
