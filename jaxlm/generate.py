@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import multihost_utils
 
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
@@ -123,6 +124,13 @@ def _padding_layout(pad_B: Array, slots: int) -> tuple[Array, Array]:
     positions_BS = jnp.maximum(slot_BS - pad_B[:, None], 0)
     segment_ids_BS = (slot_BS >= pad_B[:, None]).astype(jnp.int32)
     return positions_BS, segment_ids_BS
+
+
+def _host(x: Array) -> np.ndarray:
+    """A result as numpy on every process, also when its shards live on several processes."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return multihost_utils.process_allgather(x)
+    return np.asarray(x)
 
 
 def _until_eos(out_BN: np.ndarray, n_steps: int, eos_id: int | None) -> list[list[int]]:
@@ -236,7 +244,7 @@ def generate(
     out_BN, n = decode(
         cfg, params, first_B, cache, pad_B, key, eos, max_new_tokens=max_new_tokens, sampler=sampler
     )
-    return _until_eos(jax.device_get(out_BN), int(n), eos_id)
+    return _until_eos(_host(out_BN), int(_host(n)), eos_id)
 
 
 # --------------------------------------------------------------------------------------- reference: no cache
@@ -281,7 +289,7 @@ def generate_uncached(
     done_B = np.zeros(B, bool)
     for n in range(max_new_tokens):
         step_key = jax.random.fold_in(key, n)
-        next_B = np.asarray(_uncached_step(cfg, params, tokens_BS, pad_B, P - 1 + n, step_key, sampler=sampler))
+        next_B = _host(_uncached_step(cfg, params, tokens_BS, pad_B, P - 1 + n, step_key, sampler=sampler))
         if eos_id is not None:
             next_B = np.where(done_B, eos_id, next_B)
             done_B |= next_B == eos_id

@@ -431,7 +431,7 @@ def save_hf(
     (in float32; `dtype="bfloat16"` halves the files at the cost of exactness). Large models are sharded."""
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype={dtype!r} is not one of float32, bfloat16, float16")
-    _check_tree(cfg, params)
+    _check_tree(dataclasses.replace(cfg, scan_layers="blocks" in params), params)  # either layout will do
     hf = config_to_hf(cfg, bos_id=bos_id, eos_id=eos_id)
     hf["dtype"] = dtype
     tensors = params_to_hf(cfg, params, dtype)

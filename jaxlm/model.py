@@ -3,8 +3,8 @@
     tokens_BT -> embed (+ learned positions) -> n_layers x Block -> final norm -> logits_BTV
     Block:  x + Attention(norm(x)),  then  x + MLP(norm(x))        (pre-norm, residual dropout)
 
-For generation the same modules also read and extend a `KVCache`: the keys and values of every earlier token,
-so that each new token costs one position's work instead of a pass over the whole sequence.
+For generation the same modules also fill and read a `KVCache`, the keys and values of every earlier token, so
+that each new token costs one position's work instead of a pass over the whole sequence.
 
 | ModelConfig.family | positions | norm | MLP | attention | output matrix |
 |---|---|---|---|---|---|
@@ -88,65 +88,61 @@ def attention_mask(segment_ids_BT: Array | None, T: int, S: int) -> Array | None
     return same[:, None, :, :]
 
 
-def einsum_attention(
-    q_BTHE: Array,
-    k_BTKE: Array,
-    v_BTKE: Array,
-    mask_B1TT: Array | None,
-    past: tuple[Array, Array, Array] | None = None,
-) -> Array:
-    """Causal softmax attention written out; K key/value heads are shared by groups of G = H // K query heads.
+def einsum_attention(q_BTHE: Array, k_BSKE: Array, v_BSKE: Array, mask_B1TS: Array | None) -> Array:
+    """Causal softmax attention written out; K key/value heads are shared by groups of G = H // K query heads."""
+    B, T, H, E = q_BTHE.shape
+    S, K = k_BSKE.shape[1], k_BSKE.shape[2]
+    q_BTKGE = q_BTHE.reshape(B, T, K, H // K, E)
+    scores_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE).astype(jnp.float32) / jnp.sqrt(E)
+    causal_TS = jnp.arange(T)[:, None] + (S - T) >= jnp.arange(S)[None, :]
+    keep = causal_TS[None, None, None]
+    if mask_B1TS is not None:
+        keep = keep & mask_B1TS[:, :, None]
+    scores_BKGTS = jnp.where(keep, scores_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKE.dtype)
+    out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE)
+    return out_BTKGE.reshape(B, T, H, E)
 
-    `past` = (k_BSKE, v_BSKE, keep_B1TS) adds S earlier keys and values (a KV cache) that query t sees where
-    keep is True; they are scored beside the T new keys, so the cache is only read, never copied.
+
+def cached_attention(q_BTHE: Array, k_BKSE: Array, v_BKSE: Array, keep_B1TS: Array) -> Array:
+    """Softmax attention of T new queries over the S slots of a KV cache, where `keep` allows.
+
+    The cache is laid out [B, K, S, E], so that both products read it in place, without a transpose.
     """
     B, T, H, E = q_BTHE.shape
-    K = k_BTKE.shape[2]
-    q_BTKGE = q_BTHE.reshape(B, T, K, H // K, E)
-
-    def masked_scores(k_BSKE: Array, keep_B1TS: Array) -> Array:
-        scores_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE).astype(jnp.float32) / jnp.sqrt(E)
-        return jnp.where(keep_B1TS[:, :, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
-
-    keep_B1TT = jnp.tril(jnp.ones((T, T), bool))[None, None]
-    if mask_B1TT is not None:
-        keep_B1TT = keep_B1TT & mask_B1TT
-    scores_BKGTT = masked_scores(k_BTKE, keep_B1TT)
-    if past is None:
-        probs_BKGTT = jax.nn.softmax(scores_BKGTT, axis=-1).astype(v_BTKE.dtype)
-        out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTT, v_BTKE)
-    else:
-        k_BSKE, v_BSKE, keep_B1TS = past
-        S = k_BSKE.shape[1]
-        scores_BKGTS = masked_scores(k_BSKE, keep_B1TS)
-        probs = jax.nn.softmax(jnp.concatenate([scores_BKGTS, scores_BKGTT], axis=-1), axis=-1).astype(v_BTKE.dtype)
-        out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs[..., :S], v_BSKE)
-        out_BTKGE += jnp.einsum("bkgts,bske->btkge", probs[..., S:], v_BTKE)
-    return out_BTKGE.reshape(B, T, H, E)
+    K = k_BKSE.shape[1]
+    q_BKGTE = q_BTHE.reshape(B, T, K, H // K, E).transpose(0, 2, 3, 1, 4)
+    scores_BKGTS = jnp.einsum("bkgte,bkse->bkgts", q_BKGTE, k_BKSE).astype(jnp.float32) / jnp.sqrt(E)
+    scores_BKGTS = jnp.where(keep_B1TS[:, :, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BKSE.dtype)
+    out_BKGTE = jnp.einsum("bkgts,bkse->bkgte", probs_BKGTS, v_BKSE)
+    return out_BKGTE.transpose(0, 3, 1, 2, 4).reshape(B, T, H, E)
 
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer for S slots per row, written left to right as tokens are fed.
+    """Keys and values of every layer for S slots per row, filled left to right as tokens are fed.
 
-    A query sees a written slot only if it carries the same segment id; the slots of left padding carry segment
-    0, real tokens segment 1, so padding is invisible to the tokens after it.
+    Each layer has its own k and v arrays [B, K, S, E], so that inside a decode loop each is updated in place.
+    A token sees the written slots up to its own that carry its segment id: left padding carries segment 0 and
+    real tokens segment 1, so padding stays invisible.
     """
 
-    k_LBSKE: Array
-    v_LBSKE: Array
+    k: tuple[Array, ...]
+    v: tuple[Array, ...]
     segment_ids_BS: Array  # int32; 0 for padding and for slots not yet written
     index: Array  # int32 scalar: the next slot to write
-    # Known when tracing: a fresh cache has no past to attend to, so the first call (prefill) skips it.
+    # Known when tracing: the first call into a fresh cache (the prefill) attends among its own tokens only,
+    # with the ordinary attention kernel.
     empty: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int) -> KVCache:
     """An empty cache for `batch` rows of up to `slots` tokens each, in the compute dtype."""
-    shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
+    zeros = [jnp.zeros((batch, cfg.n_kv_heads, slots, cfg.head_dim), cfg.dtype) for _ in range(2 * cfg.n_layers)]
     return KVCache(
-        k_LBSKE=jnp.zeros(shape, cfg.dtype),
-        v_LBSKE=jnp.zeros(shape, cfg.dtype),
+        k=tuple(zeros[: cfg.n_layers]),
+        v=tuple(zeros[cfg.n_layers :]),
         segment_ids_BS=jnp.zeros((batch, slots), jnp.int32),
         index=jnp.zeros((), jnp.int32),
         empty=True,
@@ -154,9 +150,9 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int) -> KVCache:
 
 
 class Attention(nn.Module):
-    """Causal self-attention; with `past` (one layer's cached keys and values, and which of them each query
-    may see) it also attends to earlier tokens, and returns (output, this call's keys and values) for the cache.
-    """
+    """Causal self-attention. With `kv_cache` (this layer's cached keys and values [B, K, S, E]) the new keys and
+    values are written at `cache_index` first, and the queries attend over the cache where `cache_keep_B1TS`
+    allows (None: among the new tokens only); returns (output, updated keys and values)."""
 
     cfg: ModelConfig
 
@@ -166,7 +162,9 @@ class Attention(nn.Module):
         x_BTD: Array,
         positions_BT: Array,
         mask_B1TS: Array | None,
-        past: tuple[Array, Array, Array] | None = None,
+        cache_index: Array | None = None,
+        cache_keep_B1TS: Array | None = None,
+        kv_cache: tuple[Array, Array] | None = None,
     ):
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
@@ -186,8 +184,13 @@ class Attention(nn.Module):
             inv_freq = rope_frequencies(cfg)
             q_BTHE, k_BTKE = apply_rope(q_BTHE, positions_BT, inv_freq), apply_rope(k_BTKE, positions_BT, inv_freq)
 
-        if past is not None:
-            out_BTHE = einsum_attention(q_BTHE, k_BTKE, v_BTKE, mask_B1TS, past)
+        if kv_cache is not None:
+            kv_cache = tuple(
+                lax.dynamic_update_slice_in_dim(cached, new.transpose(0, 2, 1, 3).astype(cached.dtype), cache_index, 2)
+                for cached, new in zip(kv_cache, (k_BTKE, v_BTKE))
+            )
+        if kv_cache is not None and cache_keep_B1TS is not None:
+            out_BTHE = cached_attention(q_BTHE, *kv_cache, cache_keep_B1TS)
         elif cfg.attention == "einsum":
             out_BTHE = einsum_attention(q_BTHE, k_BTKE, v_BTKE, mask_B1TS)
         else:
@@ -199,7 +202,7 @@ class Attention(nn.Module):
             kernel_init=_param_init(out_std, ("heads", "head_dim", "embed")), bias_init=_zeros(("embed",)),
         )(out_BTHE)
         out_BTD = checkpoint_name(out_BTD, "attn_out")
-        return out_BTD if past is None else (out_BTD, (k_BTKE, v_BTKE))
+        return out_BTD if kv_cache is None else (out_BTD, kv_cache)
 
 
 class MLP(nn.Module):
@@ -228,8 +231,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block; its call signature fits `nn.scan`: the residual stream is the carry, this
-    layer's slice of the KV cache (if any) is scanned over, and its new keys and values come out."""
+    """Pre-norm residual block. Its call signature fits `nn.scan`: the residual stream is the carry, and this
+    layer's KV cache (if any) goes in and comes out updated."""
 
     cfg: ModelConfig
     deterministic: bool = True
@@ -240,21 +243,20 @@ class Block(nn.Module):
         x_BTD: Array,
         positions_BT: Array,
         mask_B1TS: Array | None,
+        cache_index: Array | None = None,
         cache_keep_B1TS: Array | None = None,
-        kv_BSKE: tuple[Array, Array] | None = None,
+        kv_cache: tuple[Array, Array] | None = None,
     ):
         cfg = self.cfg
         dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
         h_BTD = make_norm(cfg, "attn_norm")(x_BTD).astype(cfg.dtype)
-        past = None if kv_BSKE is None else (*kv_BSKE, cache_keep_B1TS)
-        attn_BTD = Attention(cfg, name="attn")(h_BTD, positions_BT, mask_B1TS, past)
-        new_kv_BTKE = None
-        if past is not None:
-            attn_BTD, new_kv_BTKE = attn_BTD
+        attn_BTD = Attention(cfg, name="attn")(h_BTD, positions_BT, mask_B1TS, cache_index, cache_keep_B1TS, kv_cache)
+        if kv_cache is not None:
+            attn_BTD, kv_cache = attn_BTD
         x_BTD = x_BTD + dropout(attn_BTD)
         h_BTD = make_norm(cfg, "mlp_norm")(x_BTD).astype(cfg.dtype)
         x_BTD = x_BTD + dropout(MLP(cfg, name="mlp")(h_BTD))
-        return x_BTD, new_kv_BTKE
+        return x_BTD, kv_cache
 
 
 REMAT_POLICIES: dict[str, Any] = {
@@ -267,8 +269,8 @@ REMAT_POLICIES: dict[str, Any] = {
 class Transformer(nn.Module):
     """tokens [B, T] -> logits [B, T, V] (float32).
 
-    With `cache`, the tokens are fed into the cache's next T slots and the call returns (logits, updated cache);
-    positions then default to the slot numbers and segment ids to 1 (a real token).
+    With `cache`, the tokens fill the cache's next T slots and the call returns (logits, updated cache);
+    positions then default to the slot numbers, and segment ids to 1 (real tokens).
     """
 
     cfg: ModelConfig
@@ -285,21 +287,24 @@ class Transformer(nn.Module):
     ):
         cfg = self.cfg
         B, T = tokens_BT.shape
-        first_position = 0 if cache is None else cache.index
         if positions_BT is None:
-            positions_BT = jnp.broadcast_to(first_position + jnp.arange(T, dtype=jnp.int32), (B, T))
-        if cache is not None and segment_ids_BT is None:
-            segment_ids_BT = jnp.ones((B, T), jnp.int32)
-        mask_B1TS = attention_mask(segment_ids_BT, T, T)
-        cache_keep_B1TS = kv_LBSKE = None
+            first = 0 if cache is None else cache.index
+            positions_BT = jnp.broadcast_to(first + jnp.arange(T, dtype=jnp.int32), (B, T))
+        cache_index = cache_keep_B1TS = kv_caches = slot_segments_BS = None
         if cache is not None:
-            # The new tokens see the slots written before them that carry their own segment id. A fresh cache
-            # (known when tracing) has no such slots, so the first call attends to none of it.
-            S = 0 if cache.empty else cache.segment_ids_BS.shape[1]
-            written_S = jnp.arange(S) < cache.index
-            same_segment_BTS = segment_ids_BT[:, :, None] == cache.segment_ids_BS[:, None, :S]
-            cache_keep_B1TS = (same_segment_BTS & written_S)[:, None]
-            kv_LBSKE = (cache.k_LBSKE[:, :, :S], cache.v_LBSKE[:, :, :S])
+            if segment_ids_BT is None:
+                segment_ids_BT = jnp.ones((B, T), jnp.int32)
+            cache_index, kv_caches = cache.index, tuple(zip(cache.k, cache.v))
+            slot_segments_BS = lax.dynamic_update_slice_in_dim(
+                cache.segment_ids_BS, segment_ids_BT.astype(jnp.int32), cache.index, axis=1
+            )
+            if not cache.empty:
+                # Slot s holds the token of position s: a new token sees the slots up to its own, in its segment.
+                query_slot_T1 = cache.index + jnp.arange(T)[:, None]
+                causal_TS = jnp.arange(slot_segments_BS.shape[1])[None, :] <= query_slot_T1
+                same_segment_BTS = segment_ids_BT[:, :, None] == slot_segments_BS[:, None, :]
+                cache_keep_B1TS = (causal_TS & same_segment_BTS)[:, None]
+        mask_B1TS = attention_mask(segment_ids_BT, T, T)
 
         embed = nn.Embed(
             cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, name="embed", embedding_init=_param_init(cfg.init_std, ("vocab", "embed"))
@@ -315,29 +320,33 @@ class Transformer(nn.Module):
         block = Block
         if cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        cache_args = (cache_index, cache_keep_B1TS)
         if cfg.scan_layers:
             # One compiled block, iterated: compile time stays flat in depth; params gain a leading `layers` axis.
-            # The cache's leading L axis is scanned in step with the params.
             stack = nn.scan(
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_BTD, new_kv_LBTKE = stack(cfg, deterministic, name="blocks")(
-                x_BTD, positions_BT, mask_B1TS, cache_keep_B1TS, kv_LBSKE
+            # A scan reads and writes the caches stacked on a layer axis: correct, but it copies them on every
+            # call. Generation runs the layers unrolled instead (jaxlm.generate).
+            stacked = None if cache is None else tuple(jnp.stack(layers) for layers in zip(*kv_caches))
+            x_BTD, stacked = stack(cfg, deterministic, name="blocks")(
+                x_BTD, positions_BT, mask_B1TS, *cache_args, stacked
             )
+            kv_caches = None if cache is None else tuple(zip(*stacked))
         else:
-            new_kv = []
+            new_caches = []
             for i in range(cfg.n_layers):
-                kv_BSKE = None if kv_LBSKE is None else (kv_LBSKE[0][i], kv_LBSKE[1][i])
-                x_BTD, new_kv_BTKE = block(cfg, deterministic, name=f"block_{i}")(
-                    x_BTD, positions_BT, mask_B1TS, cache_keep_B1TS, kv_BSKE
+                kv_cache = None if cache is None else kv_caches[i]
+                x_BTD, kv_cache = block(cfg, deterministic, name=f"block_{i}")(
+                    x_BTD, positions_BT, mask_B1TS, *cache_args, kv_cache
                 )
-                new_kv.append(new_kv_BTKE)
-            new_kv_LBTKE = None if cache is None else tuple(jnp.stack(layer_kv) for layer_kv in zip(*new_kv))
+                new_caches.append(kv_cache)
+            kv_caches = new_caches
 
         x_BTD = make_norm(cfg, "final_norm")(x_BTD).astype(cfg.dtype)
         if cfg.tie_embeddings:
@@ -350,13 +359,8 @@ class Transformer(nn.Module):
         logits_BTV = logits_BTV.astype(jnp.float32)
         if cache is None:
             return logits_BTV
-        # One write of every layer's new keys and values: inside a decode loop it happens in place.
-        k_LBSKE, v_LBSKE = (
-            lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype), cache.index, axis=2)
-            for cached, new in zip((cache.k_LBSKE, cache.v_LBSKE), new_kv_LBTKE)
-        )
-        segment_ids_BS = lax.dynamic_update_slice_in_dim(cache.segment_ids_BS, segment_ids_BT, cache.index, axis=1)
-        return logits_BTV, KVCache(k_LBSKE, v_LBSKE, segment_ids_BS.astype(jnp.int32), cache.index + T)
+        k, v = zip(*kv_caches)
+        return logits_BTV, KVCache(k=tuple(k), v=tuple(v), segment_ids_BS=slot_segments_BS, index=cache.index + T)
 
 
 def init_params(cfg: ModelConfig, rng: Array, seq_len: int = 8) -> Any:

@@ -193,3 +193,33 @@ def test_unusable_directories_are_clear_errors(tmp_path):
     os.replace(tmp_path / "model.safetensors", tmp_path / "pytorch_model.bin")
     with pytest.raises(ConfigError, match="safetensors only"):
         load_hf(str(tmp_path))
+
+
+def test_convert_tool_both_ways_and_sample_tool(tmp_path, capsys):
+    from jaxlm.checkpoint import load_params
+    from tools.convert_hf import from_run, to_jaxlm
+    from tools.sample import main as sample
+
+    hf_dir = str(tmp_path / "hf")
+    _random_hf_model(_llama(vocab_size=260, bos_token_id=258, eos_token_id=259)).save_pretrained(hf_dir)
+    cfg, params = load_hf(hf_dir)
+    with pytest.raises(ConfigError, match="tokenizer.model"):
+        to_jaxlm(hf_dir, str(tmp_path / "run"))
+    run = to_jaxlm(hf_dir, str(tmp_path / "run"), tokenizer="byte")
+    experiment, run_params = load_params(run)
+    assert experiment.model == cfg and experiment.data.tokenizer == "byte"
+    assert _same_params(jax.tree.map(np.asarray, run_params), params)
+
+    exported = from_run(run, str(tmp_path / "exported"))
+    cfg2, params2 = load_hf(exported)
+    assert cfg2 == cfg and _same_params(params2, params)
+    assert json.loads((tmp_path / "exported" / "config.json").read_text())["eos_token_id"] == 259  # the byte eos
+
+    # Greedy samples: from the run (text after the eos start token) and from the directory (token ids after bos).
+    sample(["--run", run, "--prompt", "ab", "--max-new-tokens", "6", "--batch", "2", "--temperature", "0"])
+    sample(["--hf", hf_dir, "--prompt", "97 98", "--max-new-tokens", "6", "--temperature", "0"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.startswith("--- sample") for line in lines] == [True, False, True, False, True, False]
+    assert lines[1] == lines[3] and lines[1].startswith("ab")
+    expected = generate(cfg, params, [[258, 97, 98]], max_new_tokens=6, eos_id=259)[0]
+    assert lines[5] == " ".join(map(str, [258, 97, 98, *expected]))
