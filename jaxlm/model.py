@@ -35,15 +35,15 @@ Array = jax.Array
 
 
 def _param_init(std: float, names: tuple[str, ...]):
-    return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), names)
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), names, rules=())
 
 
 def _zeros(names: tuple[str, ...]):
-    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names, rules=())
 
 
 def _ones(names: tuple[str, ...]):
-    return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), names, rules=())
 
 
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
@@ -256,6 +256,7 @@ class Block(nn.Module):
         x_BTD = x_BTD + dropout(attn_BTD)
         h_BTD = make_norm(cfg, "mlp_norm")(x_BTD).astype(cfg.dtype)
         x_BTD = x_BTD + dropout(MLP(cfg, name="mlp")(h_BTD))
+        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "seq", "embed"))
         return x_BTD, kv_cache
 
 
@@ -316,6 +317,7 @@ class Transformer(nn.Module):
                 embedding_init=_param_init(cfg.init_std, ("seq", "embed")),
             )(positions_BT)
         x_BTD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BTD).astype(cfg.dtype)
+        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "seq", "embed"))
 
         block = Block
         if cfg.remat != "none":
@@ -356,6 +358,7 @@ class Transformer(nn.Module):
                 cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name="lm_head",
                 kernel_init=_param_init(cfg.init_std, ("embed", "vocab")),
             )(x_BTD)
+        logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "seq", "vocab"))
         logits_BTV = logits_BTV.astype(jnp.float32)
         if cache is None:
             return logits_BTV

@@ -86,8 +86,11 @@ def token_losses(experiment: Experiment, params: Any, batch: dict[str, jax.Array
     return jnp.sum(losses_BT * weights_BT), jnp.sum(weights_BT).astype(jnp.float32)
 
 
-def make_train_step(experiment: Experiment):
-    """(state, batch) -> (state, metrics): k microbatches accumulated, one optimizer update."""
+def make_train_step(experiment: Experiment, mesh: jax.sharding.Mesh | None = None):
+    """(state, batch) -> (state, metrics): k microbatches accumulated, one optimizer update.
+
+    With `mesh`, the model's activation sharding constraints take effect (see jaxlm.sharding).
+    """
     tx = make_optimizer(experiment.optim, experiment.train.steps)
     schedule = make_schedule(experiment.optim, experiment.train.steps)
     accum = experiment.train.grad_accum
@@ -124,14 +127,14 @@ def make_train_step(experiment: Experiment):
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "finite": finite}
         return new_state, metrics
 
-    return train_step
+    return train_step if mesh is None else sharding.traced_with_activation_sharding(train_step, mesh)
 
 
-def make_eval_step(experiment: Experiment):
+def make_eval_step(experiment: Experiment, mesh: jax.sharding.Mesh | None = None):
     def eval_step(params, batch):
         return token_losses(experiment, params, batch, None)
 
-    return eval_step
+    return eval_step if mesh is None else sharding.traced_with_activation_sharding(eval_step, mesh)
 
 
 # ------------------------------------------------------------------------------------------------------- the loop
@@ -274,10 +277,10 @@ def train(experiment: Experiment) -> dict[str, Any]:
             return json.load(f)
 
     train_step = jax.jit(
-        make_train_step(experiment), in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+        make_train_step(experiment, mesh), in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
         out_shardings=(state_sharding, None), donate_argnums=0,
     )
-    eval_step = jax.jit(make_eval_step(experiment))
+    eval_step = jax.jit(make_eval_step(experiment, mesh))
     tokens_per_step = experiment.data.batch_size * experiment.data.seq_len
     flops_per_token = flops.flops_per_token(experiment.model, experiment.data.seq_len)
     peak, _ = flops.peak_flops()

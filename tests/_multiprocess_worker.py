@@ -42,7 +42,7 @@ def train_steps(args: dict) -> dict:
     state = train.init_train_state(experiment, mesh)
     state_sharding = train.state_shardings(experiment, mesh)
     step = jax.jit(
-        train.make_train_step(experiment), in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+        train.make_train_step(experiment, mesh), in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
         out_shardings=(state_sharding, None),
     )
     rng = np.random.default_rng(1234)

@@ -52,7 +52,7 @@ def mesh_of(experiment: Experiment):
 def jit_step(experiment: Experiment, mesh):
     state_sharding = train.state_shardings(experiment, mesh)
     return jax.jit(
-        train.make_train_step(experiment), in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+        train.make_train_step(experiment, mesh), in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
         out_shardings=(state_sharding, None),
     )
 
