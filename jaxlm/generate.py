@@ -8,6 +8,9 @@ and RoPE see exactly what they would for the prompt alone.
     prefill:  prompts [B, P] -> cache of P + N - 1 slots, first new token     (one forward pass, jitted)
     decode:   token [B] -> logits -> next token, N - 1 times                  (lax.while_loop, on device)
 
+Both run the layers unrolled, each layer's cache updated in place; a scan over stacked layer params would
+slice every layer's weights again for each token.
+
 The loop ends early once every row has produced `eos_id`. Sampling: greedy at temperature 0; otherwise the
 logits are divided by the temperature, cut to the top k and then to the smallest set whose probability reaches
 top_p, and sampled with a key derived from the seed and the step, so a seed always gives the same tokens.
@@ -151,8 +154,7 @@ def _inference_config(cfg: ModelConfig) -> ModelConfig:
 def _unscanned(params: Any) -> Any:
     """Stacked layer params ("blocks", leading L axis) as one subtree per layer ("block_i").
 
-    Called inside the jitted functions: the slices are taken once, before the decode loop, instead of once per
-    layer per token as a scan over the stacked params would (several times slower on CPU).
+    Called inside the jitted functions, so the slices are taken once, before the decode loop.
     """
     if "blocks" not in params:
         return params
@@ -173,10 +175,18 @@ def prefill(
     params = _unscanned(params)
     positions_BP, segment_ids_BP = _padding_layout(pad_B, P)
     cache = init_cache(cfg, B, slots)
-    logits_BPV, cache = forward(
-        cfg, params, prompt_BP, positions_BT=positions_BP, segment_ids_BT=segment_ids_BP, cache=cache
-    )
-    return sample_logits(logits_BPV[:, -1], jax.random.fold_in(key, 0), sampler), cache
+
+    def feed(cache: KVCache, part: slice) -> tuple[Array, KVCache]:
+        return forward(
+            cfg, params, prompt_BP[:, part], positions_BT=positions_BP[:, part],
+            segment_ids_BT=segment_ids_BP[:, part], cache=cache,
+        )
+
+    if P > 1:
+        # Only the last token's logits are needed: fed apart, the others' output projection is never computed.
+        _, cache = feed(cache, slice(0, P - 1))
+    logits_B1V, cache = feed(cache, slice(P - 1, P))
+    return sample_logits(logits_B1V[:, -1], jax.random.fold_in(key, 0), sampler), cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))

@@ -33,9 +33,8 @@ USAGE_ERROR = 2
 class TokenIds:
     """Stands in for a tokenizer when a model comes without one: text is a list of integer token ids."""
 
-    bos_id = -1
-
-    def __init__(self, eos_id: int | None):
+    def __init__(self, bos_id: int | None, eos_id: int | None):
+        self.bos_id = -1 if bos_id is None else bos_id
         self.eos_id = eos_id
 
     def encode(self, text: str) -> list[int]:
@@ -99,7 +98,7 @@ def load_hf_dir(path: str) -> Model:
         bos_id = tokenizer.bos_id if bos_id is None else bos_id
         eos_id = tokenizer.eos_id if eos_id is None else eos_id
     else:
-        tokenizer = TokenIds(eos_id)
+        tokenizer = TokenIds(bos_id, eos_id)
     start = [bos_id] if bos_id is not None and 0 <= bos_id < cfg.vocab_size else []
     return Model(cfg, params, tokenizer, start, eos_id)
 
