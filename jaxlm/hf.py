@@ -86,7 +86,9 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             raise ConfigError(f"Llama activation {hf['hidden_act']!r} is not supported: jaxlm's SwiGLU uses silu")
         d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
         if hf.get("head_dim") not in (None, d_model // n_heads):
-            raise ConfigError(f"head_dim={hf['head_dim']} differs from hidden_size / num_attention_heads, which jaxlm needs")
+            raise ConfigError(
+                f"head_dim={hf['head_dim']} differs from hidden_size / num_attention_heads, which jaxlm needs"
+            )
         attention_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
         return ModelConfig(
             family="llama", n_layers=hf["num_hidden_layers"], d_model=d_model, n_heads=n_heads,
@@ -110,7 +112,9 @@ def config_to_hf(cfg: ModelConfig, bos_id: int | None = None, eos_id: int | None
     }
     if cfg.family == "gpt2":
         if cfg.n_kv_heads != cfg.n_heads:
-            raise ConfigError("a GPT-2 with grouped-query attention has no Hugging Face GPT-2 form: use n_kv_heads=n_heads")
+            raise ConfigError(
+                "a GPT-2 with grouped-query attention has no Hugging Face GPT-2 form: use n_kv_heads=n_heads"
+            )
         return {
             **common, "n_layer": cfg.n_layers, "n_embd": cfg.d_model, "n_head": cfg.n_heads, "n_inner": cfg.d_ff,
             "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len, "activation_function": "gelu_new",
@@ -123,7 +127,8 @@ def config_to_hf(cfg: ModelConfig, bos_id: int | None = None, eos_id: int | None
     if cfg.rope_scaling_factor > 0:
         scaling = {
             "rope_type": "llama3", "factor": cfg.rope_scaling_factor, "low_freq_factor": cfg.rope_low_freq_factor,
-            "high_freq_factor": cfg.rope_high_freq_factor, "original_max_position_embeddings": cfg.rope_original_max_len,
+            "high_freq_factor": cfg.rope_high_freq_factor,
+            "original_max_position_embeddings": cfg.rope_original_max_len,
         }
         rope = {**scaling, "rope_theta": cfg.rope_theta}
     return {
@@ -202,11 +207,13 @@ def _apply_jaxlm_settings(cfg: ModelConfig, hf: dict[str, Any], t: _Tensors) -> 
     L = cfg.n_layers
     if cfg.family == "gpt2":
         qkv_names = [f"h.{i}.attn.c_attn.bias" for i in range(L)]
-        other_names = [f"h.{i}.{p}.bias" for i in range(L) for p in ("ln_1", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")]
+        other = ("ln_1", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
+        other_names = [f"h.{i}.{p}.bias" for i in range(L) for p in other]
         other_names.append("ln_f.bias")
     else:
         qkv_names = [f"layers.{i}.self_attn.{p}_proj.bias" for i in range(L) for p in "qkv"]
-        other_names = [f"layers.{i}.{p}.bias" for i in range(L) for p in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+        other = ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+        other_names = [f"layers.{i}.{p}.bias" for i in range(L) for p in other]
     if saved.get("qkv_bias") is False and cfg.qkv_bias and all(t.is_zero(n) for n in qkv_names):
         changes["qkv_bias"] = False
         t.drop(*qkv_names)
@@ -229,7 +236,10 @@ def _gpt2_layer_from_hf(take: Callable[..., np.ndarray], cfg: ModelConfig, i: in
             name: {"kernel": w.reshape(D, H, E)} for name, w in zip(("query", "key", "value"), qkv_w)
         },
         "mlp_norm": {"scale": take(p + "ln_2.weight", (D,))},
-        "mlp": {"fc": {"kernel": take(p + "mlp.c_fc.weight", (D, F))}, "proj": {"kernel": take(p + "mlp.c_proj.weight", (F, D))}},
+        "mlp": {
+            "fc": {"kernel": take(p + "mlp.c_fc.weight", (D, F))},
+            "proj": {"kernel": take(p + "mlp.c_proj.weight", (F, D))},
+        },
     }
     layer["attn"]["out"] = {"kernel": take(p + "attn.c_proj.weight", (D, D)).reshape(H, E, D)}
     if cfg.qkv_bias:
@@ -253,11 +263,12 @@ def _gpt2_layer_to_hf(layer: Params, cfg: ModelConfig, i: int) -> dict[str, np.n
         return np.asarray(module["bias"]).reshape(-1) if "bias" in module else np.zeros(shape, np.float32)
 
     p = f"transformer.h.{i}."
+    qkv = ("query", "key", "value")
     return {
         p + "ln_1.weight": layer["attn_norm"]["scale"],
         p + "ln_1.bias": bias(layer["attn_norm"], (D,)),
-        p + "attn.c_attn.weight": np.concatenate([attn[n]["kernel"].reshape(D, D) for n in ("query", "key", "value")], 1),
-        p + "attn.c_attn.bias": np.concatenate([bias(attn[n], (D,)) for n in ("query", "key", "value")]),
+        p + "attn.c_attn.weight": np.concatenate([attn[n]["kernel"].reshape(D, D) for n in qkv], axis=1),
+        p + "attn.c_attn.bias": np.concatenate([bias(attn[n], (D,)) for n in qkv]),
         p + "attn.c_proj.weight": attn["out"]["kernel"].reshape(H * E, D),
         p + "attn.c_proj.bias": bias(attn["out"], (D,)),
         p + "ln_2.weight": layer["mlp_norm"]["scale"],
@@ -383,7 +394,10 @@ def params_to_hf(cfg: ModelConfig, params: Params, dtype: str = "float32") -> di
         for i, layer in enumerate(layers):
             tensors.update(_gpt2_layer_to_hf(layer, cfg, i))
     else:
-        tensors = {"model.embed_tokens.weight": host["embed"]["embedding"], "model.norm.weight": host["final_norm"]["scale"]}
+        tensors = {
+            "model.embed_tokens.weight": host["embed"]["embedding"],
+            "model.norm.weight": host["final_norm"]["scale"],
+        }
         for i, layer in enumerate(layers):
             tensors.update(_llama_layer_to_hf(layer, cfg, i))
     if not cfg.tie_embeddings:

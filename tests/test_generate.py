@@ -90,7 +90,8 @@ def test_sharded_params_give_the_same_tokens(model, greedy):
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     abstract = jax.eval_shape(Transformer(cfg).init, jax.random.key(1), np.zeros((1, 8), np.int32))["params"]
     params = jax.device_put(unsharded, sharding.logical_shardings(abstract, mesh))
-    assert any(len(leaf.sharding.device_set) == 8 and not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(params))
+    shardings = [leaf.sharding for leaf in jax.tree.leaves(params)]
+    assert any(len(s.device_set) == 8 and not s.is_fully_replicated for s in shardings)
     assert generate(cfg, params, PROMPTS, max_new_tokens=NEW) == greedy
 
 
@@ -115,7 +116,8 @@ def test_sample_logits_draws_from_the_filtered_distribution(temperature, top_k, 
     logits = np.log(np.array([0.05, 0.30, 0.02, 0.40, 0.15, 0.08], np.float32))
     n = 20000
     expected = _filtered_probs(logits, temperature, top_k, top_p)
-    draws = np.asarray(sample_logits(np.tile(logits, (n, 1)), jax.random.key(0), make_sampler(temperature, top_k, top_p)))
+    sampler = make_sampler(temperature, top_k, top_p)
+    draws = np.asarray(sample_logits(np.tile(logits, (n, 1)), jax.random.key(0), sampler))
     freq = np.bincount(draws, minlength=len(logits)) / n
     assert set(np.flatnonzero(freq)) == set(np.flatnonzero(expected))  # never a filtered token
     np.testing.assert_allclose(freq, expected, atol=0.015)

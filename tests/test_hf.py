@@ -154,7 +154,8 @@ def test_export_of_jaxlm_models(name, tmp_path):
     save_hf(cfg, params, str(tmp_path), max_shard_bytes=20_000)  # small shards: the index is written and read
     assert os.path.isfile(tmp_path / "model.safetensors.index.json")
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    np.testing.assert_allclose(_hf_logits(model, TOKENS[:, :16]), forward(cfg, params, TOKENS[:, :16]), atol=1e-4, rtol=0)
+    tokens = TOKENS[:, :16]
+    np.testing.assert_allclose(_hf_logits(model, tokens), forward(cfg, params, tokens), atol=1e-4, rtol=0)
     cfg2, params2 = load_hf(str(tmp_path))
     assert cfg2 == cfg
     assert _same_params(params2, params)
