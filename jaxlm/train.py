@@ -405,18 +405,21 @@ SAMPLE_PROMPTS = ("def ", "import ", "class ")
 
 
 def write_samples(experiment: Experiment, params: Any, prepared, path: str) -> None:
+    """Samples from fixed prompts, each after an end-of-document token (where documents start in training rows)."""
     from jaxlm.generate import generate
 
+    tokenizer = prepared.tokenizer
     prompts = [SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)] for i in range(experiment.train.samples)]
-    budget = experiment.model.max_seq_len - max(len(prepared.tokenizer.encode(p)) for p in prompts)
+    prompt_ids = [[tokenizer.eos_id, *tokenizer.encode(p)] for p in prompts]
+    budget = experiment.model.max_seq_len - max(len(ids) for ids in prompt_ids)
     outputs = generate(
-        experiment.model, params, [prepared.tokenizer.encode(p) for p in prompts],
-        max_new_tokens=min(experiment.train.sample_tokens, budget), temperature=0.8, top_k=40,
-        seed=experiment.train.seed, eos_id=prepared.tokenizer.eos_id,
+        experiment.model, params, prompt_ids, max_new_tokens=min(experiment.train.sample_tokens, budget),
+        temperature=0.8, top_k=40, seed=experiment.train.seed, eos_id=tokenizer.eos_id,
     )
     with open(path, "w") as f:
-        for prompt, out in zip(prompts, outputs):
-            f.write(f"--- prompt {prompt!r}\n{prompt}{prepared.tokenizer.decode(out)}\n\n")
+        for ids, out in zip(prompt_ids, outputs):
+            # Decoding prompt and continuation together keeps sentencepiece's word-initial spaces.
+            f.write(f"--- sample {len(ids) - 1} prompt tokens\n{tokenizer.decode(ids[1:] + list(out))}\n\n")
 
 
 def plot_losses(metrics_path: str, png_path: str, title: str) -> None:
