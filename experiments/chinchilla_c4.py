@@ -2,21 +2,22 @@
 
 What it tests: Hoffmann et al. 2022's approaches 1-3 on `tfds:c4/en:3.1.0` with Llama-family models (RoPE,
 RMSNorm, SwiGLU, untied embeddings), over two decades of compute: 5 budgets (1e18, 3e18, 1e19, 3e19, 1e20
-FLOPs) x 7 sizes from centre / 3 to centre x 3 around D = 20 N; 32M to 2.8B parameters, 4 to 37 layers, width
-about 64 x depth in heads of 128. Sequences of 2,048 tokens, global batches of 256 (524k tokens), bfloat16
-compute with cuDNN flash attention, activations rematerialised except each block's attention and MLP outputs.
-The learning rate shrinks with width (3e-3 x 256 / d_model, 10x cosine decay, 5% warmup), as wider models need.
+FLOPs) x 7 sizes from centre / 3 to centre x 3 around Chinchilla's D = 20 N; 32M to 2.8B parameters, 4 to 37
+layers, width about 64 x depth in heads of 128. Sequences of 2,048 tokens, global batches of 256 (524k tokens),
+bfloat16 compute with cuDNN flash attention, activations rematerialised except each block's attention and MLP
+outputs. The learning rate shrinks with width (3e-3 x 256 / d_model; 5% warmup, cosine decay to a tenth).
 
-Cost: about 1.0e21 training FLOPs in all (7.2e20 for the 5 x 5 core; each budget's members spend it evenly);
-at 40% MFU that is about 700 H100-hours or 1,500 TPU v5p chip-hours. The longest member runs 93k steps; the
-largest member of the smallest budget, 1,041. No member sees more than 50B tokens, a third of C4's training split.
+Cost: 1.0e21 training FLOPs in all (35 members, each spending its budget): at 40% MFU, about 700 H100-hours or
+1,500 TPU v5p chip-hours. The longest member runs 93k steps; the largest member of the smallest budget, 1,041.
+No member reads more than 49B tokens, about a third of C4's training split (156B tokens by Dodge et al. 2021's
+count), so none repeats data.
 
 Prepare C4 once as ArrayRecord (`tfds build c4/en:3.1.0 --data_dir DIR --file_format array_record`), then
 `python -m experiments.chinchilla_c4 --data.tfds-data-dir DIR`; on several hosts, give each a slice
-(`--sweep.members 0:12`, ...). On TPUs add `--model.attention xla` (cuDNN is NVIDIA's). Members near 1B
-parameters and up hold 16 bytes of optimizer state per parameter on every chip of a data-parallel mesh: on chips
-with less memory than that needs, shard it with `--mesh.data 1 --mesh.fsdp -1`; `--train.grad-accum K` cuts
-activation memory. Overrides that change a member's compute are refused, as in experiments.chinchilla_cpu.
+(`--sweep.members 0:12`, ...). On TPUs add `--model.attention xla` (cuDNN is NVIDIA's). A data-parallel mesh
+holds 16 bytes per parameter on every chip (float32 weights, gradients and two Adam moments), 45 GB for the
+largest member: on chips with less memory, shard them with `--mesh.data 1 --mesh.fsdp -1`; `--train.grad-accum K`
+cuts activation memory. Overrides that change a member's compute are refused, as in experiments.chinchilla_cpu.
 Once every member is finished, process 0 fits and plots into runs/chinchilla_c4/fits.
 
 Found: not run yet.

@@ -114,10 +114,12 @@ def test_overrides_that_change_compute_are_refused():
     for flag, value in [("--data.batch-size", 2 * base.data.batch_size), ("--data.seq-len", base.data.seq_len // 2),
                         ("--train.steps", 10), ("--model.n-layers", 6)]:
         members = parse(sweep, [flag, str(value), "--sweep.members", "2"])
-        with pytest.raises(ConfigError, match=re.escape(f"{members[0].name}: the overrides make it train on")):
+        message = re.escape(f"{members[0].name}: the overrides make it train on")
+        with pytest.raises(ConfigError, match=message):
             chinchilla_cpu.check_budgets(members, budget_of)
     with pytest.raises(SystemExit) as exit_info:
-        chinchilla_cpu.run_isoflop_sweep(sweep, budget_of, "unused", argv=["--data.batch-size", str(2 * base.data.batch_size)])
+        argv = ["--data.batch-size", str(2 * base.data.batch_size)]
+        chinchilla_cpu.run_isoflop_sweep(sweep, budget_of, "unused", argv=argv)
     assert exit_info.value.code == 2
 
 
@@ -126,7 +128,7 @@ def tiny_sweep(tmp_path):
         chinchilla_cpu.BASE, train=dataclasses.replace(chinchilla_cpu.BASE.train, out_dir=str(tmp_path / "sweep"))
     )
     return chinchilla_cpu.budget_grid(
-        base, [3e11], sizes_per_budget=5, shape_rule=chinchilla_cpu.SHAPES, tokens_per_param=chinchilla_cpu.TOKENS_PER_PARAM
+        base, [3e11], shape_rule=chinchilla_cpu.SHAPES, tokens_per_param=chinchilla_cpu.TOKENS_PER_PARAM
     )
 
 
