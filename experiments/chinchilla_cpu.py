@@ -4,7 +4,7 @@ What it tests: that jaxlm's sweep machinery (isoflop_grid, run directories, resu
 (jaxlm.scaling's approaches 1-3, tools.fit_scaling) find a compute-optimal frontier in real training runs, end to
 end, on hardware everyone has. 3 compute budgets (3e11, 1e12, 3e12 FLOPs) x 5 sizes, log-spaced over a factor of
 9 around D = 300 N; byte-level tokens (vocab 260, so that embeddings do not swamp models this small); GPT-2
-shapes of 1-2 layers and widths 8 to 64 (heads of 8 to 16); 4k to 125k parameters (N counts every parameter,
+shapes of 1-2 layers and widths 8 to 64 (head size 8 to 16); 4k to 125k parameters (N counts every parameter,
 embeddings included, as Hoffmann et al. 2022 do). Every member trains on D = C / flops_per_token tokens in
 batches of 16 x 128 under a cosine schedule as long as the run (peak 3e-3 for all, 5% warmup, 10x decay), and is
 scored by its final validation loss (nats per byte) on the same 64 x 16 x 128 held-out bytes.
