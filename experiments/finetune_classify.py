@@ -4,15 +4,36 @@ What it tests: turning the pretrained quickstart model (`runs/quickstart`; run `
 first) into a classifier. Every function and method of five packages of the running Python's standard library
 (asyncio, email, json, multiprocessing, xml) is one example, labelled by its package; the experiment writes
 them to CSV files (runs/data/stdlib_functions/) with a 70/15/15 split drawn from a hash of each function's file
-and name. The classes are unbalanced (json has few functions), so training draws classes equally often. Each
-example is cut to its first 128 tokens; the head reads the hidden state of the closing end token.
+and name: 1,927 / 448 / 476 examples. The classes are unbalanced (json has 31 functions in all), so training
+draws classes equally often. Each example is cut to its first 128 tokens (a third of them are longer); the head
+reads the hidden state of the closing end token.
 
-Cost: about 2,900 examples, 300 steps of 16 examples, full finetuning of the 0.9M-parameter quickstart model;
-a few minutes on two CPU cores.
+Cost: 300 steps of 16 examples, every weight trained: 4 minutes of CPU time, 10 minutes on two busy shared cores.
 
-Found (Python 3.11 standard library, quickstart checkpoint at step 600; `python -m experiments.finetune_classify`):
-see the table in the README's results; the figures are written to runs/finetune_classify/summary.json and the
-test confusion matrix to runs/finetune_classify/confusion.txt.
+Found (Python 3.11 standard library; quickstart checkpoint at step 600; accuracy on the test split, 476
+examples, against always answering the commonest training class, asyncio):
+
+| run | trained parameters | validation | test |
+|---|---|---|---|
+| majority class | - | 0.339 | 0.328 |
+| full finetuning from the quickstart run (the default) | 1,088,901 | 0.888 | 0.859 |
+| full finetuning from random weights (`--train.init_from ""`) | 1,088,901 | 0.897 | 0.906 |
+| head and final norm only, from the quickstart run (`--finetune.train_last_k 0 --optim.lr 1e-2`) | 901 | 0.355 | 0.324 |
+| head and final norm only, from random weights | 901 | 0.346 | 0.305 |
+
+Test confusion matrix of the default run (rows: true package; columns: predicted):
+
+    true \ predicted  asyncio  email  json  multiprocessing  xml
+    asyncio              135      1     0               17    3
+    email                  2     77     0                7    1
+    json                   1      1     1                4    0
+    multiprocessing       14      3     0               81    0
+    xml                    0      4     0                9  115
+
+Finetuning gets to 86% where the majority class gets 33%, but this small a pretrained model brings nothing
+measurable: random weights with the same tokenizer do as well (the words of a function give its package away),
+and the end token's hidden state, before finetuning, is no better a feature than a random network's. json, with
+19 training examples, is mostly missed despite balanced sampling. Every figure is a single seed.
 """
 
 from __future__ import annotations

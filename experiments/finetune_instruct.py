@@ -1,17 +1,35 @@
-"""Instruction tuning with LoRA: "write the docstring of this function", on the standard library's functions.
+"""Instruction tuning: "write the docstring of this function", on the standard library's functions.
 
 What it tests: turning the pretrained quickstart model (`runs/quickstart`; run `python -m experiments.quickstart`
-first) into an assistant that answers in the chat template, training only low-rank adapters (rank 8 on every
-attention and MLP matrix) and counting only the answer's tokens in the loss. The experiment builds its data with
-`ast` from the running Python's standard library: for each short function with a docstring, the user message is
-the function with its docstring removed, the assistant's reply is the docstring's first paragraph. Training
-examples come from the files the quickstart model was trained on, validation examples from the files it held out
-(runs/data/docstrings/). Rows are packed, with attention kept inside each example.
+first) into an assistant that answers in the chat template, with only the answer's tokens counted in the loss.
+The experiment builds its data with `ast` from the running Python's standard library: for each short function
+with a docstring, the user message is the function with its docstring removed and the assistant's reply is the
+docstring's first paragraph. Training examples come from the files the quickstart model was trained on
+(4,261 examples), validation examples from the files it held out (163); see runs/data/docstrings/. Rows of 256
+tokens are packed, with attention kept inside each example. By default every weight is trained;
+`--finetune.lora_rank 8` trains rank-8 adapters on all six attention and MLP matrices instead.
 
-Cost: 200 steps of 8 packed rows of 256 tokens; a few minutes on two CPU cores.
+Cost: 200 steps of 8 packed rows; about 5 minutes on two shared CPU cores.
 
-Found: see the README's results (validation loss on answer tokens before and after, and greedy answers to
-held-out functions); the run writes them to runs/finetune_instruct/summary.json and samples.txt.
+Found (quickstart checkpoint at step 600; validation loss in nats per answer token, 2,857 tokens):
+
+| run | trained parameters | before | after | code loss after |
+|---|---|---|---|---|
+| full finetuning, lr 1e-3 (the default) | 1,088,256 | 6.144 | 4.858 | 5.677 |
+| LoRA r=8, alpha 16, lr 1e-2 (`--finetune.lora_rank 8 --optim.lr 1e-2 --optim.min_lr 1e-3`) | 73,728 | 6.144 | 5.151 | 5.520 |
+| LoRA r=8, alpha 16, lr 3e-3 (`--finetune.lora_rank 8 --optim.lr 3e-3 --optim.min_lr 3e-4`) | 73,728 | 6.144 | 5.172 | - |
+
+"Code loss" is the language-model loss on the whole pystdlib validation split afterwards
+(`python -m tools.evaluate --run <run dir> --batch_size 16`); the quickstart model's own is 5.017: both forget
+some of their code modelling, the adapters less.
+
+The model learns the form of an answer (a short imperative sentence, then the end token) but, with 1M
+parameters and 600 steps of pretraining, little of the content: greedy answers to held-out functions are
+"Return the selection." for `getname(self): return self.chunkname` (reference: "Return the name (ID) of the
+current chunk."), `getsize` and `__newobj_ex__`, and "Return the 0." for `remove_extension` (reference:
+"Unregister an extension code."). The adapters, with 7% of the parameters, recover three quarters of the
+full run's gain. Answers are in runs/finetune_instruct/samples.txt; `python -m tools.evaluate --run
+runs/finetune_instruct` measures the finetuned model as a language model again.
 """
 
 from __future__ import annotations
@@ -40,7 +58,7 @@ EXPERIMENT = Experiment(
     name="finetune_instruct",
     model=QUICKSTART.model,
     data=dataclasses.replace(QUICKSTART.data, batch_size=8),  # the pretrained run's tokenizer
-    optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=20, weight_decay=0.0),
+    optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=20, weight_decay=0.0),
     train=TrainConfig(steps=200, eval_every=100, log_every=10, init_from=QUICKSTART.run_dir),
     mesh=QUICKSTART.mesh,
 )
@@ -52,7 +70,7 @@ FINETUNE = FinetuneConfig(
     layout="chat",
     pack=True,
     max_len=256,
-    lora_rank=8,
+    lora_rank=0,  # 8: adapters instead of full finetuning
     lora_alpha=16.0,
     lora_targets=("query", "key", "value", "out", "fc", "proj"),
     samples=4,

@@ -17,6 +17,13 @@ positions restart at each.
 
 Every example starts after an end-of-sequence token, as documents do in pretraining, and responses end with one.
 
+From the experiment: the model (replaced by the Hugging Face config when init_from is such a directory), the
+data section's tokenizer fields (checked against the pretrained run's), `data.batch_size` (examples; rows when
+instruction tuning), the optimizer and schedule, `train.steps`, `eval_every`, `log_every`, `seed`, `init_from`
+and the run directory. Evaluation reads whole splits, so `train.eval_steps` and `data.seq_len` play no part.
+Finetuning runs on one device and starts over if interrupted (runs are minutes long; a finished run is not
+repeated).
+
 What the run directory holds: config.json and finetune.json; metrics.jsonl; summary.json; for a classifier,
 classifier.safetensors (the backbone and head, or with LoRA only the adapters and head) and labels.json; for an
 assistant, a jaxlm checkpoint (full finetuning: every jaxlm tool loads it as a language model) or
@@ -105,7 +112,8 @@ class FinetuneConfig:
             self.lora_rank == 0 or self.train_last_k == -1,
             "FinetuneConfig.lora_rank and train_last_k are alternatives: set one of them",
         )
-        _require(self.samples >= 0 and self.sample_tokens > 0, "FinetuneConfig.samples >= 0 and sample_tokens > 0")
+        _require(self.samples >= 0, f"FinetuneConfig.samples must be >= 0, got {self.samples}")
+        _require(self.sample_tokens > 0, f"FinetuneConfig.sample_tokens must be positive, got {self.sample_tokens}")
         _require(
             not self.balanced or self.task == "classify", "FinetuneConfig.balanced applies to --finetune.task classify"
         )
@@ -564,7 +572,8 @@ def load_base(experiment: Experiment) -> tuple[Experiment, Params]:
     params: those of TrainConfig.init_from, or a fresh initialisation when it is empty."""
     path = experiment.train.init_from
     if not path:
-        return experiment, init_params(experiment.model, jax.random.key(experiment.train.seed))
+        fresh = jax.jit(lambda key: init_params(experiment.model, key))
+        return experiment, fresh(jax.random.key(experiment.train.seed))
     if os.path.isdir(path) and is_hf_dir(path):
         from jaxlm.hf import load_hf
 

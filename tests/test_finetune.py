@@ -62,21 +62,22 @@ def vowel_rows(n, seed):
 # ------------------------------------------------------------------------------------------------ the model side
 
 
+@jax.jit
+def _hidden_and_logits(params, x):
+    return ft_lib.apply_model(MODEL, params, x, hidden=True), forward(MODEL, params, x)
+
+
 def test_hidden_states_are_the_output_projection_input():
-    params = init_params(MODEL, jax.random.key(0))
     x = jnp.asarray(np.random.default_rng(0).integers(0, 260, (2, 10)), jnp.int32)
-    hidden = np.asarray(ft_lib.apply_model(MODEL, params, x, hidden=True))
+    params = init_params(MODEL, jax.random.key(0))
+    hidden, logits = map(np.asarray, _hidden_and_logits(params, x))
     assert hidden.shape == (2, 10, MODEL.d_model)
     # Tied embeddings: logits = hidden @ E^T.
-    np.testing.assert_allclose(
-        hidden @ np.asarray(params["embed"]["embedding"]).T, np.asarray(forward(MODEL, params, x)), atol=1e-4
-    )
+    np.testing.assert_allclose(hidden @ np.asarray(params["embed"]["embedding"]).T, logits, atol=1e-4)
     llama = ModelConfig(family="llama", n_layers=2, d_model=32, n_heads=4, vocab_size=260, max_seq_len=64)
     params = init_params(llama, jax.random.key(0))
-    hidden = np.asarray(ft_lib.apply_model(llama, params, x, hidden=True))
-    np.testing.assert_allclose(
-        hidden @ np.asarray(params["lm_head"]["kernel"]), np.asarray(forward(llama, params, x)), atol=1e-4
-    )
+    hidden, logits = jax.jit(lambda p: (ft_lib.apply_model(llama, p, x, hidden=True), forward(llama, p, x)))(params)
+    np.testing.assert_allclose(np.asarray(hidden) @ np.asarray(params["lm_head"]["kernel"]), logits, atol=1e-4)
 
 
 def test_classifier_reads_the_last_real_token_and_ignores_padding():
@@ -123,7 +124,7 @@ def test_train_last_k_moves_only_the_last_blocks(tmp_path):
     ft = FinetuneConfig(task="classify", train_file=train, max_len=16, train_last_k=1)
     exp = experiment(tmp_path, steps=5)
     summary = ft_lib.train_finetune(exp, ft)
-    start = init_params(MODEL, jax.random.key(exp.train.seed))
+    start = jax.jit(lambda key: init_params(MODEL, key))(jax.random.key(exp.train.seed))  # as load_base does
     saved = load_file(str(tmp_path / "ft" / "classifier.safetensors"))
     assert not any(k.startswith("model/lm_head") for k in saved)
     for name, value in saved.items():
@@ -221,6 +222,19 @@ def test_init_from_a_run_checks_model_and_tokenizer(tmp_path):
         ft_lib.load_base(experiment(tmp_path, name="x", init_from=str(tmp_path / "missing")))
 
 
+def test_init_from_a_hugging_face_directory(tmp_path):
+    from jaxlm.hf import save_hf
+
+    llama = ModelConfig(family="llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, vocab_size=260, max_seq_len=64)
+    params = init_params(llama, jax.random.key(3))
+    save_hf(llama, params, str(tmp_path / "hf"))
+    exp = experiment(tmp_path, init_from=str(tmp_path / "hf"))  # its own model section is replaced
+    loaded_exp, loaded = ft_lib.load_base(exp)
+    assert loaded_exp.model == llama
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 # --------------------------------------------------------------------------------------------- instruction tuning
 
 
@@ -313,8 +327,12 @@ def test_response_loss_matches_numpy(tmp_path):
     rows = ft_lib.pack_rows(data.ids, data.weights, 128, TOK.pad_id, pack=False)
     total, count = ft_lib.response_losses(MODEL, {"model": params}, {}, rows)
     ref_total = ref_count = 0.0
+    one = jax.jit(lambda p, x: forward(MODEL, p, x))
     for ids, w in zip(data.ids, data.weights):
-        logits = np.asarray(forward(MODEL, params, jnp.asarray(ids[None, :-1])), np.float64)[0]
+        # Each example alone, right-padded to one width so one compilation serves all (causal: padding is unseen).
+        inputs = np.zeros((1, 128), np.int32)
+        inputs[0, : len(ids) - 1] = ids[:-1]
+        logits = np.asarray(one(params, inputs), np.float64)[0, : len(ids) - 1]
         logp = logits - logits.max(-1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
         nll = -logp[np.arange(len(ids) - 1), ids[1:]]
@@ -397,7 +415,7 @@ def test_instruct_last_k_saves_a_loadable_model_with_frozen_blocks(tmp_path):
     from jaxlm.checkpoint import load_params
 
     _, params = load_params(str(tmp_path / "ft"))
-    start = init_params(MODEL, jax.random.key(exp.train.seed))
+    start = jax.jit(lambda key: init_params(MODEL, key))(jax.random.key(exp.train.seed))  # as load_base does
     for path, after in jax.tree_util.tree_flatten_with_path(params)[0]:
         keys = [k.key for k in path]
         before = start

@@ -25,7 +25,10 @@ def tokens(seed=0, batch=2, length=12, vocab=64):
 
 @pytest.mark.parametrize(
     "cfg,targets",
-    [(GPT2, ("query", "key", "value", "out", "fc", "proj")), (LLAMA, lora.TARGETS)],
+    [
+        (GPT2, ("query", "key", "value", "out", "fc", "proj")),
+        (LLAMA, ("query", "key", "value", "out", "gate", "up", "proj")),
+    ],
 )
 def test_fresh_adapters_leave_the_model_unchanged(cfg, targets):
     params = init_params(cfg, jax.random.key(0))
