@@ -430,3 +430,18 @@ def test_instruct_last_k_saves_a_loadable_model_with_frozen_blocks(tmp_path):
         else:  # the tied embedding is also the output matrix, and stays frozen with the input side
             np.testing.assert_array_equal(after, before)
     assert summary["trainable_params"] == (4 * (32 * 32 + 32) + 4 * 32 + (32 * 128 + 128) + (128 * 32 + 32)) + 2 * 32
+
+
+def test_lora_classifier_stores_only_adapters_and_head(tmp_path):
+    train = write_csv(tmp_path / "train.csv", vowel_rows(64, 0))
+    test = write_csv(tmp_path / "test.csv", vowel_rows(24, 2))
+    ft = FinetuneConfig(train_file=train, test_file=test, max_len=16, lora_rank=2, lora_targets=("query", "fc"))
+    summary = ft_lib.train_finetune(experiment(tmp_path, steps=10), ft)
+    saved = load_file(str(tmp_path / "ft" / "classifier.safetensors"))
+    assert {k.split("/")[0] for k in saved} == {"lora", "head"}
+    D, F, L = 32, 128, 2
+    assert sum(v.size for v in saved.values()) == summary["trainable_params"] == L * 2 * (2 * D + D + F) + D * 2 + 2
+    classifier = ft_lib.load_classifier(str(tmp_path / "ft"))  # base weights come from init_from (fresh here)
+    texts, labels = zip(*vowel_rows(24, 2))
+    accuracy = np.mean(np.array(classifier.predict(list(texts))) == np.array(labels))
+    assert accuracy == pytest.approx(summary["test"]["accuracy"])
