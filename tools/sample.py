@@ -9,6 +9,8 @@ the prompt is placed after an end-of-document token, where a document starts in 
 --hf reads the directory with jaxlm.hf.load_hf; with a sentencepiece `tokenizer.model` the prompt is text (after
 the bos token, as Llama was trained), otherwise it is a list of token ids ("464 3290 318") and so is the output.
 --start bos|eos|none overrides that start token (e.g. bos for a run imported from Llama with tools.convert_hf).
+--chat wraps the prompt in the prompt template of an instruction-tuned run (experiments.finetune_instruct; a LoRA
+run's adapters are merged first) and prints only the answer.
 Each of the --batch samples is drawn independently; generation stops at the end-of-sequence token or after
 --max-new-tokens. Bad input prints one line on stderr and exits with status 2.
 """
@@ -116,9 +118,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1, help="how many samples to draw")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    p.add_argument("--chat", action="store_true",
+                   help="--run is an instruction-tuned run: wrap the prompt in its template, print the answer")
     p.add_argument("--start", choices=("auto", "bos", "eos", "none"), default="auto",
                    help="token before the prompt (auto: eos for --run, bos for --hf)")
     args = p.parse_args(argv)
+    if args.chat and not args.run:
+        raise ConfigError("--chat needs --run (an instruction-tuned run directory)")
     if args.batch < 1:
         raise ConfigError(f"--batch must be at least 1, got {args.batch}")
     return args
@@ -145,11 +151,30 @@ def sample(model: Model, args: argparse.Namespace) -> list[str]:
     return [model.tokenizer.decode(prompt_ids + out) for out in outputs]
 
 
+def chat(run_dir: str, args: argparse.Namespace) -> list[str]:
+    """Answers of an instruction-tuned run to one request, in the template it was trained with."""
+    from jaxlm import finetune
+    from jaxlm.generate import generate
+
+    experiment, params = finetune.load_lm(run_dir)
+    tokenizer = finetune.load_tokenizer(experiment)
+    ids = finetune.prompt_ids(tokenizer, finetune.user_prompt(args.prompt, finetune.run_layout(run_dir)))
+    outputs = generate(
+        experiment.model, params, [ids] * args.batch, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        eos_id=None if args.ignore_eos else tokenizer.eos_id,
+    )
+    return [tokenizer.decode(out) for out in outputs]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         args = parse_args(argv)
-        model = load_run(args.run) if args.run else load_hf_dir(args.hf)
-        texts = sample(model, args)
+        if args.chat:
+            texts = chat(args.run, args)
+        else:
+            model = load_run(args.run) if args.run else load_hf_dir(args.hf)
+            texts = sample(model, args)
     except JaxlmError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(USAGE_ERROR)
