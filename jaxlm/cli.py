@@ -8,6 +8,7 @@ experiment's defaults. For a sweep, an override applies to every member, and `--
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Annotated, Any, Sequence
 
 import tyro
 
-from jaxlm.config import Experiment
+from jaxlm.config import Experiment, ModelConfig
 from jaxlm.errors import JaxlmError
 
 USAGE_ERROR = 2
@@ -34,8 +35,16 @@ class _SweepCommand:
     experiment: Annotated[Experiment, tyro.conf.arg(name="")]
 
 
+def _open(experiment: Experiment) -> Experiment:
+    """The experiment as the parser's default: model fields derived by a family rule left open (None), so that
+    `--model.d-model 256` also changes d_ff, as it would in a config written with that width."""
+    opened = copy.copy(experiment)
+    object.__setattr__(opened, "model", experiment.model.open_derived())
+    return opened
+
+
 def _changed(default: Any, parsed: Any) -> dict[str, Any]:
-    """The fields of `parsed` that differ from `default`, nested by section."""
+    """The fields of `parsed` that differ from `default` (an opened experiment), nested by section."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(default):
         a, b = getattr(default, f.name), getattr(parsed, f.name)
@@ -43,15 +52,19 @@ def _changed(default: Any, parsed: Any) -> dict[str, Any]:
             sub = _changed(a, b)
             if sub:
                 out[f.name] = sub
+        elif a is None and isinstance(parsed, ModelConfig) and b == getattr(parsed.family_rule(), f.name):
+            continue  # derived by the rule, not set on the command line
         elif a != b:
             out[f.name] = b
     return out
 
 
 def _apply(experiment: Experiment, changes: dict[str, Any]) -> Experiment:
+    """The experiment with the changes; model fields derived from others (d_ff, ...) follow them."""
     sections = {
-        name: dataclasses.replace(getattr(experiment, name), **value)
+        name: (value_of.replace(**value) if isinstance(value_of, ModelConfig) else dataclasses.replace(value_of, **value))
         for name, value in changes.items() if isinstance(value, dict)
+        for value_of in [getattr(experiment, name)]
     }
     plain = {name: value for name, value in changes.items() if not isinstance(value, dict)}
     return dataclasses.replace(experiment, **sections, **plain)
@@ -74,15 +87,15 @@ def parse(default: Experiment | Sequence[Experiment], argv: Sequence[str] | None
     """The experiments a command line asks for, with its overrides applied."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if isinstance(default, Experiment):
-        return [tyro.cli(Experiment, default=default, args=argv, description=_doc())]
+        return [tyro.cli(Experiment, default=_open(default), args=argv, description=_doc())]
     members = list(default)
     if not members:
         raise JaxlmError("the sweep has no members")
     command = tyro.cli(
-        _SweepCommand, default=_SweepCommand(SweepArgs(), members[0]), args=argv,
+        _SweepCommand, default=_SweepCommand(SweepArgs(), _open(members[0])), args=argv,
         description=_doc() + f"\n\nA sweep of {len(members)} runs; overrides apply to every member.",
     )
-    changes = _changed(members[0], command.experiment)
+    changes = _changed(_open(members[0]), command.experiment)
     return [_apply(members[i], changes) for i in _members(command.sweep.members, len(members))]
 
 

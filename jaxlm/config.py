@@ -6,6 +6,7 @@ An `Experiment` holds one of each section; `jaxlm.cli.run` overrides fields from
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -99,6 +100,30 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    def family_rule(self) -> ModelConfig:
+        """This config with every derived field given by its family's rule."""
+        return ModelConfig(**{**dataclasses.asdict(self), **{name: None for name in DERIVED_FIELDS}})
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """`dataclasses.replace` that derives again the family defaults the changes leave open.
+
+        A field still at the value its family rule gave it (d_ff = 4 d_model, say) follows the new fields, so
+        `cfg.replace(d_model=256)` gets d_ff 1024; a field set to anything else keeps its value.
+        """
+        return ModelConfig(**{**dataclasses.asdict(self.open_derived()), **changes})
+
+    def open_derived(self) -> ModelConfig:
+        """A copy whose derived fields still at their rule's value are None again (unvalidated: for parsers)."""
+        rule, opened = self.family_rule(), copy.copy(self)
+        for name in DERIVED_FIELDS:
+            if getattr(self, name) == getattr(rule, name):
+                object.__setattr__(opened, name, None)
+        return opened
+
+
+# Fields whose None means "the family's rule": resolved in __post_init__, derived again by ModelConfig.replace.
+DERIVED_FIELDS = ("n_kv_heads", "d_ff", "bias", "qkv_bias", "tie_embeddings")
 
 
 @dataclass(frozen=True)

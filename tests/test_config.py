@@ -44,6 +44,19 @@ def test_family_defaults_resolve():
     assert (llama.d_ff, llama.bias, llama.tie_embeddings) == (256, False, False)
 
 
+def test_derived_fields_follow_overrides_unless_set():
+    cfg = ModelConfig(family="gpt2", d_model=128, n_heads=4)
+    wider = cfg.replace(d_model=256)
+    assert wider.d_ff == 1024 and wider.n_kv_heads == 4
+    assert cfg.replace(d_model=256, d_ff=300).d_ff == 300
+    gqa = ModelConfig(family="llama", d_model=128, n_heads=4, n_kv_heads=2, d_ff=384)
+    assert gqa.replace(n_heads=8).n_kv_heads == 2 and gqa.replace(n_heads=8).d_ff == 384
+    llama = cfg.replace(family="llama")
+    assert (llama.bias, llama.tie_embeddings, llama.d_ff) == (False, False, 512)
+    [exp] = parse(Experiment(model=cfg), ["--model.d-model", "192", "--model.n-heads", "6"])
+    assert (exp.model.d_ff, exp.model.n_kv_heads) == (768, 6)
+
+
 def test_config_round_trips_through_json():
     exp = Experiment(name="x", model=ModelConfig(family="llama", n_kv_heads=2), optim=OptimConfig(schedule="wsd"))
     import json
