@@ -13,7 +13,20 @@ Every subcommand prints a table and ends with one JSON line holding its figures.
 
 Step times are medians over the timed steps, each step waited for; the spread is the 10th-90th percentile
 range. On a machine shared with other work, compare only figures measured in the same run: `--torch`
-interleaves the two implementations step by step for that reason.
+interleaves the two implementations step by step for that reason. On an oversubscribed CPU a multi-threaded
+PyTorch step slows down far more than a JAX one (its threads wait for each other at every operation), so
+`taskset -c 0 ... --torch --torch-threads 1` gives the steadier one-core comparison.
+
+The two CPU comparison configs (GPT-2 style: no biases, GELU, tied embeddings, AdamW, clipping):
+
+    python -m tools.bench train --experiment quickstart --model.n-layers 6 --model.d-model 384 \\
+        --model.n-heads 6 --model.n-kv-heads 6 --model.d-ff 1536 --model.bias False --model.qkv-bias False \\
+        --model.vocab-size 65 --data.tokenizer char --data.seq-len 256 --data.batch-size 8 --steps 5 --torch
+    python -m tools.bench train --experiment quickstart --model.n-layers 4 --model.d-model 128 \\
+        --model.n-heads 4 --model.n-kv-heads 4 --model.d-ff 512 --model.bias False --model.qkv-bias False \\
+        --model.vocab-size 65 --data.tokenizer char --data.seq-len 64 --data.batch-size 12 --steps 20 --torch
+
+(n_kv_heads, d_ff and qkv_bias are given because the quickstart's values of them were fixed when it was built.)
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ import dataclasses
 import datetime
 import importlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -146,6 +160,25 @@ class CompiledStep:
         jax.block_until_ready(metrics["loss"])
 
 
+def _jit_options() -> dict[str, Any]:
+    """The compiler options `jaxlm.train` compiles its train step with, where it declares any."""
+    from jaxlm import train
+
+    options = getattr(train, "cpu_compiler_options", None)
+    return {"compiler_options": options()} if options is not None and options() else {}
+
+
+def _make_train_step(experiment: Experiment, mesh) -> Callable:
+    """`jaxlm.train.make_train_step`, given the mesh where it takes one (for its activation shardings)."""
+    import inspect
+
+    from jaxlm import train
+
+    if "mesh" in inspect.signature(train.make_train_step).parameters:
+        return train.make_train_step(experiment, mesh)
+    return train.make_train_step(experiment)
+
+
 def build_train_step(experiment: Experiment, tokens: np.ndarray) -> CompiledStep:
     """jaxlm's jitted train step, as `jaxlm.train.train` builds it, compiled ahead of time on a fixed batch."""
     import jax
@@ -159,8 +192,8 @@ def build_train_step(experiment: Experiment, tokens: np.ndarray) -> CompiledStep
     state = train.init_train_state(experiment, mesh)
     batch = sharding.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, mesh)
     step = jax.jit(
-        train.make_train_step(experiment), in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-        out_shardings=(state_sharding, None), donate_argnums=0,
+        _make_train_step(experiment, mesh), in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+        out_shardings=(state_sharding, None), donate_argnums=0, **_jit_options(),
     )
     start = time.perf_counter()
     lowered = step.lower(state, batch)
@@ -171,7 +204,9 @@ def build_train_step(experiment: Experiment, tokens: np.ndarray) -> CompiledStep
     return CompiledStep(compiled, state, batch, lower_s, compile_s, _memory(compiled))
 
 
-def _torch_step(experiment: Experiment, tokens: np.ndarray) -> tuple[Callable[[], None], dict[str, Any]]:
+def _torch_step(
+    experiment: Experiment, tokens: np.ndarray, threads: int | None = None
+) -> tuple[Callable[[], None], dict[str, Any]]:
     try:
         import torch
 
@@ -180,6 +215,8 @@ def _torch_step(experiment: Experiment, tokens: np.ndarray) -> tuple[Callable[[]
         raise ConfigError(
             "--torch needs PyTorch: pip install torch (the CPU build is enough), or leave out --torch"
         ) from None
+    if threads:
+        torch.set_num_threads(threads)
     step, model = torch_reference.make_train_step(experiment)
     batch = torch.from_numpy(tokens.astype(np.int64))
 
@@ -203,7 +240,12 @@ def _step_stats(times: Sequence[float], tokens_per_step: int, prefix: str = "") 
 
 
 def bench_train(
-    experiment: Experiment, steps: int = 10, warmup: int = 2, with_torch: bool = False, peak: float | None = None
+    experiment: Experiment,
+    steps: int = 10,
+    warmup: int = 2,
+    with_torch: bool = False,
+    peak: float | None = None,
+    torch_threads: int | None = None,
 ) -> dict[str, Any]:
     """Time jaxlm's train step (and, with `with_torch`, the PyTorch reference, step for step) on random tokens."""
     import jax
@@ -217,7 +259,7 @@ def bench_train(
     runners: dict[str, Callable[[], None]] = {"jax": step.run}
     record: dict[str, Any] = {}
     if with_torch:
-        runners["torch"], info = _torch_step(experiment, tokens)
+        runners["torch"], info = _torch_step(experiment, tokens, torch_threads)
         record.update(info)
     for _ in range(warmup):
         for run in runners.values():
@@ -248,6 +290,7 @@ def bench_train(
         "steps": steps, "warmup": warmup, "tokens_per_step": tokens_per_step,
         "flops_per_token": fpt, "achieved_flops": achieved, "peak_flops": peak_flops, "peak_source": peak_source,
         "mfu": achieved / peak_flops, "lower_s": step.lower_s, "compile_s": step.compile_s, **step.memory,
+        "compiler_options": _jit_options().get("compiler_options", {}), "xla_flags": os.environ.get("XLA_FLAGS", ""),
     })
     if with_torch:
         record.update(_step_stats(times["torch"], tokens_per_step, prefix="torch_"))
@@ -393,8 +436,8 @@ def bench_compile(experiment: Experiment, depths: Sequence[int], policies: Seque
             batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding) for k in ("inputs", "targets")}
             state_sharding = train.state_shardings(exp, mesh)
             step = jax.jit(
-                train.make_train_step(exp), in_shardings=(state_sharding, batch_sharding),
-                out_shardings=(state_sharding, None), donate_argnums=0,
+                _make_train_step(exp, mesh), in_shardings=(state_sharding, batch_sharding),
+                out_shardings=(state_sharding, None), donate_argnums=0, **_jit_options(),
             )
             start = time.perf_counter()
             lowered = step.lower(state, batch)
@@ -434,6 +477,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (default 2)")
     p.add_argument("--torch", action="store_true", help="also run the PyTorch reference, interleaved")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="PyTorch's intra-op threads (default: its own choice, one per core)")
     p.add_argument("--peak-flops", type=float, default=None,
                    help="FLOP/s to compute MFU against (default: the device table, or a measured matmul on CPU)")
 
@@ -467,7 +512,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         experiment = load_experiment(args.experiment, overrides, args.preset)
         if args.command == "train":
             record = bench_train(
-                experiment, steps=args.steps, warmup=args.warmup, with_torch=args.torch, peak=args.peak_flops
+                experiment, steps=args.steps, warmup=args.warmup, with_torch=args.torch, peak=args.peak_flops,
+                torch_threads=args.torch_threads,
             )
             print_train(record)
         elif args.command == "decode":
