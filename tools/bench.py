@@ -25,8 +25,6 @@ The two CPU comparison configs (GPT-2 style: no biases, GELU, tied embeddings, A
     python -m tools.bench train --experiment quickstart --model.n-layers 4 --model.d-model 128 \\
         --model.n-heads 4 --model.n-kv-heads 4 --model.d-ff 512 --model.bias False --model.qkv-bias False \\
         --model.vocab-size 65 --data.tokenizer char --data.seq-len 64 --data.batch-size 12 --steps 20 --torch
-
-(n_kv_heads, d_ff and qkv_bias are given because the quickstart's values of them were fixed when it was built.)
 """
 
 from __future__ import annotations
