@@ -417,9 +417,9 @@ def write_samples(experiment: Experiment, params: Any, prepared, path: str) -> N
         temperature=0.8, top_k=40, seed=experiment.train.seed, eos_id=tokenizer.eos_id,
     )
     with open(path, "w") as f:
-        for ids, out in zip(prompt_ids, outputs):
+        for i, (prompt, ids, out) in enumerate(zip(prompts, prompt_ids, outputs)):
             # Decoding prompt and continuation together keeps sentencepiece's word-initial spaces.
-            f.write(f"--- sample {len(ids) - 1} prompt tokens\n{tokenizer.decode(ids[1:] + list(out))}\n\n")
+            f.write(f"--- sample {i}, prompt {prompt!r}\n{tokenizer.decode(ids[1:] + list(out))}\n\n")
 
 
 def plot_losses(metrics_path: str, png_path: str, title: str) -> None:
