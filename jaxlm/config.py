@@ -17,8 +17,8 @@ from jaxlm.errors import ConfigError
 
 FAMILIES = ("gpt2", "llama")
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "full", "dots", "attn_mlp")
-ATTENTION_IMPLS = ("xla", "cudnn", "einsum")
+REMAT_POLICIES = ("auto", "none", "full", "dots", "alldots", "attn_mlp")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum", "blocked")
 SCHEDULES = ("cosine", "wsd", "constant")
 OPTIMIZERS = ("adamw",)
 
@@ -63,9 +63,14 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0
     rope_original_max_len: int = 8192
     init_std: float = 0.02
-    remat: str = "none"  # none | full | dots | attn_mlp
+    # What the backward pass recomputes: none | full | dots (keep matmul outputs) | attn_mlp (keep block outputs);
+    # auto: dots on CPU (recomputing elementwise work beats storing it there), none on accelerators.
+    remat: str = "auto"
     scan_layers: bool = True
-    attention: str = "xla"  # xla: jax.nn.dot_product_attention; cudnn: its fused GPU kernel; einsum: explicit
+    # xla: jax.nn.dot_product_attention's XLA form; cudnn: its fused GPU kernel; einsum: written out; blocked:
+    # written out one block of queries at a time, skipping masked key blocks; auto: blocked on CPU, elsewhere
+    # jax.nn.dot_product_attention's own choice (cuDNN where it applies).
+    attention: str = "auto"
 
     def __post_init__(self):
         _one_of(self, "family", FAMILIES)

@@ -104,6 +104,32 @@ def einsum_attention(q_BTHE: Array, k_BSKE: Array, v_BSKE: Array, mask_B1TS: Arr
     return out_BTKGE.reshape(B, T, H, E)
 
 
+def blocked_causal_attention(
+    q_BTHE: Array, k_BSKE: Array, v_BSKE: Array, mask_B1TS: Array | None, block: int = 128
+) -> Array:
+    """Causal self-attention (S = T) one block of queries at a time: each block reads the keys up to its last
+    query only, so the masked upper triangle is mostly never computed (a quarter of the work at T = 2 blocks).
+    The softmax is normalised after the value product, on [t, E] instead of [t, S]: the backward pass then
+    needs no reduction over the scores. Fastest on CPU; same result as `einsum_attention`."""
+    B, T, H, E = q_BTHE.shape
+    K = k_BSKE.shape[2]
+    q_BTKGE = (q_BTHE * E**-0.5).reshape(B, T, K, H // K, E)
+    outs = []
+    for start in range(0, T, block):
+        end = min(start + block, T)  # this block's queries see keys [0, end)
+        scores_BKGtS = jnp.einsum("btkge,bske->bkgts", q_BTKGE[:, start:end], k_BSKE[:, :end]).astype(jnp.float32)
+        keep = (start + jnp.arange(end - start))[:, None] >= jnp.arange(end)[None, :]
+        if mask_B1TS is not None:
+            keep = keep & mask_B1TS[:, :, None, start:end, :end]
+        scores_BKGtS = jnp.where(keep, scores_BKGtS, jnp.finfo(jnp.float32).min)
+        top_BKGt1 = lax.stop_gradient(jnp.max(scores_BKGtS, axis=-1, keepdims=True))
+        weights_BKGtS = jnp.exp(scores_BKGtS - top_BKGt1)
+        total_BtKG1 = jnp.sum(weights_BKGtS, axis=-1).transpose(0, 3, 1, 2)[..., None]
+        out_BtKGE = jnp.einsum("bkgts,bske->btkge", weights_BKGtS.astype(v_BSKE.dtype), v_BSKE[:, :end])
+        outs.append((out_BtKGE / total_BtKG1).astype(q_BTHE.dtype))
+    return jnp.concatenate(outs, axis=1).reshape(B, T, H, E)
+
+
 def cached_attention(q_BTHE: Array, k_BKSE: Array, v_BKSE: Array, keep_B1TS: Array) -> Array:
     """Softmax attention of T new queries over the S slots of a KV cache, where `keep` allows.
 
@@ -177,9 +203,13 @@ class Attention(nn.Module):
                 bias_init=_zeros((heads_axis, "head_dim")),
             )
 
-        q_BTHE = proj("query", cfg.n_heads, "heads")(x_BTD)
-        k_BTKE = proj("key", cfg.n_kv_heads, "kv_heads")(x_BTD)
-        v_BTKE = proj("value", cfg.n_kv_heads, "kv_heads")(x_BTD)
+        # Projections see the tokens as one [B*T, ...] matrix: one plain matmul each, and XLA CPU then needs no
+        # transposed copy of the activations for the weight gradients.
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(B * T, D)
+        q_BTHE = proj("query", cfg.n_heads, "heads")(x_ND).reshape(B, T, cfg.n_heads, cfg.head_dim)
+        k_BTKE = proj("key", cfg.n_kv_heads, "kv_heads")(x_ND).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+        v_BTKE = proj("value", cfg.n_kv_heads, "kv_heads")(x_ND).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
         if cfg.family == "llama":
             inv_freq = rope_frequencies(cfg)
             q_BTHE, k_BTKE = apply_rope(q_BTHE, positions_BT, inv_freq), apply_rope(k_BTKE, positions_BT, inv_freq)
@@ -191,16 +221,18 @@ class Attention(nn.Module):
             )
         if kv_cache is not None and cache_keep_B1TS is not None:
             out_BTHE = cached_attention(q_BTHE, *kv_cache, cache_keep_B1TS)
-        elif cfg.attention == "einsum":
+        elif (impl := attention_impl(cfg)) == "einsum":
             out_BTHE = einsum_attention(q_BTHE, k_BTKE, v_BTKE, mask_B1TS)
+        elif impl == "blocked":
+            out_BTHE = blocked_causal_attention(q_BTHE, k_BTKE, v_BTKE, mask_B1TS)
         else:
             out_BTHE = jax.nn.dot_product_attention(
-                q_BTHE, k_BTKE, v_BTKE, mask=mask_B1TS, is_causal=True, implementation=cfg.attention
+                q_BTHE, k_BTKE, v_BTKE, mask=mask_B1TS, is_causal=True, implementation=impl
             )
         out_BTD = nn.DenseGeneral(
             features=cfg.d_model, axis=(-2, -1), use_bias=cfg.bias, dtype=dtype, name="out",
             kernel_init=_param_init(out_std, ("heads", "head_dim", "embed")), bias_init=_zeros(("embed",)),
-        )(out_BTHE)
+        )(out_BTHE.reshape(B * T, cfg.n_heads, cfg.head_dim)).reshape(B, T, D)
         out_BTD = checkpoint_name(out_BTD, "attn_out")
         return out_BTD if kv_cache is None else (out_BTD, kv_cache)
 
@@ -220,13 +252,15 @@ class MLP(nn.Module):
             )
 
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(B * T, D)  # N = B*T tokens as one matrix, as in Attention
         if cfg.family == "gpt2":
-            h_BTF = nn.gelu(dense("fc", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_BTD), approximate=True)
+            h_NF = nn.gelu(dense("fc", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_ND), approximate=True)
         else:
-            gate_BTF = dense("gate", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_BTD)
-            up_BTF = dense("up", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_BTD)
-            h_BTF = nn.silu(gate_BTF) * up_BTF
-        out_BTD = dense("proj", cfg.d_model, ("mlp", "embed"), out_std)(h_BTF)
+            gate_NF = dense("gate", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_ND)
+            up_NF = dense("up", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_ND)
+            h_NF = nn.silu(gate_NF) * up_NF
+        out_BTD = dense("proj", cfg.d_model, ("mlp", "embed"), out_std)(h_NF).reshape(B, T, D)
         return checkpoint_name(out_BTD, "mlp_out")
 
 
@@ -260,9 +294,29 @@ class Block(nn.Module):
         return x_BTD, kv_cache
 
 
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+def attention_impl(cfg: ModelConfig) -> str | None:
+    """The attention kernel `cfg.attention` names, "auto" resolved for the backend being compiled for (None:
+    jax.nn.dot_product_attention picks)."""
+    if cfg.attention != "auto":
+        return cfg.attention
+    return "blocked" if _on_cpu() else None
+
+
+def remat_policy(cfg: ModelConfig) -> str:
+    """The remat policy `cfg.remat` names, "auto" resolved for the backend being compiled for."""
+    if cfg.remat != "auto":
+        return cfg.remat
+    return "dots" if _on_cpu() else "none"
+
+
 REMAT_POLICIES: dict[str, Any] = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "alldots": jax.checkpoint_policies.dots_saveable,
     "attn_mlp": jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_out"),
 }
 
@@ -320,8 +374,8 @@ class Transformer(nn.Module):
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "seq", "embed"))
 
         block = Block
-        if cfg.remat != "none":
-            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if (policy := remat_policy(cfg)) != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[policy], prevent_cse=not cfg.scan_layers)
         cache_args = (cache_index, cache_keep_B1TS)
         if cfg.scan_layers:
             # One compiled block, iterated: compile time stays flat in depth; params gain a leading `layers` axis.
@@ -350,14 +404,15 @@ class Transformer(nn.Module):
                 new_caches.append(kv_cache)
             kv_caches = new_caches
 
-        x_BTD = make_norm(cfg, "final_norm")(x_BTD).astype(cfg.dtype)
+        x_ND = make_norm(cfg, "final_norm")(x_BTD).astype(cfg.dtype).reshape(B * T, cfg.d_model)
         if cfg.tie_embeddings:
-            logits_BTV = embed.attend(x_BTD)
+            logits_NV = embed.attend(x_ND)
         else:
-            logits_BTV = nn.Dense(
+            logits_NV = nn.Dense(
                 cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name="lm_head",
                 kernel_init=_param_init(cfg.init_std, ("embed", "vocab")),
-            )(x_BTD)
+            )(x_ND)
+        logits_BTV = logits_NV.reshape(B, T, cfg.vocab_size)
         logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "seq", "vocab"))
         logits_BTV = logits_BTV.astype(jnp.float32)
         if cache is None:
