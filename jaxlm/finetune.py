@@ -55,7 +55,7 @@ from safetensors.numpy import load_file, save_file
 from jaxlm import lora as lora_lib
 from jaxlm.config import Experiment, ModelConfig
 from jaxlm.errors import CheckpointError, ConfigError, DataError, JaxlmError, NonFiniteError
-from jaxlm.model import Transformer, init_params
+from jaxlm.model import Transformer, compiler_options, init_params
 from jaxlm.optim import make_optimizer, make_schedule
 
 TASKS = ("classify", "instruct")
@@ -744,7 +744,7 @@ def _fit(
 
     tx, step_fn = _make_step(experiment, loss_fn, mask)
     state = {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": tx.init(trainable)}
-    step_fn = jax.jit(step_fn, donate_argnums=0)
+    step_fn = jax.jit(step_fn, donate_argnums=0, compiler_options=compiler_options())
     steps, tc = experiment.train.steps, experiment.train
     with tqdm(total=steps, desc=experiment.name, dynamic_ncols=True) as bar:
         for step in range(1, steps + 1):

@@ -313,6 +313,13 @@ def remat_policy(cfg: ModelConfig) -> str:
     return "dots" if _on_cpu() else "none"
 
 
+def compiler_options() -> dict[str, Any]:
+    """XLA options for compiling model code on the default backend (pass as `jax.jit(...,
+    compiler_options=...)`). On CPU, XLA's own matmul kernels instead of its YNNPACK fusions: f32 matmuls of
+    the model's shapes run about 10% faster (`tools/bench.py`'s train step, 6% faster end to end)."""
+    return {"xla_cpu_experimental_ynn_fusion_type": ""} if _on_cpu() else {}
+
+
 REMAT_POLICIES: dict[str, Any] = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -412,7 +419,7 @@ class Transformer(nn.Module):
                 cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name="lm_head",
                 kernel_init=_param_init(cfg.init_std, ("embed", "vocab")),
             )(x_ND)
-        logits_BTV = logits_NV.reshape(B, T, cfg.vocab_size)
+        logits_BTV = logits_NV.reshape(B, T, -1)  # (-1: V, or D where jaxlm.finetune skips the projection)
         logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "seq", "vocab"))
         logits_BTV = logits_BTV.astype(jnp.float32)
         if cache is None:

@@ -27,7 +27,7 @@ from jaxlm import flops, sharding
 from jaxlm.checkpoint import Checkpoints, load_params, write_or_check_config
 from jaxlm.config import Experiment
 from jaxlm.errors import CheckpointError, ConfigError, NonFiniteError
-from jaxlm.model import Transformer
+from jaxlm.model import Transformer, compiler_options
 from jaxlm.optim import make_optimizer, make_schedule
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run saved a checkpoint on SIGTERM; rerun the command to resume
@@ -278,9 +278,9 @@ def train(experiment: Experiment) -> dict[str, Any]:
 
     train_step = jax.jit(
         make_train_step(experiment, mesh), in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-        out_shardings=(state_sharding, None), donate_argnums=0,
+        out_shardings=(state_sharding, None), donate_argnums=0, compiler_options=compiler_options(),
     )
-    eval_step = jax.jit(make_eval_step(experiment, mesh))
+    eval_step = jax.jit(make_eval_step(experiment, mesh), compiler_options=compiler_options())
     tokens_per_step = experiment.data.batch_size * experiment.data.seq_len
     flops_per_token = flops.flops_per_token(experiment.model, experiment.data.seq_len)
     peak, _ = flops.peak_flops()

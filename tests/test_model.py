@@ -9,7 +9,9 @@ import pytest
 
 from jaxlm.config import PRESETS, ModelConfig
 from jaxlm.flops import count_params
-from jaxlm.model import forward, init_params
+from jaxlm.model import (
+    attention_impl, blocked_causal_attention, einsum_attention, forward, init_params, remat_policy,
+)
 
 
 def tiny(family: str, **kw) -> ModelConfig:
@@ -115,7 +117,7 @@ def test_forward_matches_numpy(cfg):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-@pytest.mark.parametrize("attention", ["xla", "einsum"])
+@pytest.mark.parametrize("attention", ["xla", "einsum", "blocked"])
 def test_causality_through_gradients(family, attention):
     cfg = tiny(family, attention=attention)
     params = init_params(cfg, jax.random.key(0))
@@ -133,6 +135,48 @@ def test_causality_through_gradients(family, attention):
     grad_TD = jax.grad(logits_t)(jnp.zeros((T, cfg.d_model)))
     assert np.all(np.asarray(grad_TD[t + 1 :]) == 0.0), "a future position influenced the past"
     assert np.all(np.abs(np.asarray(grad_TD[: t + 1])).sum(-1) > 0), "a past position had no influence"
+
+
+def np_attention(q, k, v, segments):
+    """Causal attention over [B, T, H, E] (K key/value heads shared by H // K query heads), kept in segments."""
+    B, T, H, E = q.shape
+    K = k.shape[2]
+    out = np.zeros((B, T, H, E))
+    for b in range(B):
+        keep = np.tril(np.ones((T, T), bool)) & (segments[b][:, None] == segments[b][None, :])
+        for head in range(H):
+            s = q[b, :, head] @ k[b, :, head // (H // K)].T / math.sqrt(E)
+            w = np.exp(np.where(keep, s, -np.inf) - s.max(-1, keepdims=True))
+            out[b, :, head] = (w / w.sum(-1, keepdims=True)) @ v[b, :, head // (H // K)]
+    return out
+
+
+@pytest.mark.parametrize("block", [4, 5, 64])
+def test_blocked_attention_matches_numpy_and_einsum_gradients(block):
+    # T = 11 is no multiple of the blocks; two key/value heads serve four query heads; two documents per row.
+    B, T, H, K, E = 2, 11, 4, 2, 8
+    q, k, v, cotangent = (jax.random.normal(key, (B, T, n, E)) for key, n in
+                          zip(jax.random.split(jax.random.key(0), 4), (H, K, K, H)))
+    segments = np.array([[1] * 6 + [2] * 5, [1] * 3 + [2] * 8])
+    mask = jnp.asarray(segments[:, None, :, None] == segments[:, None, None, :])
+    got = blocked_causal_attention(q, k, v, mask, block=block)
+    np.testing.assert_allclose(got, np_attention(*map(np.asarray, (q, k, v)), segments), atol=1e-5, rtol=0)
+
+    def grads(attention):
+        return jax.grad(lambda *qkv: jnp.sum(attention(*qkv) * cotangent), argnums=(0, 1, 2))(q, k, v)
+
+    blocked = grads(lambda q, k, v: blocked_causal_attention(q, k, v, mask, block=block))
+    for g_blocked, g_einsum in zip(blocked, grads(lambda q, k, v: einsum_attention(q, k, v, mask))):
+        np.testing.assert_allclose(g_blocked, g_einsum, atol=1e-5, rtol=0)
+
+
+def test_auto_settings_resolve_for_the_backend():
+    cfg = tiny("gpt2")
+    assert (cfg.attention, cfg.remat) == ("auto", "auto")
+    assert jax.default_backend() == "cpu"
+    assert (attention_impl(cfg), remat_policy(cfg)) == ("blocked", "dots")
+    explicit = tiny("gpt2", attention="xla", remat="none")
+    assert (attention_impl(explicit), remat_policy(explicit)) == ("xla", "none")
 
 
 @pytest.mark.parametrize(

@@ -158,12 +158,16 @@ class CompiledStep:
         jax.block_until_ready(metrics["loss"])
 
 
-def _jit_options() -> dict[str, Any]:
-    """The compiler options `jaxlm.train` compiles its train step with, where it declares any."""
-    from jaxlm import train
+def _resolved(setting: str, value: str) -> str:
+    """A config setting as it took effect: "dots (auto)" where "auto" chose dots."""
+    return f"{value} (auto)" if setting == "auto" else setting
 
-    options = getattr(train, "cpu_compiler_options", None)
-    return {"compiler_options": options()} if options is not None and options() else {}
+
+def _jit_options() -> dict[str, Any]:
+    """The compiler options `jaxlm.train` compiles its train step with."""
+    from jaxlm.model import compiler_options
+
+    return {"compiler_options": compiler_options()}
 
 
 def _make_train_step(experiment: Experiment, mesh) -> Callable:
@@ -248,7 +252,7 @@ def bench_train(
     """Time jaxlm's train step (and, with `with_torch`, the PyTorch reference, step for step) on random tokens."""
     import jax
 
-    from jaxlm import flops
+    from jaxlm import flops, model
 
     if steps < 1 or warmup < 0:
         raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
@@ -283,7 +287,8 @@ def bench_train(
         "device": jax.devices()[0].device_kind, "device_count": jax.device_count(), "jax_version": jax.__version__,
         "family": m.family, "n_layers": m.n_layers, "d_model": m.d_model, "n_heads": m.n_heads,
         "vocab_size": m.vocab_size, "seq_len": d.seq_len, "batch_size": d.batch_size, "dtype": m.dtype,
-        "remat": m.remat, "scan_layers": m.scan_layers, "attention": m.attention,
+        "remat": _resolved(m.remat, model.remat_policy(m)), "scan_layers": m.scan_layers,
+        "attention": _resolved(m.attention, model.attention_impl(m) or "jax.nn.dot_product_attention's choice"),
         "grad_accum": experiment.train.grad_accum, "params": flops.count_params(m),
         "steps": steps, "warmup": warmup, "tokens_per_step": tokens_per_step,
         "flops_per_token": fpt, "achieved_flops": achieved, "peak_flops": peak_flops, "peak_source": peak_source,
@@ -499,7 +504,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", allow_abbrev=False, help="compile time and memory by depth and remat policy")
     common(p)
     p.add_argument("--depths", type=int, nargs="+", default=[2, 8, 24])
-    p.add_argument("--remat", nargs="+", default=list(REMAT_POLICIES), choices=REMAT_POLICIES)
+    p.add_argument("--remat", nargs="+", default=[r for r in REMAT_POLICIES if r != "auto"], choices=REMAT_POLICIES)
     return parser
 
 
