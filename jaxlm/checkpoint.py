@@ -116,8 +116,10 @@ def read_config(run_dir: str) -> Experiment | None:
         raise CheckpointError(f"{path} is not a jaxlm config ({_one_line(e)}): point to a jaxlm run directory") from None
 
 
-# Fields that do not change what is computed: a run may resume with other values of these.
+# Fields that do not change what is computed (up to rounding, for the attention kernel): a run may resume with
+# other values of these.
 BOOKKEEPING = {
+    "model": {"remat", "attention"},
     "train": {"out_dir", "log_every", "eval_every", "eval_steps", "ckpt_every", "keep_checkpoints", "keep_best",
               "async_checkpoints", "samples", "sample_tokens"},
     "data": {"num_workers", "cache_dir"},
