@@ -4,12 +4,11 @@ What it tests: the whole path (corpus preparation, tokenizer training, packing, 
 checkpoints, sampling) on the embedded `pystdlib` corpus: a 2,048-token BPE tokenizer, a 1.09M-parameter GPT-2
 (4 layers, d_model 128, 4 heads), 600 steps of 32 x 128 tokens (2.46M tokens, about 0.6 epochs).
 
-Cost: 632 s wall on two CPU cores that were also running the test suite (3,943 tokens/s, MFU 28.6% against the
-measured f32 matmul peak); the train step alone runs at 694 ms (`python -m tools.bench train --experiment
-quickstart`), so about 8 minutes on an otherwise idle machine. Preparing the corpus and tokenizer from a cold
-cache adds about 13 s.
+Cost: 209 s of training on two idle CPU cores (11,981 tokens/s, MFU 24.9% against the measured f32 matmul
+peak; the train step alone: 318 ms, `python -m tools.bench train --experiment quickstart`). Preparing the corpus
+and tokenizer from a cold cache adds about 13 s.
 
-Found (2026-11-29): validation loss 7.634 -> 3.608 nats per token (1.787 bits per byte); train loss 3.24. The
+Found (2026-11-29): validation loss 7.634 -> 3.608 nats per token (1.788 bits per byte); train loss 3.24. The
 samples have Python's shape (indentation, `def`, `else:`, comments) but not its sense.
 """
 
