@@ -17,7 +17,7 @@ from jaxlm.errors import ConfigError
 
 FAMILIES = ("gpt2", "llama")
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("auto", "none", "full", "dots", "alldots", "attn_mlp")
+REMAT_POLICIES = ("auto", "none", "full", "dots", "attn_mlp")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum", "blocked")
 SCHEDULES = ("cosine", "wsd", "constant")
 OPTIMIZERS = ("adamw",)

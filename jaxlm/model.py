@@ -323,7 +323,6 @@ def compiler_options() -> dict[str, Any]:
 REMAT_POLICIES: dict[str, Any] = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "alldots": jax.checkpoint_policies.dots_saveable,
     "attn_mlp": jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_out"),
 }
 
