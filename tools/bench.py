@@ -2,6 +2,7 @@
 
     python -m tools.bench train --experiment quickstart [--preset gpt2-124m] [--model.n-layers 6 ...] --steps 20
     python -m tools.bench train --experiment quickstart --torch      # also the PyTorch reference, interleaved
+    python -m tools.bench train --experiment quickstart --versus '--model.remat none'   # an A/B in one run
     python -m tools.bench decode [--prompt-len 64] [--new-tokens 32]
     python -m tools.bench data --experiment quickstart
     python -m tools.bench compile --experiment quickstart [--depths 2 8 24]
@@ -248,17 +249,30 @@ def bench_train(
     with_torch: bool = False,
     peak: float | None = None,
     torch_threads: int | None = None,
+    versus: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Time jaxlm's train step (and, with `with_torch`, the PyTorch reference, step for step) on random tokens."""
+    """Time jaxlm's train step (and, with `with_torch`, the PyTorch reference, step for step) on random tokens.
+
+    Each entry of `versus` is a string of further overrides ("--model.remat none"): that variant's step is timed
+    in the same run, interleaved with the others, for A/B comparisons on a noisy machine.
+    """
+    import shlex
+
     import jax
 
-    from jaxlm import flops, model
+    from jaxlm import cli, flops, model
 
     if steps < 1 or warmup < 0:
         raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     tokens = synthetic_tokens(experiment, experiment.train.seed)
     step = build_train_step(experiment, tokens)
     runners: dict[str, Callable[[], None]] = {"jax": step.run}
+    variants = []
+    for i, overrides in enumerate(versus):
+        variant = cli.parse(experiment, shlex.split(overrides))[0]
+        variant_step = build_train_step(variant, synthetic_tokens(variant, variant.train.seed))
+        runners[f"versus{i}"] = variant_step.run
+        variants.append((overrides, variant, variant_step))
     record: dict[str, Any] = {}
     if with_torch:
         runners["torch"], info = _torch_step(experiment, tokens, torch_threads)
@@ -295,6 +309,15 @@ def bench_train(
         "mfu": achieved / peak_flops, "lower_s": step.lower_s, "compile_s": step.compile_s, **step.memory,
         "compiler_options": _jit_options().get("compiler_options", {}), "xla_flags": os.environ.get("XLA_FLAGS", ""),
     })
+    record["versus"] = []
+    for i, (overrides, variant, variant_step) in enumerate(variants):
+        stats = _step_stats(times[f"versus{i}"], variant.data.batch_size * variant.data.seq_len)
+        record["versus"].append({
+            "overrides": overrides, **stats, "ratio_vs_base": stats["tokens_per_sec"] / record["tokens_per_sec"],
+            "remat": _resolved(variant.model.remat, model.remat_policy(variant.model)),
+            "attention": _resolved(variant.model.attention, model.attention_impl(variant.model) or "jax's choice"),
+            "compile_s": variant_step.compile_s, **variant_step.memory,
+        })
     if with_torch:
         record.update(_step_stats(times["torch"], tokens_per_step, prefix="torch_"))
         record["torch_mfu"] = record["torch_tokens_per_sec"] * fpt / peak_flops
@@ -330,6 +353,10 @@ def print_train(record: dict[str, Any]) -> None:
         ("memory", f"temp {_fmt_bytes(r.get('temp_bytes'))}, arguments {_fmt_bytes(r.get('argument_bytes'))}, "
                    f"outputs {_fmt_bytes(r.get('output_bytes'))}, aliased {_fmt_bytes(r.get('alias_bytes'))}"),
     ]
+    for v in r.get("versus", []):
+        rows.append((f"versus {v['overrides']}",
+                     f"{v['step_ms']:.1f} ms median (p10 {v['step_ms_p10']:.1f} / p90 {v['step_ms_p90']:.1f} ms), "
+                     f"{v['ratio_vs_base']:.2f}x the tokens/s above; temp {_fmt_bytes(v.get('temp_bytes'))}"))
     if "torch_step_ms" in r:
         rows += [
             ("torch step time", f"{r['torch_step_ms']:.1f} ms median (p10 {r['torch_step_ms_p10']:.1f} / "
@@ -480,6 +507,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (default 2)")
     p.add_argument("--torch", action="store_true", help="also run the PyTorch reference, interleaved")
+    p.add_argument("--versus", action="append", default=[], metavar="OVERRIDES",
+                   help="also time the step with these further overrides, interleaved (repeatable), e.g. "
+                        "--versus '--model.remat none'")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="PyTorch's intra-op threads (default: its own choice, one per core)")
     p.add_argument("--peak-flops", type=float, default=None,
@@ -516,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.command == "train":
             record = bench_train(
                 experiment, steps=args.steps, warmup=args.warmup, with_torch=args.torch, peak=args.peak_flops,
-                torch_threads=args.torch_threads,
+                torch_threads=args.torch_threads, versus=args.versus,
             )
             print_train(record)
         elif args.command == "decode":
