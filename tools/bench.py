@@ -2,7 +2,7 @@
 
     python -m tools.bench train --experiment quickstart [--preset gpt2-124m] [--model.n-layers 6 ...] --steps 20
     python -m tools.bench train --experiment quickstart --torch      # also the PyTorch reference, interleaved
-    python -m tools.bench train --experiment quickstart --versus '--model.remat none'   # an A/B in one run
+    python -m tools.bench train --experiment quickstart --versus='--model.remat none'   # an A/B in one run
     python -m tools.bench decode [--prompt-len 64] [--new-tokens 32]
     python -m tools.bench data --experiment quickstart
     python -m tools.bench compile --experiment quickstart [--depths 2 8 24]
@@ -508,8 +508,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (default 2)")
     p.add_argument("--torch", action="store_true", help="also run the PyTorch reference, interleaved")
     p.add_argument("--versus", action="append", default=[], metavar="OVERRIDES",
-                   help="also time the step with these further overrides, interleaved (repeatable), e.g. "
-                        "--versus '--model.remat none'")
+                   help="also time the step with these further overrides, interleaved (repeatable); write it "
+                        "with '=', as the value starts with dashes: --versus='--model.remat none'")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="PyTorch's intra-op threads (default: its own choice, one per core)")
     p.add_argument("--peak-flops", type=float, default=None,
