@@ -104,8 +104,11 @@ def einsum_attention(q_BTHE: Array, k_BSKE: Array, v_BSKE: Array, mask_B1TS: Arr
     return out_BTKGE.reshape(B, T, H, E)
 
 
+ATTENTION_BLOCK = 128  # queries per block of `blocked_causal_attention`
+
+
 def blocked_causal_attention(
-    q_BTHE: Array, k_BSKE: Array, v_BSKE: Array, mask_B1TS: Array | None, block: int = 128
+    q_BTHE: Array, k_BSKE: Array, v_BSKE: Array, mask_B1TS: Array | None, block: int = ATTENTION_BLOCK
 ) -> Array:
     """Causal self-attention (S = T) one block of queries at a time: each block reads the keys up to its last
     query only, so the masked upper triangle is mostly never computed (a quarter of the work at T = 2 blocks).
@@ -222,7 +225,7 @@ class Attention(nn.Module):
             )
         if kv_cache is not None and cache_keep_B1TS is not None:
             out_BTHE = cached_attention(q_BTHE, *kv_cache, cache_keep_B1TS)
-        elif (impl := attention_impl(cfg)) == "einsum":
+        elif (impl := attention_impl(cfg, T)) == "einsum":
             out_BTHE = einsum_attention(q_BTHE, k_BTKE, v_BTKE, mask_B1TS)
         elif impl == "blocked":
             out_BTHE = blocked_causal_attention(q_BTHE, k_BTKE, v_BTKE, mask_B1TS)
@@ -299,12 +302,15 @@ def _on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def attention_impl(cfg: ModelConfig) -> str | None:
-    """The attention kernel `cfg.attention` names, "auto" resolved for the backend being compiled for (None:
-    jax.nn.dot_product_attention picks)."""
+def attention_impl(cfg: ModelConfig, seq_len: int) -> str | None:
+    """The attention kernel `cfg.attention` names, "auto" resolved for the backend being compiled for and the
+    sequence length (None: jax.nn.dot_product_attention picks). On CPU, "blocked" where it skips work (more than
+    one block of queries), else XLA's form, which is faster on a single block."""
     if cfg.attention != "auto":
         return cfg.attention
-    return "blocked" if _on_cpu() else None
+    if not _on_cpu():
+        return None
+    return "blocked" if seq_len > ATTENTION_BLOCK else "xla"
 
 
 def remat_policy(cfg: ModelConfig) -> str:

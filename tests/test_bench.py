@@ -47,7 +47,7 @@ def test_train_versus_times_each_variant_as_configured(capsys):
     bench.main(["train", *TINY, "--steps", "2", "--warmup", "0", "--peak-flops", "1e12",
                 "--versus", "--model.remat none --model.attention xla --data.batch-size 16"])
     record = _last_json(capsys)
-    assert record["remat"] == "dots (auto)" and record["attention"] == "blocked (auto)"
+    assert record["remat"] == "dots (auto)" and record["attention"] == "xla (auto)"  # one block of 16 queries
     [variant] = record["versus"]
     assert (variant["remat"], variant["attention"]) == ("none", "xla")
     assert variant["ratio_vs_base"] == pytest.approx(variant["tokens_per_sec"] / record["tokens_per_sec"])

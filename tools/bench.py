@@ -302,7 +302,9 @@ def bench_train(
         "family": m.family, "n_layers": m.n_layers, "d_model": m.d_model, "n_heads": m.n_heads,
         "vocab_size": m.vocab_size, "seq_len": d.seq_len, "batch_size": d.batch_size, "dtype": m.dtype,
         "remat": _resolved(m.remat, model.remat_policy(m)), "scan_layers": m.scan_layers,
-        "attention": _resolved(m.attention, model.attention_impl(m) or "jax.nn.dot_product_attention's choice"),
+        "attention": _resolved(
+            m.attention, model.attention_impl(m, d.seq_len) or "jax.nn.dot_product_attention's choice"
+        ),
         "grad_accum": experiment.train.grad_accum, "params": flops.count_params(m),
         "steps": steps, "warmup": warmup, "tokens_per_step": tokens_per_step,
         "flops_per_token": fpt, "achieved_flops": achieved, "peak_flops": peak_flops, "peak_source": peak_source,
@@ -315,7 +317,10 @@ def bench_train(
         record["versus"].append({
             "overrides": overrides, **stats, "ratio_vs_base": stats["tokens_per_sec"] / record["tokens_per_sec"],
             "remat": _resolved(variant.model.remat, model.remat_policy(variant.model)),
-            "attention": _resolved(variant.model.attention, model.attention_impl(variant.model) or "jax's choice"),
+            "attention": _resolved(
+                variant.model.attention,
+                model.attention_impl(variant.model, variant.data.seq_len) or "jax.nn.dot_product_attention's choice",
+            ),
             "compile_s": variant_step.compile_s, **variant_step.memory,
         })
     if with_torch:
