@@ -4,9 +4,9 @@ What it tests: the whole path (corpus preparation, tokenizer training, packing, 
 checkpoints, sampling) on the embedded `pystdlib` corpus: a 2,048-token BPE tokenizer, a 1.09M-parameter GPT-2
 (4 layers, d_model 128, 4 heads), 600 steps of 32 x 128 tokens (2.46M tokens, about 0.6 epochs).
 
-Cost: 209 s of training on two idle CPU cores (11,981 tokens/s, MFU 24.9% against the measured f32 matmul
-peak; the train step alone: 318 ms, `python -m tools.bench train --experiment quickstart`). Preparing the corpus
-and tokenizer from a cold cache adds about 13 s.
+Cost: 209-236 s of training on two CPU cores (10,653-11,981 tokens/s, MFU about 25% against the measured f32
+matmul peak; the train step alone: 318 ms, `python -m tools.bench train --experiment quickstart`). Preparing the
+corpus and tokenizer from a cold cache adds about 13 s.
 
 Found (2026-11-29): validation loss 7.634 -> 3.608 nats per token (1.788 bits per byte); train loss 3.24. The
 samples have Python's shape (indentation, `def`, `else:`, comments) but not its sense.

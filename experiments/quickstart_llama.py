@@ -3,11 +3,12 @@
 Same corpus, tokenizer, batch and steps as `experiments.quickstart`; the model has the Llama layout (untied
 embeddings, no biases, 4 query heads sharing 2 key/value heads) at a similar parameter count.
 
-Cost: 209 s of training on two idle CPU cores (12,037 tokens/s, MFU 27.6%), 218 s wall with the corpus and
-tokenizer cached.
+Cost: 209-239 s of training on two CPU cores (10,505-12,037 tokens/s, MFU about 27%), 218-252 s wall with the
+corpus and tokenizer cached.
 
-Found (2026-11-29): validation loss 3.023 nats per token (1.498 bits per byte) after 2.46M tokens, against the
-GPT-2 quickstart's 3.608 on the same data and budget; train loss 2.54.
+Found (2026-11-29): validation loss 3.012-3.035 nats per token (1.49-1.50 bits per byte) over three runs whose
+kernels differed only in rounding, after 2.46M tokens, against the GPT-2 quickstart's 3.608 on the same data and
+budget; train loss 2.53-2.57.
 """
 
 import dataclasses
