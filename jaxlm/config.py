@@ -68,8 +68,8 @@ class ModelConfig:
     remat: str = "auto"
     scan_layers: bool = True
     # xla: jax.nn.dot_product_attention's XLA form; cudnn: its fused GPU kernel; einsum: written out; blocked:
-    # written out one block of queries at a time, skipping masked key blocks; auto: blocked on CPU, elsewhere
-    # jax.nn.dot_product_attention's own choice (cuDNN where it applies).
+    # written out one block of queries at a time, skipping masked key blocks; auto: on CPU blocked for sequences
+    # longer than one block (128) and xla for shorter ones, elsewhere jax.nn.dot_product_attention's own choice.
     attention: str = "auto"
 
     def __post_init__(self):

@@ -14,12 +14,11 @@ import math
 import os
 import signal
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from tqdm import tqdm
 
@@ -128,6 +127,15 @@ def make_train_step(experiment: Experiment, mesh: jax.sharding.Mesh | None = Non
         return new_state, metrics
 
     return train_step if mesh is None else sharding.traced_with_activation_sharding(train_step, mesh)
+
+
+def jit_train_step(experiment: Experiment, mesh: jax.sharding.Mesh):
+    """The train step jitted over `mesh`: state donated, shardings pinned, the backend's compiler options."""
+    state_sharding = state_shardings(experiment, mesh)
+    return jax.jit(
+        make_train_step(experiment, mesh), in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+        out_shardings=(state_sharding, None), donate_argnums=0, compiler_options=compiler_options(),
+    )
 
 
 def make_eval_step(experiment: Experiment, mesh: jax.sharding.Mesh | None = None):
@@ -256,7 +264,6 @@ def train(experiment: Experiment) -> dict[str, Any]:
     checkpoints = Checkpoints(
         run_dir, experiment.train.keep_checkpoints, experiment.train.keep_best, experiment.train.async_checkpoints
     )
-    state_sharding = state_shardings(experiment, mesh)
     latest = checkpoints.latest_step()
     if latest is not None:
         abstract = abstract_train_state(experiment, mesh)
@@ -276,10 +283,7 @@ def train(experiment: Experiment) -> dict[str, Any]:
         with open(summary_path) as f:
             return json.load(f)
 
-    train_step = jax.jit(
-        make_train_step(experiment, mesh), in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-        out_shardings=(state_sharding, None), donate_argnums=0, compiler_options=compiler_options(),
-    )
+    train_step = jit_train_step(experiment, mesh)
     eval_step = jax.jit(make_eval_step(experiment, mesh), compiler_options=compiler_options())
     tokens_per_step = experiment.data.batch_size * experiment.data.seq_len
     flops_per_token = flops.flops_per_token(experiment.model, experiment.data.seq_len)

@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from jaxlm.config import PRESETS, REMAT_POLICIES, DataConfig, Experiment
+from jaxlm.config import PRESETS, REMAT_POLICIES, Experiment
 from jaxlm.errors import ConfigError, JaxlmError
 
 USAGE_ERROR = 2
@@ -159,45 +159,28 @@ class CompiledStep:
         jax.block_until_ready(metrics["loss"])
 
 
-def _resolved(setting: str, value: str) -> str:
-    """A config setting as it took effect: "dots (auto)" where "auto" chose dots."""
-    return f"{value} (auto)" if setting == "auto" else setting
+def _settings(experiment: Experiment) -> dict[str, str]:
+    """Remat and attention as they took effect: "dots (auto)" where "auto" chose dots."""
+    from jaxlm import model
 
-
-def _jit_options() -> dict[str, Any]:
-    """The compiler options `jaxlm.train` compiles its train step with."""
-    from jaxlm.model import compiler_options
-
-    return {"compiler_options": compiler_options()}
-
-
-def _make_train_step(experiment: Experiment, mesh) -> Callable:
-    """`jaxlm.train.make_train_step`, given the mesh where it takes one (for its activation shardings)."""
-    import inspect
-
-    from jaxlm import train
-
-    if "mesh" in inspect.signature(train.make_train_step).parameters:
-        return train.make_train_step(experiment, mesh)
-    return train.make_train_step(experiment)
+    m = experiment.model
+    remat, attention = model.remat_policy(m), model.attention_impl(m, experiment.data.seq_len)
+    attention = attention or "jax.nn.dot_product_attention's choice"
+    return {
+        "remat": f"{remat} (auto)" if m.remat == "auto" else m.remat,
+        "attention": f"{attention} (auto)" if m.attention == "auto" else m.attention,
+    }
 
 
 def build_train_step(experiment: Experiment, tokens: np.ndarray) -> CompiledStep:
     """jaxlm's jitted train step, as `jaxlm.train.train` builds it, compiled ahead of time on a fixed batch."""
-    import jax
-
     from jaxlm import sharding, train
 
     mesh = sharding.make_mesh(experiment.mesh)
-    if hasattr(sharding, "check_fits"):
-        sharding.check_fits(experiment, mesh)
-    state_sharding = train.state_shardings(experiment, mesh)
+    sharding.check_fits(experiment, mesh)
     state = train.init_train_state(experiment, mesh)
     batch = sharding.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, mesh)
-    step = jax.jit(
-        _make_train_step(experiment, mesh), in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-        out_shardings=(state_sharding, None), donate_argnums=0, **_jit_options(),
-    )
+    step = train.jit_train_step(experiment, mesh)
     start = time.perf_counter()
     lowered = step.lower(state, batch)
     lower_s = time.perf_counter() - start
@@ -301,26 +284,19 @@ def bench_train(
         "device": jax.devices()[0].device_kind, "device_count": jax.device_count(), "jax_version": jax.__version__,
         "family": m.family, "n_layers": m.n_layers, "d_model": m.d_model, "n_heads": m.n_heads,
         "vocab_size": m.vocab_size, "seq_len": d.seq_len, "batch_size": d.batch_size, "dtype": m.dtype,
-        "remat": _resolved(m.remat, model.remat_policy(m)), "scan_layers": m.scan_layers,
-        "attention": _resolved(
-            m.attention, model.attention_impl(m, d.seq_len) or "jax.nn.dot_product_attention's choice"
-        ),
+        **_settings(experiment), "scan_layers": m.scan_layers,
         "grad_accum": experiment.train.grad_accum, "params": flops.count_params(m),
         "steps": steps, "warmup": warmup, "tokens_per_step": tokens_per_step,
         "flops_per_token": fpt, "achieved_flops": achieved, "peak_flops": peak_flops, "peak_source": peak_source,
         "mfu": achieved / peak_flops, "lower_s": step.lower_s, "compile_s": step.compile_s, **step.memory,
-        "compiler_options": _jit_options().get("compiler_options", {}), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "compiler_options": model.compiler_options(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
     })
     record["versus"] = []
     for i, (overrides, variant, variant_step) in enumerate(variants):
         stats = _step_stats(times[f"versus{i}"], variant.data.batch_size * variant.data.seq_len)
         record["versus"].append({
             "overrides": overrides, **stats, "ratio_vs_base": stats["tokens_per_sec"] / record["tokens_per_sec"],
-            "remat": _resolved(variant.model.remat, model.remat_policy(variant.model)),
-            "attention": _resolved(
-                variant.model.attention,
-                model.attention_impl(variant.model, variant.data.seq_len) or "jax.nn.dot_product_attention's choice",
-            ),
+            **_settings(variant),
             "compile_s": variant_step.compile_s, **variant_step.memory,
         })
     if with_torch:
@@ -469,11 +445,7 @@ def bench_compile(experiment: Experiment, depths: Sequence[int], policies: Seque
             batch_sharding = sharding.batch_sharding(mesh)
             shape = (exp.data.batch_size, exp.data.seq_len)
             batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding) for k in ("inputs", "targets")}
-            state_sharding = train.state_shardings(exp, mesh)
-            step = jax.jit(
-                _make_train_step(exp, mesh), in_shardings=(state_sharding, batch_sharding),
-                out_shardings=(state_sharding, None), donate_argnums=0, **_jit_options(),
-            )
+            step = train.jit_train_step(exp, mesh)
             start = time.perf_counter()
             lowered = step.lower(state, batch)
             lower_s = time.perf_counter() - start
