@@ -101,3 +101,40 @@ def test_torch_reference_computes_jaxlm_logits(cfg):
     with torch.no_grad():
         got = model(torch.from_numpy(tokens.astype(np.int64))).numpy()
     np.testing.assert_allclose(got, expected, atol=5e-5, rtol=5e-5)
+
+
+def test_profile_puts_each_operation_in_a_model_part(capsys):
+    pytest.importorskip("torch")
+    bench.main(["train", *TINY, "--steps", "1", "--warmup", "1", "--peak-flops", "1e12", "--torch", "--profile", "2"])
+    profile = _last_json(capsys)["profile"]
+    parts = profile["jax"]["parts"]
+    # Each part of the model works forward and backward, and the matmuls are found where the model has them.
+    for name in ("attention", "attention projections", "mlp", "norms and residuals", "embeddings and logits"):
+        assert parts[name]["forward_ms"] > 0 and parts[name]["backward_ms"] > 0, name
+    for name in ("attention", "attention projections", "mlp", "embeddings and logits"):
+        assert parts[name]["matmul_ms"] > 0, name
+    assert parts["norms and residuals"]["matmul_ms"] == 0
+    assert parts["optimizer"]["total_ms"] > 0 and parts["optimizer"]["matmul_ms"] == 0
+    # Nearly all the time lands in a named part, and the summary adds up.
+    jaxlm = profile["jax"]
+    assert parts["other"]["total_ms"] < 0.2 * jaxlm["total_ms"]
+    assert jaxlm["total_ms"] == pytest.approx(sum(p["total_ms"] for p in parts.values()))
+    assert jaxlm["total_ms"] == pytest.approx(jaxlm["matmul_ms"] + jaxlm["attention_ms"] + jaxlm["other_ms"])
+    torch = profile["torch"]
+    assert torch["matmul_ms"] > 0 and torch["attention_ms"] > 0
+
+
+def test_operations_without_a_source_path_take_their_operands():
+    from tools import step_profile
+
+    hlo = """
+  %dot.1 = f32[8,4,16,16]{3,2,1,0} dot(%p.0, %p.1), lhs_batch_dims={0,1}, metadata={op_name="jit(f)/jvp(Transformer)/blocks/attn/dot_general"}
+  %wrapped_reduce-window.3 = f32[8,4,16,2]{3,2,1,0} fusion(%dot.1, %c.2), kind=kLoop, calls=%w.4, metadata={stack_frame_id=3}
+  ROOT %dot.2 = f32[64,32]{1,0} dot(%a.5, %b.6), metadata={op_name="jit(f)/transpose(jvp(Transformer))/blocks/mlp/fc/dot_general"}
+  %add.7 = f32[64,32]{1,0} add(%x.8, %y.9), metadata={op_name="jit(f)/add"}
+"""
+    table = step_profile.hlo_instructions(hlo)
+    assert step_profile.part_of(table["wrapped_reduce-window.3"].path) == "attention"
+    assert not table["wrapped_reduce-window.3"].is_matmul
+    assert table["dot.2"].is_matmul and step_profile.part_of(table["dot.2"].path) == "mlp"
+    assert step_profile.part_of(table["add.7"].path) == "optimizer"

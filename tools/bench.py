@@ -3,6 +3,7 @@
     python -m tools.bench train --experiment quickstart [--preset gpt2-124m] [--model.n-layers 6 ...] --steps 20
     python -m tools.bench train --experiment quickstart --torch      # also the PyTorch reference, interleaved
     python -m tools.bench train --experiment quickstart --versus='--model.remat none'   # an A/B in one run
+    python -m tools.bench train --experiment quickstart --torch --profile 3   # where each step's time goes
     python -m tools.bench decode [--prompt-len 64] [--new-tokens 32]
     python -m tools.bench data --experiment quickstart
     python -m tools.bench compile --experiment quickstart [--depths 2 8 24]
@@ -233,11 +234,13 @@ def bench_train(
     peak: float | None = None,
     torch_threads: int | None = None,
     versus: Sequence[str] = (),
+    profile: int = 0,
 ) -> dict[str, Any]:
     """Time jaxlm's train step (and, with `with_torch`, the PyTorch reference, step for step) on random tokens.
 
     Each entry of `versus` is a string of further overrides ("--model.remat none"): that variant's step is timed
-    in the same run, interleaved with the others, for A/B comparisons on a noisy machine.
+    in the same run, interleaved with the others, for A/B comparisons on a noisy machine. With `profile` > 0,
+    that many further steps of each implementation are profiled (`tools.step_profile`), after the timed ones.
     """
     import shlex
 
@@ -245,8 +248,10 @@ def bench_train(
 
     from jaxlm import cli, flops, model
 
-    if steps < 1 or warmup < 0:
-        raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+    if steps < 1 or warmup < 0 or profile < 0:
+        raise ConfigError(
+            f"--steps must be >= 1, --warmup and --profile >= 0, got {steps}, {warmup} and {profile}"
+        )
     tokens = synthetic_tokens(experiment, experiment.train.seed)
     step = build_train_step(experiment, tokens)
     runners: dict[str, Callable[[], None]] = {"jax": step.run}
@@ -269,6 +274,13 @@ def bench_train(
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
+    record_profile = None
+    if profile:
+        from tools import step_profile
+
+        record_profile = {"steps": profile, "jax": step_profile.profile_jax(step.run, step.compiled.as_text(), profile)}
+        if with_torch:
+            record_profile["torch"] = step_profile.profile_torch(runners["torch"], profile)
 
     if peak is None:
         peak_flops, peak_source = flops.peak_flops()
@@ -312,6 +324,8 @@ def bench_train(
             notes.append("the reference does not accumulate microbatches")
         if notes:
             record["torch_notes"] = "; ".join(notes)
+    if record_profile:
+        record["profile"] = record_profile
     return record
 
 
@@ -349,6 +363,10 @@ def print_train(record: dict[str, Any]) -> None:
         if "torch_notes" in r:
             rows.append(("torch notes", r["torch_notes"]))
     print_table(f"train step: {r['experiment']}", rows)
+    if "profile" in r:
+        from tools.step_profile import print_profile
+
+        print_profile(r["profile"], r["step_ms"], r.get("torch_step_ms"))
 
 
 # ---------------------------------------------------------------------------------------------------- decode
@@ -487,6 +505,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--versus", action="append", default=[], metavar="OVERRIDES",
                    help="also time the step with these further overrides, interleaved (repeatable); write it "
                         "with '=', as the value starts with dashes: --versus='--model.remat none'")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="then profile N more steps: time by model part and operation (with --torch, its "
+                        "operators too); exact on one core (taskset -c 1 ... --torch-threads 1)")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="PyTorch's intra-op threads (default: its own choice, one per core)")
     p.add_argument("--peak-flops", type=float, default=None,
@@ -523,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.command == "train":
             record = bench_train(
                 experiment, steps=args.steps, warmup=args.warmup, with_torch=args.torch, peak=args.peak_flops,
-                torch_threads=args.torch_threads, versus=args.versus,
+                torch_threads=args.torch_threads, versus=args.versus, profile=args.profile,
             )
             print_train(record)
         elif args.command == "decode":
