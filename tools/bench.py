@@ -252,6 +252,8 @@ def bench_train(
         raise ConfigError(
             f"--steps must be >= 1, --warmup and --profile >= 0, got {steps}, {warmup} and {profile}"
         )
+    if profile and jax.default_backend() != "cpu":
+        raise ConfigError("--profile reads CPU traces: on a GPU or TPU, open a jax.profiler trace in XProf instead")
     tokens = synthetic_tokens(experiment, experiment.train.seed)
     step = build_train_step(experiment, tokens)
     runners: dict[str, Callable[[], None]] = {"jax": step.run}

@@ -6,7 +6,8 @@ joined to the compiled HLO for its opcode, shape and source path (`op_name` meta
 (attention, its projections, MLP, norms, embeddings and logits, the layer loop's bookkeeping, the optimizer) and a
 direction (forward; backward, including recomputation). The PyTorch reference's step: `torch.profiler`'s operators.
 
-Both report milliseconds per step of operator time, grouped the same coarse way for the comparison: matmuls
+On CPU only, where the trace's events are the HLO instructions themselves; on GPUs and TPUs open a
+`jax.profiler` trace in XProf instead. Both report milliseconds per step of operator time, grouped the same coarse way for the comparison: matmuls
 outside attention, attention (its products and softmax), and everything else. Operator times are summed over the
 threads that ran them, so the figures add up to the step time only on one core (`taskset -c 1 ...
 --torch-threads 1`); on more, operators overlap and the sums exceed it.
@@ -43,7 +44,7 @@ class Instruction:
 
     @property
     def is_matmul(self) -> bool:
-        return self.opcode == "dot" or "gemm" in self.path or self.opcode == "custom-call" and "matmul" in self.path
+        return self.opcode == "dot"
 
 
 def hlo_instructions(hlo_text: str) -> dict[str, Instruction]:
@@ -77,9 +78,9 @@ def part_of(path: str) -> str:
         return "norms and residuals"
     if re.search(r"/(embed|pos_embed|lm_head)[/.]", path):
         return "embeddings and logits"
-    if "index_in_dim" in path or path.endswith("while/body/") or re.search(r"Transformer\)+/while/body/[\w\-]+$", path):
-        return "layer loop"  # the scan over layers: per-layer slices of the stacked params, residuals, grads
-    if "Transformer" in path:
+    if "index_in_dim" in path or re.search(r"Transformer\)+/(while/body/[\w\-]+|broadcast_in_dim)$", path):
+        return "layer loop"  # the scan over layers: its stacked buffers and per-layer slices of params and grads
+    if "Transformer" in path or path.endswith("closed_call"):
         return "other"
     if "jvp(" in path or "take_along_axis" in path:
         return "loss"
