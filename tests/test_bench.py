@@ -138,3 +138,16 @@ def test_operations_without_a_source_path_take_their_operands():
     assert not table["wrapped_reduce-window.3"].is_matmul
     assert table["dot.2"].is_matmul and step_profile.part_of(table["dot.2"].path) == "mlp"
     assert step_profile.part_of(table["add.7"].path) == "optimizer"
+
+
+def test_checkpoint_bench_saves_as_each_mode_says(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * 40)
+    bench.main(["checkpoint", *TINY, "--data.source", f"text:{corpus}/*.txt", "--data.cache-dir", str(tmp_path / "cache"),
+                "--data.val-fraction", "0.25", "--steps", "4", "--every", "2", "--rounds", "1"])
+    rows = _last_json(capsys)["rows"]
+    # No intermediate saves: only the final checkpoint; every 2 of 4 steps: steps 2 and 4.
+    assert [(r["mode"], r["checkpoints"]) for r in rows] == [("none", 1), ("async", 2), ("blocking", 2)]
+    assert all(r["step_ms"] > 0 for r in rows)

@@ -7,6 +7,7 @@
     python -m tools.bench decode [--prompt-len 64] [--new-tokens 32]
     python -m tools.bench data --experiment quickstart
     python -m tools.bench compile --experiment quickstart [--depths 2 8 24]
+    python -m tools.bench checkpoint --experiment quickstart [--steps 60 --every 5 --rounds 2]
 
 Arguments other than the tool's own are the experiment's overrides (`--section.field value`, as for
 `python -m experiments.<name>`); `--preset NAME` first swaps in a published model shape from
@@ -485,6 +486,53 @@ def print_compile(rows: list[dict[str, Any]]) -> None:
     print_grid(["layers", "remat", "lower s", "compile s", "temp memory", "arguments"], grid)
 
 
+# ------------------------------------------------------------------------------------------------ checkpoint
+
+CHECKPOINT_MODES = ("none", "async", "blocking")
+
+
+def bench_checkpoint(experiment: Experiment, steps: int, every: int, rounds: int) -> list[dict[str, Any]]:
+    """The real training loop on the experiment's data, without intermediate checkpoints, with asynchronous saves
+    every `every` steps, and with blocking ones; the three alternate for `rounds` rounds, each run in a fresh
+    temporary directory. A run's ms/step is the loop's own throughput figure (its first step, which compiles,
+    left out), so a save counts with the steps around it."""
+    import contextlib
+    import io
+    import tempfile
+
+    from jaxlm import train
+
+    if steps < 2 or not 1 <= every < steps or rounds < 1:
+        raise ConfigError(
+            f"need --steps >= 2, 1 <= --every < --steps and --rounds >= 1, got {steps}, {every} and {rounds}"
+        )
+    tokens_per_step = experiment.data.batch_size * experiment.data.seq_len
+    rows = []
+    for round_ in range(rounds):
+        for mode in CHECKPOINT_MODES:
+            with tempfile.TemporaryDirectory() as out_dir:
+                settings = dataclasses.replace(
+                    experiment.train, out_dir=out_dir, steps=steps, ckpt_every=steps if mode == "none" else every,
+                    async_checkpoints=mode != "blocking", keep_checkpoints=steps, keep_best=False,
+                    eval_every=steps, eval_steps=1, log_every=every, samples=0, init_from="",
+                )
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    summary = train.train(dataclasses.replace(experiment, train=settings))
+                saved = [n for n in os.listdir(os.path.join(out_dir, "checkpoints")) if n.isdigit()]
+            row = {"round": round_, "mode": mode, "checkpoints": len(saved),
+                   "step_ms": 1e3 * tokens_per_step / summary["tokens_per_sec"]}
+            rows.append(row)
+            print(f"  round {round_ + 1}, {mode}: {row['step_ms']:.1f} ms/step, {len(saved)} checkpoints", flush=True)
+    return rows
+
+
+def print_checkpoint(rows: list[dict[str, Any]], every: int) -> None:
+    print(f"train loop ms/step with a checkpoint every {every} steps (none: only the final one)")
+    rounds = sorted({r["round"] for r in rows})
+    grid = [[mode] + [f"{r['step_ms']:.1f}" for r in rows if r["mode"] == mode] for mode in CHECKPOINT_MODES]
+    print_grid(["saves"] + [f"round {i + 1}" for i in rounds], grid)
+
+
 # ------------------------------------------------------------------------------------------------------ main
 
 
@@ -535,6 +583,13 @@ def _parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--depths", type=int, nargs="+", default=[2, 8, 24])
     p.add_argument("--remat", nargs="+", default=[r for r in REMAT_POLICIES if r != "auto"], choices=REMAT_POLICIES)
+
+    p = sub.add_parser("checkpoint", allow_abbrev=False,
+                       help="train-loop step time without, with asynchronous and with blocking checkpoints")
+    common(p)
+    p.add_argument("--steps", type=int, default=60, help="steps per run (default 60)")
+    p.add_argument("--every", type=int, default=5, help="steps between checkpoints (default 5)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of the three runs (default 2)")
     return parser
 
 
@@ -565,6 +620,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             rows = bench_data(experiment, args.seconds, args.train_steps, args.gpt2_train_steps)
             print_data(rows)
             record = {"benchmark": "data", "experiment": experiment.name, "date": _now(), "rows": rows}
+        elif args.command == "checkpoint":
+            rows = bench_checkpoint(experiment, args.steps, args.every, args.rounds)
+            print_checkpoint(rows, args.every)
+            record = {"benchmark": "checkpoint", "experiment": experiment.name, "date": _now(), "steps": args.steps,
+                      "every": args.every, "rows": rows}
         else:
             rows = bench_compile(experiment, args.depths, args.remat)
             print_compile(rows)
