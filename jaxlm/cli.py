@@ -87,16 +87,22 @@ def parse(default: Experiment | Sequence[Experiment], argv: Sequence[str] | None
     """The experiments a command line asks for, with its overrides applied."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if isinstance(default, Experiment):
-        return [tyro.cli(Experiment, default=_open(default), args=argv, description=_doc())]
+        return [tyro.cli(Experiment, default=_open(default), args=argv, description=_doc(), prog=_prog())]
     members = list(default)
     if not members:
         raise JaxlmError("the sweep has no members")
     command = tyro.cli(
-        _SweepCommand, default=_SweepCommand(SweepArgs(), _open(members[0])), args=argv,
+        _SweepCommand, default=_SweepCommand(SweepArgs(), _open(members[0])), args=argv, prog=_prog(),
         description=_doc() + f"\n\nA sweep of {len(members)} runs; overrides apply to every member.",
     )
     changes = _changed(_open(members[0]), command.experiment)
     return [_apply(members[i], changes) for i in _members(command.sweep.members, len(members))]
+
+
+def _prog() -> str | None:
+    """How the running program was started (`python -m experiments.quickstart`), for usage lines and hints."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return f"python -m {spec.name}" if spec is not None and spec.name else None
 
 
 def _doc() -> str:
