@@ -1,4 +1,4 @@
-"""Classification finetuning: which standard-library package does a function come from?
+r"""Classification finetuning: which standard-library package does a function come from?
 
 What it tests: turning the pretrained quickstart model (`runs/quickstart`; run `python -m experiments.quickstart`
 first) into a classifier. Every function and method of five packages of the running Python's standard library
