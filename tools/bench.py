@@ -182,14 +182,17 @@ def build_train_step(experiment: Experiment, tokens: np.ndarray) -> CompiledStep
     sharding.check_fits(experiment, mesh)
     state = train.init_train_state(experiment, mesh)
     batch = sharding.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, mesh)
-    step = train.jit_train_step(experiment, mesh)
-    start = time.perf_counter()
-    lowered = step.lower(state, batch)
-    lower_s = time.perf_counter() - start
-    start = time.perf_counter()
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - start
+    compiled, lower_s, compile_s = _compile_timed(train.jit_train_step(experiment, mesh), state, batch)
     return CompiledStep(compiled, state, batch, lower_s, compile_s, _memory(compiled))
+
+
+def _compile_timed(jitted: Any, *args: Any) -> tuple[Any, float, float]:
+    """`jitted` lowered and compiled for `args`: (the compiled function, seconds lowering, seconds compiling)."""
+    start = time.perf_counter()
+    lowered = jitted.lower(*args)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    return compiled, lowered_at - start, time.perf_counter() - lowered_at
 
 
 def _torch_step(
@@ -466,13 +469,7 @@ def bench_compile(experiment: Experiment, depths: Sequence[int], policies: Seque
             batch_sharding = sharding.batch_sharding(mesh)
             shape = (exp.data.batch_size, exp.data.seq_len)
             batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding) for k in ("inputs", "targets")}
-            step = train.jit_train_step(exp, mesh)
-            start = time.perf_counter()
-            lowered = step.lower(state, batch)
-            lower_s = time.perf_counter() - start
-            start = time.perf_counter()
-            compiled = lowered.compile()
-            compile_s = time.perf_counter() - start
+            compiled, lower_s, compile_s = _compile_timed(train.jit_train_step(exp, mesh), state, batch)
             rows.append({"n_layers": n_layers, "remat": policy, "lower_s": lower_s, "compile_s": compile_s,
                          **_memory(compiled)})
             print(f"  {n_layers} layers, remat {policy}: {compile_s:.1f} s", flush=True)
