@@ -152,7 +152,7 @@ def write_or_check_config(experiment: Experiment) -> bool:
             ] or [f"{key}: {old.get(key)!r} -> {new[key]!r}" for key in new if old.get(key) != new[key]]
             raise CheckpointError(
                 f"{run_dir} holds a run of another config ({'; '.join(diffs[:3])}): use a new "
-                "--train.out_dir, or delete the old run directory"
+                "--train.out-dir, or delete the old run directory"
             )
     if jax.process_index() == 0:
         os.makedirs(run_dir, exist_ok=True)

@@ -264,7 +264,7 @@ class Experiment:
         _require(
             not trained or self.data.vocab_size <= self.model.vocab_size,
             f"ModelConfig.vocab_size={self.model.vocab_size} is smaller than DataConfig.vocab_size="
-            f"{self.data.vocab_size}: set --model.vocab_size to at least {self.data.vocab_size}",
+            f"{self.data.vocab_size}: set --model.vocab-size to at least {self.data.vocab_size}",
         )
         _require(
             self.data.batch_size % self.train.grad_accum == 0,

@@ -101,7 +101,7 @@ class FinetuneConfig:
 
     def __post_init__(self):
         _require(self.task in TASKS, f"FinetuneConfig.task={self.task!r} is not one of {', '.join(TASKS)}")
-        _require(bool(self.train_file), "FinetuneConfig.train_file is empty: set --finetune.train_file")
+        _require(bool(self.train_file), "FinetuneConfig.train_file is empty: set --finetune.train-file")
         _require(self.layout in LAYOUTS, f"FinetuneConfig.layout={self.layout!r} is not one of {', '.join(LAYOUTS)}")
         _require(self.max_len >= 3, f"FinetuneConfig.max_len must be at least 3, got {self.max_len}")
         _require(
@@ -161,7 +161,7 @@ def read_table(path: str, columns: Sequence[str]) -> list[tuple[int, dict[str, s
                 if column not in header:
                     raise DataError(
                         f"{path} has no column {column!r} (its columns: {', '.join(header) or 'none'}): "
-                        "name the right one with --finetune.text_column / --finetune.label_column"
+                        "name the right one with --finetune.text-column / --finetune.label-column"
                     )
             for record in reader:
                 values = {c: record[c] for c in columns}
@@ -258,7 +258,7 @@ def encode_classify(
             if not ft.truncate:
                 raise DataError(
                     f"{_where(path, line)}: the example is {len(seq)} tokens, longer than max_len={ft.max_len}: "
-                    "raise --finetune.max_len or set --finetune.truncate"
+                    "raise --finetune.max-len or set --finetune.truncate"
                 )
             seq = seq[: ft.max_len - 1] + [eos]
             truncated += 1
@@ -404,7 +404,7 @@ def read_instruct(path: str, tokenizer: Any, ft: FinetuneConfig) -> InstructSpli
             if not ft.truncate:
                 raise DataError(
                     f"{_where(path, line)}: the example is {len(ids)} tokens, longer than max_len+1={limit}: "
-                    "raise --finetune.max_len or set --finetune.truncate"
+                    "raise --finetune.max-len or set --finetune.truncate"
                 )
             ids, weights = ids[:limit], weights[:limit]
             out.truncated += 1
@@ -417,7 +417,7 @@ def read_instruct(path: str, tokenizer: Any, ft: FinetuneConfig) -> InstructSpli
         out.prompts.append(list(segments[:first]))
         out.responses.append(segments[first][0])
     if not out.ids:
-        raise DataError(f"{path}: every example was longer than max_len={ft.max_len}: raise --finetune.max_len")
+        raise DataError(f"{path}: every example was longer than max_len={ft.max_len}: raise --finetune.max-len")
     out.layouts = tuple(sorted(layouts))
     return out
 
@@ -583,7 +583,7 @@ def load_base(experiment: Experiment) -> tuple[Experiment, Params]:
     from jaxlm.checkpoint import load_params
 
     if not os.path.exists(path):
-        raise CheckpointError(f"init_from {path} does not exist: train that run first, or fix --train.init_from")
+        raise CheckpointError(f"init_from {path} does not exist: train that run first, or fix --train.init-from")
     source, params = load_params(path)
     mine, theirs = _tokenizer_identity(experiment.data), _tokenizer_identity(source.data)
     for field in theirs:
@@ -755,7 +755,7 @@ def _fit(
                 if not math.isfinite(float(m["loss"])):
                     raise NonFiniteError(
                         f"non-finite loss {float(m['loss'])} at step {step}: lower --optim.lr or raise "
-                        "--optim.warmup_steps"
+                        "--optim.warmup-steps"
                     )
                 metrics.write({"step": step, **{k: float(v) for k, v in m.items()}})
                 bar.set_postfix(loss=f"{float(m['loss']):.3f}")
@@ -784,7 +784,7 @@ def _begin(experiment: Experiment, ft: FinetuneConfig) -> dict[str, Any] | None:
             changed = [k for k in ft.to_dict() if old.get(k) != json.loads(json.dumps(ft.to_dict()[k]))]
             raise CheckpointError(
                 f"{run_dir} holds a finetuning run of another config (finetune.{', finetune.'.join(changed[:3])}): "
-                "use a new --train.out_dir, or delete the old run directory"
+                "use a new --train.out-dir, or delete the old run directory"
             )
     else:
         with open(path, "w") as f:
@@ -792,7 +792,7 @@ def _begin(experiment: Experiment, ft: FinetuneConfig) -> dict[str, Any] | None:
     summary_path = os.path.join(run_dir, "summary.json")
     if os.path.exists(summary_path):
         with open(summary_path) as f:
-            print(f"{run_dir} is finished; delete it or use a new --train.out_dir to run again")
+            print(f"{run_dir} is finished; delete it or use a new --train.out-dir to run again")
             return json.load(f)
     return None
 
@@ -831,11 +831,11 @@ def _write_summary(run_dir: str, summary: dict[str, Any]) -> None:
 
 
 def _check_common(experiment: Experiment, ft: FinetuneConfig) -> None:
-    _require(experiment.train.grad_accum == 1, "finetuning does not accumulate gradients: set --train.grad_accum 1")
+    _require(experiment.train.grad_accum == 1, "finetuning does not accumulate gradients: set --train.grad-accum 1")
     _require(
         ft.max_len <= experiment.model.max_seq_len,
         f"FinetuneConfig.max_len={ft.max_len} is beyond the model's context of {experiment.model.max_seq_len}: "
-        f"lower --finetune.max_len",
+        f"lower --finetune.max-len",
     )
 
 
@@ -1224,6 +1224,6 @@ def run_finetune(
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: finetuning runs start over; delete the run directory or use a new --train.out_dir",
+        print("interrupted: finetuning runs start over; delete the run directory or use a new --train.out-dir",
               file=sys.stderr)
         sys.exit(130)

@@ -254,7 +254,7 @@ def train(experiment: Experiment) -> dict[str, Any]:
     if prepared.vocab_size > experiment.model.vocab_size:
         raise ConfigError(
             f"the tokenizer has {prepared.vocab_size} tokens but ModelConfig.vocab_size={experiment.model.vocab_size}:"
-            f" set --model.vocab_size to at least {prepared.vocab_size}"
+            f" set --model.vocab-size to at least {prepared.vocab_size}"
         )
     train_iter = make_iterator(
         experiment.data, prepared, split="train", seed=experiment.train.seed,
@@ -279,7 +279,7 @@ def train(experiment: Experiment) -> dict[str, Any]:
     summary_path = os.path.join(run_dir, "summary.json")
     if start_step >= experiment.train.steps and os.path.exists(summary_path):
         checkpoints.close()
-        print(f"{run_dir} is finished (step {start_step}); delete it or use a new --train.out_dir to run again")
+        print(f"{run_dir} is finished (step {start_step}); delete it or use a new --train.out-dir to run again")
         with open(summary_path) as f:
             return json.load(f)
 
@@ -317,7 +317,7 @@ def train(experiment: Experiment) -> dict[str, Any]:
                 where = f"the last good checkpoint is step {good}" if good is not None else "no checkpoint was saved"
                 raise NonFiniteError(
                     f"non-finite loss {m['loss']} or gradient norm {m['grad_norm']} at step {step} ({where}); "
-                    "lower --optim.lr, raise --optim.warmup_steps, or set --train.skip_nonfinite"
+                    "lower --optim.lr, raise --optim.warmup-steps, or set --train.skip-nonfinite"
                 )
             skipped_in_row, skipped_total = skipped_in_row + 1, skipped_total + 1
         else:

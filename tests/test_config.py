@@ -25,7 +25,7 @@ INVALID = [
     (lambda: OptimConfig(schedule="linear"), "schedule='linear'"),
     (lambda: ModelConfig(remat="some"), "remat"),
     (lambda: MeshConfig(data=-1, fsdp=-1), "at most one"),
-    (lambda: Experiment(data=DataConfig(vocab_size=8192), model=ModelConfig(vocab_size=4096)), "--model.vocab_size"),
+    (lambda: Experiment(data=DataConfig(vocab_size=8192), model=ModelConfig(vocab_size=4096)), "--model.vocab-size"),
     (lambda: Experiment(data=DataConfig(batch_size=6), train=TrainConfig(grad_accum=4)), "grad_accum"),
     (lambda: OptimConfig(lr=1e-3, min_lr=1e-2), "min_lr"),
 ]

@@ -266,7 +266,7 @@ def test_bad_jsonl_line_is_reported_or_skipped(tmp_path):
     _write(tmp_path / "d" / "a.jsonl", "\n".join(lines) + "\n")
     config = DataConfig(source=f"text:{tmp_path}/d/*.jsonl", tokenizer="byte", cache_dir=str(tmp_path / "c"),
                         val_fraction=0.3, seq_len=8, batch_size=2)
-    with pytest.raises(DataError, match=r"a\.jsonl:4 .*skip_bad_lines"):
+    with pytest.raises(DataError, match=r"a\.jsonl:4 .*--data\.skip-bad-lines"):
         prepare_data(config)
     prepared = prepare_data(dataclasses.replace(config, skip_bad_lines=True))
     assert prepared.stats["skipped_lines"] == 2

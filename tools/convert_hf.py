@@ -5,7 +5,7 @@
 
 --to-jaxlm writes a jaxlm run directory: config.json (the imported model; the data section names the model's
 sentencepiece tokenizer.model, copied into the run) and a step-0 checkpoint with fresh optimizer state. Sample
-from it with `python -m tools.sample --run`, or start training from its weights with `--train.init_from`.
+from it with `python -m tools.sample --run`, or start training from its weights with `--train.init-from`.
 A model without tokenizer.model (GPT-2's tokenizer is not sentencepiece) needs `--tokenizer`: a .model file, or
 any DataConfig.tokenizer value, knowing that a tokenizer other than the model's own makes its weights meaningless.
 

@@ -185,7 +185,7 @@ def _text_documents(
                                 continue
                             raise DataError(
                                 f"{path}:{lineno} is not a JSON object with a string {text_field!r} field: fix the "
-                                "line, set --data.text_field, or pass --data.skip_bad_lines True"
+                                "line, set --data.text-field, or pass --data.skip-bad-lines True"
                             ) from None
                         # Content decides the split, so duplicated documents never straddle train and validation.
                         yield Document(f"{path}:{lineno}", value, bad, _split_of(value, val_fraction))
@@ -308,11 +308,11 @@ def _prepare_local(
         if stats["train"]["documents"] + stats["validation"]["documents"] == 0:
             raise DataError(f"every document of {describe or source} is empty: point the source at files with text")
         if stats["train"]["documents"] == 0:
-            raise DataError(f"the train split of {source} is empty: lower --data.val_fraction or add documents")
+            raise DataError(f"the train split of {source} is empty: lower --data.val-fraction or add documents")
         if stats["validation"]["documents"] == 0:
             raise DataError(
                 f"the validation split of {source} is empty ({stats['train']['documents']} documents, val_fraction "
-                "too small): raise --data.val_fraction or add documents"
+                "too small): raise --data.val-fraction or add documents"
             )
         builder = LocalCorpus(documents=_nonempty(documents), data_dir=data_dir, file_format="array_record")
         builder.download_and_prepare()
@@ -399,7 +399,7 @@ def _open_tfds(data_config: DataConfig) -> Corpus:
     if not builder.is_prepared():
         raise DataError(
             f"TFDS dataset {spec!r} is not prepared in {where} (prepared there: {available()}): build it with "
-            f"`tfds build {name} --data_dir <dir> --file_format array_record` and set --data.tfds_data_dir"
+            f"`tfds build {name} --data_dir <dir> --file_format array_record` and set --data.tfds-data-dir"
         )
     info = builder.info
     splits = sorted(info.splits.keys())
@@ -413,7 +413,7 @@ def _open_tfds(data_config: DataConfig) -> Corpus:
     if data_config.text_field not in features:
         raise DataError(
             f"TFDS dataset {spec!r} has no feature {data_config.text_field!r}; its features are "
-            f"{', '.join(features) or 'none'}: set --data.text_field"
+            f"{', '.join(features) or 'none'}: set --data.text-field"
         )
     if str(info.file_format).split(".")[-1].lower() != "array_record":
         raise DataError(

@@ -223,11 +223,11 @@ def _check_one_batch(data_config: DataConfig, prepared: Prepared, split: str) ->
     rows = _rows_per_epoch(prepared, split, data_config.seq_len)
     if rows < data_config.batch_size:
         s = prepared.stats[split]
-        fix = "raise --data.val_fraction" if split == "validation" else "use a larger corpus"
+        fix = "raise --data.val-fraction" if split == "validation" else "use a larger corpus"
         raise DataError(
             f"the {split} split ({s['tokens']:,} tokens) holds {rows} rows of seq_len+1={data_config.seq_len + 1} "
-            f"tokens, fewer than one batch of {data_config.batch_size}: {fix}, or lower --data.batch_size or "
-            "--data.seq_len"
+            f"tokens, fewer than one batch of {data_config.batch_size}: {fix}, or lower --data.batch-size or "
+            "--data.seq-len"
         )
 
 

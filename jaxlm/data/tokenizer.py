@@ -187,10 +187,10 @@ def train_sentencepiece(texts: Iterable[str], model_type: str, vocab_size: int, 
             limit = re.search(r"<= *(\d+)", reason)
             most = f"at most {limit.group(1)}" if limit else "a smaller value"
             raise DataError(
-                f"DataConfig.vocab_size={vocab_size} is larger than this corpus supports: set --data.vocab_size to "
+                f"DataConfig.vocab_size={vocab_size} is larger than this corpus supports: set --data.vocab-size to "
                 f"{most}, or use a larger corpus"
             ) from None
-        raise DataError(f"sentencepiece training failed ({reason}): check the corpus and --data.vocab_size") from None
+        raise DataError(f"sentencepiece training failed ({reason}): check the corpus and --data.vocab-size") from None
     return model.getvalue()
 
 
