@@ -151,3 +151,16 @@ def test_checkpoint_bench_saves_as_each_mode_says(tmp_path, capsys):
     # No intermediate saves: only the final checkpoint; every 2 of 4 steps: steps 2 and 4.
     assert [(r["mode"], r["checkpoints"]) for r in rows] == [("none", 1), ("async", 2), ("blocking", 2)]
     assert all(r["step_ms"] > 0 for r in rows)
+
+
+def test_gpu_check_runs_its_code_path_on_tiny_shapes(tmp_path, capsys):
+    from tools import gpu_check
+
+    # A budget of a second: the first run starts, the ones after it are skipped (the script's whole path, on a CPU).
+    records = gpu_check.main(["--tiny", "--steps", "1", "--budget-s", "1", "--out", str(tmp_path)])
+    assert 1 <= len(records) < len(gpu_check.RUNS) and not any("error" in r for r in records)
+    assert (records[0]["preset"], records[0]["dtype"], records[0]["remat"]) == ("gpt2-124m", "bfloat16", "none")
+    assert len((tmp_path / "gpu_results.jsonl").read_text().splitlines()) == len(records)
+    summary = json.loads((tmp_path / "gpu_summary.json").read_text())
+    assert summary["runs"] == len(records)
+    assert summary["best"]["gpt2-124m"]["mfu"] == pytest.approx(max(r["mfu"] for r in records if r["preset"] == "gpt2-124m"))
