@@ -128,9 +128,9 @@ def test_operations_without_a_source_path_take_their_operands():
     from tools import step_profile
 
     hlo = """
-  %dot.1 = f32[8,4,16,16]{3,2,1,0} dot(%p.0, %p.1), lhs_batch_dims={0,1}, metadata={op_name="jit(f)/jvp(Transformer)/blocks/attn/dot_general"}
-  %wrapped_reduce-window.3 = f32[8,4,16,2]{3,2,1,0} fusion(%dot.1, %c.2), kind=kLoop, calls=%w.4, metadata={stack_frame_id=3}
-  ROOT %dot.2 = f32[64,32]{1,0} dot(%a.5, %b.6), metadata={op_name="jit(f)/transpose(jvp(Transformer))/blocks/mlp/fc/dot_general"}
+  %dot.1 = f32[8,4,16,16]{3,2,1,0} dot(%p.0, %p.1), lhs_batch_dims={0,1}, metadata={op_name="f/blocks/attn/dot"}
+  %wrapped_reduce-window.3 = f32[8,4,16,2]{3,2,1,0} fusion(%dot.1, %c.2), kind=kLoop, metadata={stack_frame_id=3}
+  ROOT %dot.2 = f32[64,32]{1,0} dot(%a.5, %b.6), metadata={op_name="f/transpose(jvp(T))/blocks/mlp/fc/dot"}
   %add.7 = f32[64,32]{1,0} add(%x.8, %y.9), metadata={op_name="jit(f)/add"}
 """
     table = step_profile.hlo_instructions(hlo)
@@ -145,8 +145,9 @@ def test_checkpoint_bench_saves_as_each_mode_says(tmp_path, capsys):
     corpus.mkdir()
     for i in range(4):
         (corpus / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * 40)
-    bench.main(["checkpoint", *TINY, "--data.source", f"text:{corpus}/*.txt", "--data.cache-dir", str(tmp_path / "cache"),
-                "--data.val-fraction", "0.25", "--steps", "4", "--every", "2", "--rounds", "1"])
+    data = ["--data.source", f"text:{corpus}/*.txt", "--data.cache-dir", str(tmp_path / "cache"),
+            "--data.val-fraction", "0.25"]
+    bench.main(["checkpoint", *TINY, *data, "--steps", "4", "--every", "2", "--rounds", "1"])
     rows = _last_json(capsys)["rows"]
     # No intermediate saves: only the final checkpoint; every 2 of 4 steps: steps 2 and 4.
     assert [(r["mode"], r["checkpoints"]) for r in rows] == [("none", 1), ("async", 2), ("blocking", 2)]
@@ -163,4 +164,5 @@ def test_gpu_check_runs_its_code_path_on_tiny_shapes(tmp_path, capsys):
     assert len((tmp_path / "gpu_results.jsonl").read_text().splitlines()) == len(records)
     summary = json.loads((tmp_path / "gpu_summary.json").read_text())
     assert summary["runs"] == len(records)
-    assert summary["best"]["gpt2-124m"]["mfu"] == pytest.approx(max(r["mfu"] for r in records if r["preset"] == "gpt2-124m"))
+    best_gpt2 = max(r["mfu"] for r in records if r["preset"] == "gpt2-124m")
+    assert summary["best"]["gpt2-124m"]["mfu"] == pytest.approx(best_gpt2)

@@ -7,10 +7,10 @@ joined to the compiled HLO for its opcode, shape and source path (`op_name` meta
 direction (forward; backward, including recomputation). The PyTorch reference's step: `torch.profiler`'s operators.
 
 On CPU only, where the trace's events are the HLO instructions themselves; on GPUs and TPUs open a
-`jax.profiler` trace in XProf instead. Both report milliseconds per step of operator time, grouped the same coarse way for the comparison: matmuls
-outside attention, attention (its products and softmax), and everything else. Operator times are summed over the
-threads that ran them, so the figures add up to the step time only on one core (`taskset -c 1 ...
---torch-threads 1`); on more, operators overlap and the sums exceed it.
+`jax.profiler` trace in XProf instead. Both report milliseconds per step of operator time, grouped the same coarse
+way for the comparison: matmuls outside attention, attention (its products and softmax), and everything else.
+Operator times are summed over the threads that ran them, so the figures add up to the step time only on one core
+(`taskset -c 1 ... --torch-threads 1`); on more, operators overlap and the sums exceed it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.+?)\s+(?P<opcode>[\w\-]+)\((?P<rest>.*)$")
+_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.+?)\s+(?P<opcode>[\w\-]+)\((?P<rest>.*)$"
+)
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _CONTAINERS = {"while", "call", "conditional", "tuple", "get-tuple-element", "parameter", "constant", "bitcast"}
 _PROJECTIONS = re.compile(r"/attn/(query|key|value|out)/")
@@ -152,7 +154,8 @@ def profile_torch(run: Callable[[], None], steps: int) -> dict[str, Any]:
     matmul = sum(ms for key, (ms, _) in ops.items() if key in ("aten::mm", "aten::addmm", "aten::bmm"))
     attention = sum(ms for key, (ms, _) in ops.items() if "scaled_dot_product" in key or "flash_attention" in key)
     total = sum(ms for ms, _ in ops.values())
-    top = [{"op": key, "ms": ms, "calls": round(n)} for key, (ms, n) in sorted(ops.items(), key=lambda kv: -kv[1][0])[:12]]
+    costliest = sorted(ops.items(), key=lambda kv: -kv[1][0])[:12]
+    top = [{"op": key, "ms": ms, "calls": round(n)} for key, (ms, n) in costliest]
     return {"total_ms": total, "matmul_ms": matmul, "attention_ms": attention,
             "other_ms": total - matmul - attention, "top": top}
 
