@@ -970,14 +970,19 @@ def _read_metrics(path: str) -> list[dict]:
     return rows
 
 
-def _read_run(run_dir: str) -> tuple[Experiment, list[dict], list[dict]]:
-    with open(os.path.join(run_dir, "config.json")) as f:
+def read_run(run_dir: str) -> tuple[Experiment, list[dict], list[dict]]:
+    """A run directory's experiment (config.json), and its logged train rows and evaluations (metrics.jsonl), each
+    by step; a step logged twice (a run resumed past it) keeps its last row."""
+    config_path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(config_path):
+        raise ScalingError(f"{run_dir} has no config.json: give the directory of a jaxlm run (such as runs/quickstart)")
+    with open(config_path) as f:
         try:
             experiment = Experiment.from_dict(json.load(f))
         except (json.JSONDecodeError, TypeError) as e:
             raise ScalingError(f"{run_dir}/config.json is not a jaxlm config ({e})") from None
     rows = _read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-    train = {r["step"]: r for r in rows if "loss" in r and "tokens" in r}  # a resumed step keeps its last row
+    train = {r["step"]: r for r in rows if "loss" in r and "tokens" in r}
     evals = {r["step"]: r for r in rows if "val_loss" in r}
     return experiment, [train[k] for k in sorted(train)], [evals[k] for k in sorted(evals)]
 
@@ -998,7 +1003,7 @@ def collect_results(sweep_dir: str, *, allow_unfinished: bool = False) -> list[d
     loss. An unfinished run raises, naming it, unless `allow_unfinished` (then it is left out)."""
     results = []
     for run_dir in _run_dirs(sweep_dir):
-        experiment, train, evals = _read_run(run_dir)
+        experiment, train, evals = read_run(run_dir)
         steps = experiment.train.steps
         finished = bool(train) and train[-1]["step"] >= steps and bool(evals) and evals[-1]["step"] >= steps
         if not finished:
@@ -1032,7 +1037,7 @@ def collect_curves(sweep_dir: str, *, allow_unfinished: bool = True, loss: str =
     `sweep_dir`, for `fit_envelope`. Runs with fewer than two points are left out."""
     curves = []
     for run_dir in _run_dirs(sweep_dir):
-        experiment, train, evals = _read_run(run_dir)
+        experiment, train, evals = read_run(run_dir)
         finished = bool(train) and train[-1]["step"] >= experiment.train.steps
         if not (finished or allow_unfinished):
             continue
