@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -428,24 +429,41 @@ def write_samples(experiment: Experiment, params: Any, prepared, path: str) -> N
 
 def plot_losses(metrics_path: str, png_path: str, title: str) -> None:
     """Train and validation loss against tokens seen."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     with open(metrics_path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     train_rows = [r for r in rows if "loss" in r]
     val_rows = [r for r in rows if "val_loss" in r]
     tokens_per_step = train_rows[0]["tokens"] / train_rows[0]["step"] if train_rows else 0
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot([r["tokens"] for r in train_rows], [r["loss"] for r in train_rows], label="train", lw=1)
-    ax.plot([r["step"] * tokens_per_step for r in val_rows], [r["val_loss"] for r in val_rows], "o-", label="validation")
-    ax.set_xlabel("tokens")
+    curve = {
+        "label": "", "train_x": [r["tokens"] for r in train_rows], "train_loss": [r["loss"] for r in train_rows],
+        "val_x": [r["step"] * tokens_per_step for r in val_rows], "val_loss": [r["val_loss"] for r in val_rows],
+    }
+    plot_curves([curve], png_path, xlabel="tokens", title=title)
+
+
+def plot_curves(runs: Sequence[dict[str, Any]], png_path: str, xlabel: str, title: str = "", log_x: bool = False):
+    """Each run's train loss (thin) and validation loss (markers), one colour per run. A run is a dict with
+    `label` ("" for a plot of one run), `train_x`, `train_loss`, `val_x` and `val_loss`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5) if len(runs) == 1 else (8, 5))
+    for i, run in enumerate(runs):
+        prefix = f"{run['label']} " if run["label"] else ""
+        colour = f"C{i % 10}"
+        ax.plot(run["train_x"], run["train_loss"], color=colour, lw=0.8, alpha=0.6, label=f"{prefix}train")
+        if run["val_x"]:
+            ax.plot(run["val_x"], run["val_loss"], "o-", color=colour, ms=4, label=f"{prefix}validation")
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("loss (nats per token)")
-    ax.set_title(title)
+    if title:
+        ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)

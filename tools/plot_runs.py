@@ -51,29 +51,6 @@ def load_run(run_dir: str, x: str = "tokens") -> dict[str, Any]:
     }
 
 
-def plot(runs: Sequence[dict[str, Any]], x: str, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, run in enumerate(runs):
-        colour = f"C{i % 10}"
-        ax.plot(run["train_x"], run["train_loss"], color=colour, lw=0.8, alpha=0.6, label=f"{run['label']} train")
-        if run["val_x"]:
-            ax.plot(run["val_x"], run["val_loss"], "o-", color=colour, ms=4, label=f"{run['label']} validation")
-    if x == "flops":
-        ax.set_xscale("log")
-    ax.set_xlabel(AXES[x])
-    ax.set_ylabel("loss (nats per token)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -88,6 +65,8 @@ def print_table(runs: Sequence[dict[str, Any]]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from jaxlm.train import plot_curves
+
     parser = argparse.ArgumentParser(prog="python -m tools.plot_runs", description=__doc__.split("\n\n")[0],
                                      allow_abbrev=False)
     parser.add_argument("runs", nargs="+", help="run directories (each with config.json and metrics.jsonl)")
@@ -101,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = [load_run(run_dir, args.x) for run_dir in args.runs]
         if os.path.dirname(args.out):
             os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        plot(runs, args.x, args.out)
+        plot_curves(runs, args.out, xlabel=AXES[args.x], log_x=args.x == "flops")
     except JaxlmError as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR
