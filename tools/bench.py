@@ -280,13 +280,13 @@ def bench_train(
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    record_profile = None
     if profile:
         from tools import step_profile
 
-        record_profile = {"steps": profile, "jax": step_profile.profile_jax(step.run, step.compiled.as_text(), profile)}
+        jax_profile = step_profile.profile_jax(step.run, step.compiled.as_text(), profile)
+        record["profile"] = {"steps": profile, "jax": jax_profile}
         if with_torch:
-            record_profile["torch"] = step_profile.profile_torch(runners["torch"], profile)
+            record["profile"]["torch"] = step_profile.profile_torch(runners["torch"], profile)
 
     if peak is None:
         peak_flops, peak_source = flops.peak_flops()
@@ -330,8 +330,6 @@ def bench_train(
             notes.append("the reference does not accumulate microbatches")
         if notes:
             record["torch_notes"] = "; ".join(notes)
-    if record_profile:
-        record["profile"] = record_profile
     return record
 
 
