@@ -83,16 +83,20 @@ def _members(spec: str, n: int) -> range:
     return selected
 
 
-def parse(default: Experiment | Sequence[Experiment], argv: Sequence[str] | None = None) -> list[Experiment]:
-    """The experiments a command line asks for, with its overrides applied."""
+def parse(
+    default: Experiment | Sequence[Experiment], argv: Sequence[str] | None = None, prog: str | None = None
+) -> list[Experiment]:
+    """The experiments a command line asks for, with its overrides applied. `prog` names the command whose
+    `--help` lists the overrides (default: the running program)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    prog = prog or _prog()
     if isinstance(default, Experiment):
-        return [tyro.cli(Experiment, default=_open(default), args=argv, description=_doc(), prog=_prog())]
+        return [tyro.cli(Experiment, default=_open(default), args=argv, description=_doc(), prog=prog)]
     members = list(default)
     if not members:
         raise JaxlmError("the sweep has no members")
     command = tyro.cli(
-        _SweepCommand, default=_SweepCommand(SweepArgs(), _open(members[0])), args=argv, prog=_prog(),
+        _SweepCommand, default=_SweepCommand(SweepArgs(), _open(members[0])), args=argv, prog=prog,
         description=_doc() + f"\n\nA sweep of {len(members)} runs; overrides apply to every member.",
     )
     changes = _changed(_open(members[0]), command.experiment)

@@ -72,7 +72,7 @@ def load_experiment(name: str, overrides: Sequence[str], preset: str | None = No
             raise ConfigError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
         swap = lambda e: _with_model(e, PRESETS[preset])  # noqa: E731
         default = swap(default) if isinstance(default, Experiment) else [swap(e) for e in default]
-    return cli.parse(default, list(overrides))[0]
+    return cli.parse(default, list(overrides), prog=f"python -m experiments.{name}")[0]
 
 
 def _with_model(experiment: Experiment, model) -> Experiment:
@@ -230,6 +230,17 @@ def _step_stats(times: Sequence[float], tokens_per_step: int, prefix: str = "") 
     }
 
 
+def variants(experiment: Experiment, module: str, versus: Sequence[str]) -> list[tuple[str, Experiment]]:
+    """The experiment with each string of further overrides applied, parsed before anything compiles so that
+    a typo fails at once (its hint names `python -m experiments.<module> --help`, which lists them)."""
+    import shlex
+
+    from jaxlm import cli
+
+    prog = f"python -m experiments.{module}"
+    return [(overrides, cli.parse(experiment, shlex.split(overrides), prog=prog)[0]) for overrides in versus]
+
+
 def bench_train(
     experiment: Experiment,
     steps: int = 10,
@@ -237,20 +248,19 @@ def bench_train(
     with_torch: bool = False,
     peak: float | None = None,
     torch_threads: int | None = None,
-    versus: Sequence[str] = (),
+    versus: Sequence[tuple[str, Experiment]] = (),
     profile: int = 0,
 ) -> dict[str, Any]:
     """Time jaxlm's train step (and, with `with_torch`, the PyTorch reference, step for step) on random tokens.
 
-    Each entry of `versus` is a string of further overrides ("--model.remat none"): that variant's step is timed
-    in the same run, interleaved with the others, for A/B comparisons on a noisy machine. With `profile` > 0,
-    that many further steps of each implementation are profiled (`tools.step_profile`), after the timed ones.
+    Each entry of `versus` is (overrides, the experiment with them applied), as `variants` makes them: that
+    variant's step is timed in the same run, interleaved with the others, for A/B comparisons on a noisy
+    machine. With `profile` > 0, that many further steps of each implementation are profiled
+    (`tools.step_profile`), after the timed ones.
     """
-    import shlex
-
     import jax
 
-    from jaxlm import cli, flops, model
+    from jaxlm import flops, model
 
     if steps < 1 or warmup < 0 or profile < 0:
         raise ConfigError(
@@ -262,8 +272,7 @@ def bench_train(
     step = build_train_step(experiment, tokens)
     runners: dict[str, Callable[[], None]] = {"jax": step.run}
     variants = []
-    for i, overrides in enumerate(versus):
-        variant = cli.parse(experiment, shlex.split(overrides))[0]
+    for i, (overrides, variant) in enumerate(versus):
         variant_step = build_train_step(variant, synthetic_tokens(variant, variant.train.seed))
         runners[f"versus{i}"] = variant_step.run
         variants.append((overrides, variant, variant_step))
@@ -532,18 +541,20 @@ def print_checkpoint(rows: list[dict[str, Any]], every: int) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    overrides = ("Other --section.field arguments override the experiment: `python -m experiments.<name> --help` "
+                 "lists them.")
     parser = argparse.ArgumentParser(
-        prog="python -m tools.bench", description=__doc__.split("\n\n")[0], allow_abbrev=False,
-        epilog="Other --section.field arguments override the experiment, as on `python -m experiments.<name>`.",
+        prog="python -m tools.bench", description=__doc__.split("\n\n")[0], allow_abbrev=False, epilog=overrides,
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p: argparse.ArgumentParser) -> None:
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, allow_abbrev=False, help=help, epilog=overrides)
         p.add_argument("--experiment", default="quickstart", help="a module in experiments/ (default: quickstart)")
         p.add_argument("--preset", default=None, help=f"swap in a published model shape: {', '.join(PRESETS)}")
+        return p
 
-    p = sub.add_parser("train", allow_abbrev=False, help="time the train step on random tokens")
-    common(p)
+    p = command("train", help="time the train step on random tokens")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (default 2)")
     p.add_argument("--torch", action="store_true", help="also run the PyTorch reference, interleaved")
@@ -558,8 +569,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-flops", type=float, default=None,
                    help="FLOP/s to compute MFU against (default: the device table, or a measured matmul on CPU)")
 
-    p = sub.add_parser("decode", allow_abbrev=False, help="KV-cache decoding, batch 1 and 16")
-    common(p)
+    p = command("decode", help="KV-cache decoding, batch 1 and 16")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -567,21 +577,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=["experiment", "gpt2-124m"],
                    help="'experiment' (its model) and/or preset names (default: experiment gpt2-124m)")
 
-    p = sub.add_parser("data", allow_abbrev=False, help="input pipeline tokens/s beside the train step's")
-    common(p)
+    p = command("data", help="input pipeline tokens/s beside the train step's")
     p.add_argument("--seconds", type=float, default=5.0, help="how long to read batches (default 5)")
     p.add_argument("--train-steps", type=int, default=5, help="timed train steps for the experiment (0: skip)")
     p.add_argument("--gpt2-train-steps", type=int, default=1,
                    help="timed train steps of GPT-2 124M at 8x1024 (slow on a CPU; 0: skip)")
 
-    p = sub.add_parser("compile", allow_abbrev=False, help="compile time and memory by depth and remat policy")
-    common(p)
+    p = command("compile", help="compile time and memory by depth and remat policy")
     p.add_argument("--depths", type=int, nargs="+", default=[2, 8, 24])
     p.add_argument("--remat", nargs="+", default=[r for r in REMAT_POLICIES if r != "auto"], choices=REMAT_POLICIES)
 
-    p = sub.add_parser("checkpoint", allow_abbrev=False,
-                       help="train-loop step time without, with asynchronous and with blocking checkpoints")
-    common(p)
+    p = command("checkpoint", help="train-loop step time without, with asynchronous and with blocking checkpoints")
     p.add_argument("--steps", type=int, default=60, help="steps per run (default 60)")
     p.add_argument("--every", type=int, default=5, help="steps between checkpoints (default 5)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of the three runs (default 2)")
@@ -596,7 +602,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.command == "train":
             record = bench_train(
                 experiment, steps=args.steps, warmup=args.warmup, with_torch=args.torch, peak=args.peak_flops,
-                torch_threads=args.torch_threads, versus=args.versus, profile=args.profile,
+                torch_threads=args.torch_threads, versus=variants(experiment, args.experiment, args.versus),
+                profile=args.profile,
             )
             print_train(record)
         elif args.command == "decode":
