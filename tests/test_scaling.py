@@ -11,6 +11,7 @@ from scipy.special import huber, logsumexp
 from jaxlm import scaling
 from jaxlm.errors import JaxlmError
 from jaxlm.scaling import Curve, ParametricFit, ScalingError, fit_envelope, fit_isoflop, fit_parametric
+from jaxlm.scaling import parametric
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
 EPOCH_CSV = DATA / "chinchilla_epoch_2024.csv"
@@ -95,7 +96,7 @@ def test_parametric_raises_when_no_start_converges(monkeypatch):
         success, fun, message = False, 1.0, "ABNORMAL_TERMINATION_IN_LNSRCH"
         x, jac = np.zeros(5), np.ones(5)
 
-    monkeypatch.setattr(scaling, "minimize", lambda *args, **kwargs: Stuck())
+    monkeypatch.setattr(parametric, "minimize", lambda *args, **kwargs: Stuck())
     N = np.repeat(np.geomspace(1e7, 1e10, 4), 3)
     D = N * np.tile([5.0, 20.0, 80.0], 4)
     with pytest.raises(ScalingError, match="did not converge"):
@@ -130,7 +131,7 @@ def test_huber_objective_against_scipy():
     weights = rng.integers(0, 3, 30).astype(float)
     # Rows near an optimum (some residuals inside delta) and far from it.
     params = np.array([[6.0, 7.5, 0.6, 0.35, 0.37], [2.0, 20.0, -1.0, 0.5, 1.5], [25.0, 0.0, 1.0, 2.0, 0.0]])
-    values, grads = scaling._huber_objective(params, log_n, log_d, log_loss, weights, 0.05)
+    values, grads = parametric._huber_objective(params, log_n, log_d, log_loss, weights, 0.05)
 
     def reference(p):
         a, b, e, alpha, beta = p
@@ -159,7 +160,7 @@ def test_batched_lbfgs_on_quadratics_and_rosenbrock():
         return value, grad
 
     x0 = np.array([[0.0, 0.0, 0.0], [3.0, -3.0, 1.0], [10.0, 10.0, 10.0], [-1.2, 1.0, 0.0]])
-    x, f, converged = scaling._batched_lbfgs(fun, x0, gtol=1e-9, ftol=0.0)
+    x, f, converged = parametric._batched_lbfgs(fun, x0, gtol=1e-9, ftol=0.0)
     assert converged.all()
     assert np.allclose(x[:3], centres[:3], atol=1e-6)
     assert np.allclose(x[3, :2], [1.0, 1.0], atol=1e-4)
@@ -251,8 +252,8 @@ def test_envelope_recovers_known_exponents():
     assert fit.b == pytest.approx(1 - A_EXP, abs=0.02)
     # Every envelope point is the best available size: no listed size does better there.
     sizes = np.geomspace(1e7, 1e10, 20)
-    for c, n, l in zip(fit.C[::20], fit.n_opt[::20], fit.loss[::20]):
-        assert l <= law(sizes, c / (6 * sizes)).min() + 1e-3
+    for c, n, best in zip(fit.C[::20], fit.n_opt[::20], fit.loss[::20]):
+        assert best <= law(sizes, c / (6 * sizes)).min() + 1e-3
         assert true_n_opt(c) / 1.5 < n < true_n_opt(c) * 1.5
     lo, hi = fit.intervals["a"]
     assert lo <= fit.a <= hi

@@ -102,8 +102,8 @@ def fit_all(args, rows, column, curves, epoch):
         fit = scaling.fit_isoflop(N, C, loss, budget_rtol=args.budget_rtol, skip_unfittable=skip, **common)
         fits["2"] = fit
         print_power_laws(f"Approach 2 (IsoFLOP parabolas, {len(fit.budgets)} budgets, D_opt = C / 6 N_opt):", fit)
-        for i, (c, n, d, l) in enumerate(zip(fit.budgets, fit.n_opt, fit.d_opt, fit.loss_opt)):
-            print(f"    C={c:9.3g}  N_opt={fmt_interval(fit, f'n_opt[{i}]', n, 3)}  D_opt={d:.3g}  loss={l:.4f}")
+        for i, (c, n, d, loss_opt) in enumerate(zip(fit.budgets, fit.n_opt, fit.d_opt, fit.loss_opt)):
+            print(f"    C={c:9.3g}  N_opt={fmt_interval(fit, f'n_opt[{i}]', n, 3)}  D_opt={d:.3g}  loss={loss_opt:.4f}")
         if fit.skipped:
             print(f"  skipped {len(fit.skipped)} budgets, e.g. {fit.skipped[0]}")
         if fit.bootstrap_dropped or fit.bootstrap_failed:

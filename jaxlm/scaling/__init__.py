@@ -1,0 +1,56 @@
+"""Scaling laws: Chinchilla's three approaches to the compute-optimal frontier, with bootstrap intervals.
+
+Approach 1 (`fit_envelope`): the envelope of minimum loss over training curves against compute C = 6ND.
+Approach 2 (`fit_isoflop`): a parabola in log N per compute budget; the optima follow N_opt = k C^a.
+Approach 3 (`fit_parametric`): L(N, D) = E + A / N^alpha + B / D^beta, fitted as Besiroglu et al. 2024 (Epoch AI)
+refitted Hoffmann et al. 2022: a Huber loss on log L, summed over points, minimised by L-BFGS from a grid of starts.
+
+Sweeps: `isoflop_grid` declares the runs of an IsoFLOP sweep as Experiments, `wsd_branches` the runs of one model
+size under the warmup-stable-decay schedule (Hägele et al. 2024), and `collect_results` reads finished runs back
+into a table (`write_csv`, `read_csv`).
+
+Every fit validates its input and raises `ScalingError` (a `JaxlmError`) naming the budget, column or row at fault;
+a fit that does not converge raises rather than returning numbers.
+
+Modules: `parametric` (approach 3), `isoflop` (approach 2), `envelope` (approach 1), `sweeps` (declaring sweeps),
+`results` (reading runs and results tables); `_common` holds `ScalingError` and the checks the fits share.
+"""
+
+from jaxlm.scaling._common import ScalingError
+from jaxlm.scaling.envelope import Curve, EnvelopeFit, fit_envelope
+from jaxlm.scaling.isoflop import IsoflopFit, fit_isoflop, group_budgets
+from jaxlm.scaling.parametric import ParametricFit, fit_parametric
+from jaxlm.scaling.results import COLUMNS, EPOCH_COLUMNS, collect_curves, collect_results, read_csv, read_run, write_csv
+from jaxlm.scaling.sweeps import (
+    AspectRatioShapes,
+    branch_from_trunk,
+    cooldown_start,
+    isoflop_grid,
+    reshape_model,
+    wsd_branches,
+)
+
+__all__ = [
+    "COLUMNS",
+    "EPOCH_COLUMNS",
+    "AspectRatioShapes",
+    "Curve",
+    "EnvelopeFit",
+    "IsoflopFit",
+    "ParametricFit",
+    "ScalingError",
+    "branch_from_trunk",
+    "collect_curves",
+    "collect_results",
+    "cooldown_start",
+    "fit_envelope",
+    "fit_isoflop",
+    "fit_parametric",
+    "group_budgets",
+    "isoflop_grid",
+    "read_csv",
+    "read_run",
+    "reshape_model",
+    "write_csv",
+    "wsd_branches",
+]
