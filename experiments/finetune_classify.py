@@ -18,8 +18,8 @@ examples, against always answering the commonest training class, asyncio):
 | majority class | - | 0.339 | 0.328 |
 | full finetuning from the quickstart run (the default) | 1,088,901 | 0.888 | 0.859 |
 | full finetuning from random weights (`--train.init-from ""`) | 1,088,901 | 0.897 | 0.906 |
-| head and final norm only, from the quickstart run (`--finetune.train-last-k 0 --optim.lr 1e-2`) | 901 | 0.355 | 0.324 |
-| head and final norm only, from random weights | 901 | 0.346 | 0.305 |
+| head and final norm, from the quickstart run (`--finetune.train-last-k 0 --optim.lr 1e-2`) | 901 | 0.355 | 0.324 |
+| head and final norm, from random weights | 901 | 0.346 | 0.305 |
 
 Test confusion matrix of the default run (rows: true package; columns: predicted):
 

@@ -16,8 +16,8 @@ Found (quickstart checkpoint at step 600; validation loss in nats per answer tok
 | run | trained parameters | before | after | code loss after |
 |---|---|---|---|---|
 | full finetuning, lr 1e-3 (the default) | 1,088,256 | 6.144 | 4.858 | 5.677 |
-| LoRA r=8, alpha 16, lr 1e-2 (`--finetune.lora-rank 8 --optim.lr 1e-2 --optim.min-lr 1e-3`) | 73,728 | 6.144 | 5.151 | 5.520 |
-| LoRA r=8, alpha 16, lr 3e-3 (`--finetune.lora-rank 8 --optim.lr 3e-3 --optim.min-lr 3e-4`) | 73,728 | 6.144 | 5.172 | - |
+| LoRA r=8, alpha 16 (`--finetune.lora-rank 8 --optim.lr 1e-2 --optim.min-lr 1e-3`) | 73,728 | 6.144 | 5.151 | 5.520 |
+| LoRA r=8, alpha 16 (`--finetune.lora-rank 8 --optim.lr 3e-3 --optim.min-lr 3e-4`) | 73,728 | 6.144 | 5.172 | - |
 
 "Code loss" is the language-model loss on the whole pystdlib validation split afterwards
 (`python -m tools.evaluate --run <run dir> --batch_size 16`); the quickstart model's own is 5.017: both forget

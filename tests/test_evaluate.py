@@ -144,7 +144,7 @@ def test_lm_metrics_match_numpy(params, tmp_path):
 
 def test_tool_scores_a_saved_run(params, tmp_path, capsys):
     from jaxlm.checkpoint import write_or_check_config
-    from jaxlm.finetune import _save_lm_checkpoint
+    from jaxlm.finetune.instruct import _save_lm_checkpoint
     from jaxlm.optim import make_optimizer
     from tools.evaluate import main
 

@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 
 from jaxlm import finetune as ft_lib
+from jaxlm import lora as lora_lib
 from jaxlm.config import DataConfig, Experiment, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from jaxlm.data.tokenizer import ByteTokenizer
 from jaxlm.errors import CheckpointError, ConfigError, DataError
 from jaxlm.finetune import FinetuneConfig
+from jaxlm.finetune.instruct import _save_lm_checkpoint
 from jaxlm.model import forward, init_params
 from safetensors.numpy import load_file
 
@@ -97,7 +99,7 @@ def test_classifier_reads_the_last_real_token_and_ignores_padding():
 
 def test_classifier_learns_and_reports(tmp_path):
     train = write_csv(tmp_path / "train.csv", vowel_rows(96, 0))
-    val = write_jsonl(tmp_path / "val.jsonl", [{"text": t, "label": l} for t, l in vowel_rows(32, 1)])
+    val = write_jsonl(tmp_path / "val.jsonl", [{"text": t, "label": label} for t, label in vowel_rows(32, 1)])
     test = write_csv(tmp_path / "test.tsv", vowel_rows(40, 2), delimiter="\t")
     ft = FinetuneConfig(task="classify", train_file=train, val_file=val, test_file=test, max_len=16)
     summary = ft_lib.train_finetune(experiment(tmp_path, steps=60), ft)
@@ -207,7 +209,7 @@ def test_init_from_a_run_checks_model_and_tokenizer(tmp_path):
     from jaxlm.optim import make_optimizer
 
     write_or_check_config(base)
-    ft_lib._save_lm_checkpoint(base, params, make_optimizer(base.optim, base.train.steps).init({"model": params}))
+    _save_lm_checkpoint(base, params, make_optimizer(base.optim, base.train.steps).init({"model": params}))
     child = experiment(tmp_path, name="child", init_from=str(tmp_path / "base"))
     _, loaded = ft_lib.load_base(child)
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
@@ -397,7 +399,7 @@ def test_parse_applies_both_sections(tmp_path):
     argv = ["--optim.lr", "0.5", "--finetune.lora_rank", "4", "--finetune.lora_targets", "query", "fc"]
     e, f = ft_lib.parse(exp, ft, argv)
     assert e.optim.lr == 0.5 and f.lora_rank == 4 and f.lora_targets == ("query", "fc")
-    assert f.lora == ft_lib.lora_lib.LoraSpec(4, 16.0, 0.0, ("query", "fc"))
+    assert f.lora == lora_lib.LoraSpec(4, 16.0, 0.0, ("query", "fc"))
 
 
 def test_user_prompt_follows_the_run_layout(tmp_path):
