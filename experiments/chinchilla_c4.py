@@ -28,9 +28,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from experiments.chinchilla_cpu import budget_grid, run_isoflop_sweep
 from jaxlm.config import DataConfig, Experiment, MeshConfig, ModelConfig, OptimConfig, TrainConfig
-from jaxlm.scaling import AspectRatioShapes
+from jaxlm.scaling import AspectRatioShapes, budget_grid, run_isoflop_sweep
 
 BUDGETS = (1e18, 3e18, 1e19, 3e19, 1e20)
 SIZES_PER_BUDGET = 7

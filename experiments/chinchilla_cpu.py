@@ -49,16 +49,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from types import MappingProxyType
 
-from jaxlm.cli import USAGE_ERROR, parse, run
 from jaxlm.config import DataConfig, Experiment, ModelConfig, OptimConfig, TrainConfig
-from jaxlm.errors import ConfigError, JaxlmError
-from jaxlm.flops import flops_per_token
-from jaxlm.scaling import AspectRatioShapes, isoflop_grid
+from jaxlm.scaling import AspectRatioShapes, budget_grid, run_isoflop_sweep
 
 BUDGETS = (3e11, 1e12, 3e12)
 SIZES_PER_BUDGET = 5
@@ -103,18 +98,6 @@ BASE = Experiment(
 )
 
 
-def budget_grid(
-    base: Experiment, budgets: Sequence[float], **grid
-) -> tuple[tuple[Experiment, ...], Mapping[str, float]]:
-    """The sweep's members (budget by budget) and each member's declared compute budget, by name."""
-    members, budget_of = [], {}
-    for budget in budgets:
-        for member in isoflop_grid(base, [budget], **grid):
-            members.append(member)
-            budget_of[member.name] = float(budget)
-    return tuple(members), MappingProxyType(budget_of)
-
-
 SWEEP, BUDGET_OF = budget_grid(
     BASE, BUDGETS, sizes_per_budget=SIZES_PER_BUDGET, shape_rule=SHAPES, span=SPAN, tokens_per_param=TOKENS_PER_PARAM
 )
@@ -122,66 +105,8 @@ SWEEP_DIR = BASE.run_dir
 FITS_DIR = os.path.join(SWEEP_DIR, "fits")
 
 
-def member_flops(member: Experiment) -> float:
-    """Training FLOPs of a member as configured: flops_per_token x steps x tokens per step."""
-    tokens = member.train.steps * member.data.batch_size * member.data.seq_len
-    return flops_per_token(member.model, member.data.seq_len) * tokens
-
-
-def check_budgets(members: Sequence[Experiment], budget_of: Mapping[str, float], rtol: float = 0.01) -> None:
-    """Raise ConfigError unless every member still spends its declared budget (whole steps: within rtol)."""
-    for member in members:
-        budget = budget_of.get(member.name)
-        if budget is None:
-            raise ConfigError(f"{member.name!r} is not a member of this sweep: do not override --name")
-        spent = member_flops(member)
-        if abs(spent / budget - 1) > rtol:
-            raise ConfigError(
-                f"{member.name}: the overrides make it train on {spent:.3g} FLOPs, not its budget {budget:.3g} "
-                "(a member's steps are fixed by the grid): change the sweep's base or budgets in its module instead"
-            )
-
-
-def all_finished(members: Sequence[Experiment]) -> bool:
-    return all(os.path.exists(os.path.join(m.run_dir, "summary.json")) for m in members)
-
-
-def run_isoflop_sweep(
-    sweep: Sequence[Experiment],
-    budget_of: Mapping[str, float],
-    fits_dir: str,
-    *,
-    bootstrap: int = BOOTSTRAP,
-    argv: Sequence[str] | None = None,
-) -> None:
-    """Train the members a command line selects, then fit and plot once every member of `sweep` is finished."""
-    try:
-        members = parse(sweep, argv)
-        check_budgets(members, budget_of)
-    except JaxlmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(USAGE_ERROR)
-    run(tuple(members), argv=[])
-
-    import jax
-
-    sweep_dir = os.path.commonpath([m.run_dir for m in sweep])
-    fit_command = f"python -m tools.fit_scaling {sweep_dir} --out {fits_dir} --bootstrap {bootstrap}"
-    if jax.process_index() != 0:
-        return
-    if not all_finished(sweep):
-        print(f"some members of the sweep are unfinished; once all are, fit with: {fit_command}")
-        return
-    from tools import fit_scaling
-
-    print(f"all {len(sweep)} members finished; fitting: {fit_command}")
-    code = fit_scaling.main([sweep_dir, "--out", fits_dir, "--bootstrap", str(bootstrap)])
-    if code:
-        sys.exit(code)
-
-
 def main() -> None:
-    run_isoflop_sweep(SWEEP, BUDGET_OF, FITS_DIR)
+    run_isoflop_sweep(SWEEP, BUDGET_OF, FITS_DIR, bootstrap=BOOTSTRAP)
 
 
 if __name__ == "__main__":

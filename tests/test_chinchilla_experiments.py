@@ -16,6 +16,7 @@ from jaxlm.cli import parse
 from jaxlm.config import Experiment
 from jaxlm.errors import ConfigError
 from jaxlm.optim import make_schedule
+from jaxlm.scaling import ScalingError, budget_grid, check_budgets, member_flops, run_isoflop_sweep, sweeps
 from jaxlm.train import abstract_train_state, make_train_step
 
 SWEEPS = {"cpu": chinchilla_cpu, "c4": chinchilla_c4}
@@ -92,7 +93,7 @@ def test_cpu_sweep_fits_the_corpus_and_the_clock():
         assert m.train.steps * m.data.batch_size * m.data.seq_len < 3 * train_bytes  # under three epochs
     smallest = min(chinchilla_cpu.BUDGETS)
     assert min(m.train.steps for m in sweep if chinchilla_cpu.BUDGET_OF[m.name] == smallest) >= 250
-    assert sum(chinchilla_cpu.member_flops(m) for m in sweep) < 3e13
+    assert sum(member_flops(m) for m in sweep) < 3e13
 
 
 def test_c4_sweep_is_declared_for_accelerators():
@@ -109,17 +110,17 @@ def test_c4_sweep_is_declared_for_accelerators():
 
 def test_overrides_that_change_compute_are_refused():
     sweep, budget_of = chinchilla_cpu.SWEEP, chinchilla_cpu.BUDGET_OF
-    chinchilla_cpu.check_budgets(parse(sweep, ["--optim.lr", "1e-3", "--train.eval-steps", "4"]), budget_of)
+    check_budgets(parse(sweep, ["--optim.lr", "1e-3", "--train.eval-steps", "4"]), budget_of)
     base = chinchilla_cpu.BASE
     for flag, value in [("--data.batch-size", 2 * base.data.batch_size), ("--data.seq-len", base.data.seq_len // 2),
                         ("--train.steps", 10), ("--model.n-layers", 6)]:
         members = parse(sweep, [flag, str(value), "--sweep.members", "2"])
         message = re.escape(f"{members[0].name}: the overrides make it train on")
         with pytest.raises(ConfigError, match=message):
-            chinchilla_cpu.check_budgets(members, budget_of)
+            check_budgets(members, budget_of)
     with pytest.raises(SystemExit) as exit_info:
         argv = ["--data.batch-size", str(2 * base.data.batch_size)]
-        chinchilla_cpu.run_isoflop_sweep(sweep, budget_of, "unused", argv=argv)
+        run_isoflop_sweep(sweep, budget_of, "unused", argv=argv)
     assert exit_info.value.code == 2
 
 
@@ -127,12 +128,12 @@ def tiny_sweep(tmp_path):
     base = dataclasses.replace(
         chinchilla_cpu.BASE, train=dataclasses.replace(chinchilla_cpu.BASE.train, out_dir=str(tmp_path / "sweep"))
     )
-    return chinchilla_cpu.budget_grid(
+    return budget_grid(
         base, [3e11], shape_rule=chinchilla_cpu.SHAPES, tokens_per_param=chinchilla_cpu.TOKENS_PER_PARAM
     )
 
 
-def test_sweep_runs_a_slice_and_fits_only_when_all_are_finished(tmp_path, monkeypatch):
+def test_sweep_runs_a_slice_and_fits_only_when_all_are_finished(tmp_path, monkeypatch, capsys):
     sweep, budget_of = tiny_sweep(tmp_path)
     trained, fitted = [], []
 
@@ -142,17 +143,31 @@ def test_sweep_runs_a_slice_and_fits_only_when_all_are_finished(tmp_path, monkey
             open(os.path.join(m.run_dir, "summary.json"), "w").close()
             trained.append(m.name)
 
-    monkeypatch.setattr(chinchilla_cpu, "run", fake_run)
-    from tools import fit_scaling
+    def fake_fit(source, out, **options):
+        fitted.append((source, out, options))
+        return {}
 
-    monkeypatch.setattr(fit_scaling, "main", lambda argv: fitted.append(argv) or 0)
+    monkeypatch.setattr(sweeps, "run", fake_run)
+    monkeypatch.setattr(sweeps, "fit_and_plot", fake_fit)
     fits = str(tmp_path / "sweep" / "fits")
-    chinchilla_cpu.run_isoflop_sweep(sweep, budget_of, fits, bootstrap=7, argv=["--sweep.members", "1:3"])
+    command = f"python -m tools.fit_scaling {tmp_path / 'sweep'} --out {fits} --bootstrap 7"
+    run_isoflop_sweep(sweep, budget_of, fits, bootstrap=7, argv=["--sweep.members", "1:3"])
     assert trained == [m.name for m in sweep[1:3]] and fitted == []
-    chinchilla_cpu.run_isoflop_sweep(sweep, budget_of, fits, bootstrap=7, argv=["--sweep.members", "3:"])
-    chinchilla_cpu.run_isoflop_sweep(sweep, budget_of, fits, bootstrap=7, argv=["--sweep.members", "0"])
+    assert f"once all are, fit with: {command}" in capsys.readouterr().out
+    run_isoflop_sweep(sweep, budget_of, fits, bootstrap=7, argv=["--sweep.members", "3:"])
+    run_isoflop_sweep(sweep, budget_of, fits, bootstrap=7, argv=["--sweep.members", "0"])
     assert sorted(trained) == sorted(m.name for m in sweep)
-    assert fitted == [[str(tmp_path / "sweep"), "--out", fits, "--bootstrap", "7"]]
+    assert fitted == [(str(tmp_path / "sweep"), fits, {"bootstrap": 7})]
+    assert f"all {len(sweep)} members finished; fitting: {command}" in capsys.readouterr().out
+
+    def failing_fit(source, out, **options):
+        raise ScalingError("budget C=3e+11 has 2 model size(s)")
+
+    monkeypatch.setattr(sweeps, "fit_and_plot", failing_fit)
+    with pytest.raises(SystemExit) as exit_info:
+        run_isoflop_sweep(sweep, budget_of, fits, bootstrap=7, argv=["--sweep.members", "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: budget C=3e+11 has 2 model size(s)\n"
 
 
 def test_c4_member_train_step_traces_and_lowers_on_cpu():

@@ -561,3 +561,16 @@ def test_fit_scaling_tool_names_a_budget_without_a_parabola(tmp_path, capsys):
 def test_fit_scaling_tool_missing_source(tmp_path, capsys):
     assert fit_scaling.main([str(tmp_path / "nothing")]) == 2
     assert "is not a file" in capsys.readouterr().err
+
+
+def test_fit_and_plot_is_the_tool_as_a_library_call(tmp_path, capsys):
+    path = tmp_path / "rows.csv"
+    write_csv(collect_results(known_law_sweep(tmp_path)), str(path))
+    with pytest.raises(ScalingError, match="--approaches '4'"):
+        scaling.fit_and_plot(str(path), str(tmp_path / "o"), approaches="4")
+    assert not (tmp_path / "o").exists()
+    fits = scaling.fit_and_plot(str(path), str(tmp_path / "o"), approaches=(2,), bootstrap=0)
+    assert set(fits) == {"2"} and len(fits["2"].budgets) == 3
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["fits.json", "isoflop.png", "optimal.png"]
+    out, err = capsys.readouterr()
+    assert "Approach 2 (IsoFLOP parabolas, 3 budgets" in out and "wrote isoflop.png" in out and err == ""

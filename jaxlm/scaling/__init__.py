@@ -5,28 +5,38 @@ Approach 2 (`fit_isoflop`): a parabola in log N per compute budget; the optima f
 Approach 3 (`fit_parametric`): L(N, D) = E + A / N^alpha + B / D^beta, fitted as Besiroglu et al. 2024 (Epoch AI)
 refitted Hoffmann et al. 2022: a Huber loss on log L, summed over points, minimised by L-BFGS from a grid of starts.
 
-Sweeps: `isoflop_grid` declares the runs of an IsoFLOP sweep as Experiments, `wsd_branches` the runs of one model
-size under the warmup-stable-decay schedule (Hägele et al. 2024), and `collect_results` reads finished runs back
-into a table (`write_csv`, `read_csv`).
+Sweeps: `isoflop_grid` declares the runs of an IsoFLOP sweep as Experiments (`budget_grid` also maps each member to
+its budget), `wsd_branches` the runs of one model size under the warmup-stable-decay schedule (Hägele et al. 2024),
+and `collect_results` reads finished runs back into a table (`write_csv`, `read_csv`). `run_isoflop_sweep` is an
+IsoFLOP sweep module's main: it refuses overrides that move a member off its budget (`check_budgets`, by
+`member_flops`), trains the members selected, and once they are `all_finished` fits and plots them with
+`fit_and_plot`, which is also what `python -m tools.fit_scaling` runs.
 
 Every fit validates its input and raises `ScalingError` (a `JaxlmError`) naming the budget, column or row at fault;
 a fit that does not converge raises rather than returning numbers.
 
-Modules: `parametric` (approach 3), `isoflop` (approach 2), `envelope` (approach 1), `sweeps` (declaring sweeps),
-`results` (reading runs and results tables); `_common` holds `ScalingError` and the checks the fits share.
+Modules: `parametric` (approach 3), `isoflop` (approach 2), `envelope` (approach 1), `sweeps` (declaring and
+running sweeps), `results` (reading runs and results tables), `report` (fitting a sweep or table and plotting the
+fits); `_common` holds `ScalingError` and the checks the fits share.
 """
 
 from jaxlm.scaling._common import ScalingError
 from jaxlm.scaling.envelope import Curve, EnvelopeFit, fit_envelope
 from jaxlm.scaling.isoflop import IsoflopFit, fit_isoflop, group_budgets
 from jaxlm.scaling.parametric import ParametricFit, fit_parametric
+from jaxlm.scaling.report import fit_and_plot
 from jaxlm.scaling.results import COLUMNS, EPOCH_COLUMNS, collect_curves, collect_results, read_csv, read_run, write_csv
 from jaxlm.scaling.sweeps import (
     AspectRatioShapes,
+    all_finished,
     branch_from_trunk,
+    budget_grid,
+    check_budgets,
     cooldown_start,
     isoflop_grid,
+    member_flops,
     reshape_model,
+    run_isoflop_sweep,
     wsd_branches,
 )
 
@@ -39,18 +49,24 @@ __all__ = [
     "IsoflopFit",
     "ParametricFit",
     "ScalingError",
+    "all_finished",
     "branch_from_trunk",
+    "budget_grid",
+    "check_budgets",
     "collect_curves",
     "collect_results",
     "cooldown_start",
+    "fit_and_plot",
     "fit_envelope",
     "fit_isoflop",
     "fit_parametric",
     "group_budgets",
     "isoflop_grid",
+    "member_flops",
     "read_csv",
     "read_run",
     "reshape_model",
+    "run_isoflop_sweep",
     "write_csv",
     "wsd_branches",
 ]

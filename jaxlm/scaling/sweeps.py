@@ -1,5 +1,7 @@
-"""Sweep declarations: model shapes (`reshape_model`, `AspectRatioShapes`), IsoFLOP grids of Experiments, and WSD
-runs of one model that branch from a shared trunk (`wsd_branches`, `branch_from_trunk`)."""
+"""Sweeps: model shapes (`reshape_model`, `AspectRatioShapes`), IsoFLOP grids of Experiments (`isoflop_grid`,
+`budget_grid`), WSD runs of one model that branch from a shared trunk (`wsd_branches`, `branch_from_trunk`), and
+running an IsoFLOP sweep from an experiment module (`run_isoflop_sweep`, with `member_flops`, `check_budgets` and
+`all_finished`)."""
 
 from __future__ import annotations
 
@@ -8,14 +10,18 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 
+from jaxlm.cli import USAGE_ERROR, parse, run
 from jaxlm.config import Experiment, ModelConfig
-from jaxlm.errors import ConfigError
+from jaxlm.errors import ConfigError, JaxlmError
 from jaxlm.flops import count_params, flops_per_token
+from jaxlm.scaling.report import fit_and_plot
 from jaxlm.scaling.results import _read_metrics
 
 
@@ -175,6 +181,86 @@ def isoflop_grid(
                 )
             )
     return tuple(members)
+
+
+def budget_grid(
+    base: Experiment, budgets: Sequence[float], **grid
+) -> tuple[tuple[Experiment, ...], Mapping[str, float]]:
+    """The sweep's members (budget by budget) and each member's declared compute budget, by name.
+
+    `grid` holds `isoflop_grid`'s keyword arguments (sizes_per_budget, shape_rule, span, tokens_per_param, ...).
+    """
+    members, budget_of = [], {}
+    for budget in budgets:
+        for member in isoflop_grid(base, [budget], **grid):
+            members.append(member)
+            budget_of[member.name] = float(budget)
+    return tuple(members), MappingProxyType(budget_of)
+
+
+def member_flops(member: Experiment) -> float:
+    """Training FLOPs of a member as configured: flops_per_token x steps x tokens per step."""
+    tokens = member.train.steps * member.data.batch_size * member.data.seq_len
+    return flops_per_token(member.model, member.data.seq_len) * tokens
+
+
+def check_budgets(members: Sequence[Experiment], budget_of: Mapping[str, float], rtol: float = 0.01) -> None:
+    """Raise ConfigError unless every member still spends its declared budget (whole steps: within rtol)."""
+    for member in members:
+        budget = budget_of.get(member.name)
+        if budget is None:
+            raise ConfigError(f"{member.name!r} is not a member of this sweep: do not override --name")
+        spent = member_flops(member)
+        if abs(spent / budget - 1) > rtol:
+            raise ConfigError(
+                f"{member.name}: the overrides make it train on {spent:.3g} FLOPs, not its budget {budget:.3g} "
+                "(a member's steps are fixed by the grid): change the sweep's base or budgets in its module instead"
+            )
+
+
+def all_finished(members: Sequence[Experiment]) -> bool:
+    """Whether every member's run has finished (its run directory holds summary.json)."""
+    return all(os.path.exists(os.path.join(m.run_dir, "summary.json")) for m in members)
+
+
+def run_isoflop_sweep(
+    sweep: Sequence[Experiment],
+    budget_of: Mapping[str, float],
+    fits_dir: str,
+    *,
+    bootstrap: int = 100,
+    argv: Sequence[str] | None = None,
+) -> None:
+    """Train the members a command line selects, then fit and plot once every member of `sweep` is finished.
+
+    An experiment module's `main`: `argv` (default: the process's) holds jaxlm.cli overrides and
+    `--sweep.members`; overrides that change a member's compute (see `check_budgets`) exit with status 2. Process 0
+    then fits the whole sweep with `fit_and_plot` into `fits_dir` (`bootstrap` resamples), printing the equivalent
+    `python -m tools.fit_scaling` command; while members are unfinished it only prints that command.
+    """
+    try:
+        members = parse(sweep, argv)
+        check_budgets(members, budget_of)
+    except JaxlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
+    run(tuple(members), argv=[])
+
+    import jax
+
+    sweep_dir = os.path.commonpath([m.run_dir for m in sweep])
+    fit_command = f"python -m tools.fit_scaling {sweep_dir} --out {fits_dir} --bootstrap {bootstrap}"
+    if jax.process_index() != 0:
+        return
+    if not all_finished(sweep):
+        print(f"some members of the sweep are unfinished; once all are, fit with: {fit_command}")
+        return
+    print(f"all {len(sweep)} members finished; fitting: {fit_command}")
+    try:
+        fit_and_plot(sweep_dir, fits_dir, bootstrap=bootstrap)
+    except JaxlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
 
 
 def wsd_branches(
