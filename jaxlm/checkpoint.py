@@ -134,14 +134,29 @@ def _computation(d: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _holds_results(run_dir: str) -> bool:
+    """Whether a run directory holds anything a run produced: a checkpoint, logged metrics or a summary."""
+    checkpoints = os.path.join(run_dir, CHECKPOINT_DIR)
+    if os.path.isdir(checkpoints) and os.listdir(checkpoints):
+        return True
+    return any(
+        os.path.isfile(path) and os.path.getsize(path) > 0
+        for path in (os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "summary.json"))
+    )
+
+
 def write_or_check_config(experiment: Experiment) -> bool:
     """Write config.json into the run directory; refuse a directory that holds a run of another config.
 
-    Returns True when the directory already held this config (the run may resume from it). Bookkeeping fields
+    A directory whose config.json is all there is (a start that failed before its first step, say on a missing
+    corpus) holds no run: its config is replaced. Returns True when the directory already held this config (the
+    run may resume from it). Bookkeeping fields
     (logging, evaluation and checkpoint intervals, paths) may differ; config.json then records the new values.
     """
     run_dir = experiment.run_dir
     existing = read_config(run_dir)
+    if existing is not None and not _holds_results(run_dir):
+        existing = None  # a start that failed before its first step: nothing of it to keep
     if existing is not None:
         old, new = _computation(existing.to_dict()), _computation(experiment.to_dict())
         if old != new:
@@ -155,7 +170,12 @@ def write_or_check_config(experiment: Experiment) -> bool:
                 "--train.out-dir, or delete the old run directory"
             )
     if jax.process_index() == 0:
-        os.makedirs(run_dir, exist_ok=True)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(
+                f"cannot create the run directory {run_dir} ({e.strerror}): choose another --train.out-dir"
+            ) from None
         tmp = os.path.join(run_dir, CONFIG_FILE + ".tmp")
         with open(tmp, "w") as f:
             f.write(experiment.to_json())

@@ -266,6 +266,12 @@ def train(experiment: Experiment) -> dict[str, Any]:
         run_dir, experiment.train.keep_checkpoints, experiment.train.keep_best, experiment.train.async_checkpoints
     )
     latest = checkpoints.latest_step()
+    summary_path = os.path.join(run_dir, "summary.json")
+    if latest is not None and latest >= experiment.train.steps and os.path.exists(summary_path):
+        checkpoints.close()
+        print(f"{run_dir} is finished (step {latest}); delete it or use a new --train.out-dir to run again")
+        with open(summary_path) as f:
+            return json.load(f)
     if latest is not None:
         abstract = abstract_train_state(experiment, mesh)
         state, data_state = checkpoints.restore(latest, abstract)
@@ -277,12 +283,6 @@ def train(experiment: Experiment) -> dict[str, Any]:
         if experiment.train.init_from:
             state = _load_init_params(experiment, state)
     start_step = int(state["step"])
-    summary_path = os.path.join(run_dir, "summary.json")
-    if start_step >= experiment.train.steps and os.path.exists(summary_path):
-        checkpoints.close()
-        print(f"{run_dir} is finished (step {start_step}); delete it or use a new --train.out-dir to run again")
-        with open(summary_path) as f:
-            return json.load(f)
 
     train_step = jit_train_step(experiment, mesh)
     eval_step = jax.jit(make_eval_step(experiment, mesh), compiler_options=compiler_options())

@@ -1,5 +1,6 @@
 """Train step, optimizer, schedules, accumulation, the loop's outputs and resume."""
 
+import dataclasses
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import optax
 import pytest
 
 from jaxlm import sharding
+from jaxlm.checkpoint import read_config
 from jaxlm.config import DataConfig, Experiment, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from jaxlm.optim import decay_mask, make_optimizer, make_schedule
 from jaxlm.train import init_train_state, make_train_step, train
@@ -176,3 +178,24 @@ def test_a_different_config_in_the_same_run_directory_is_refused(tmp_path, text_
     other = Experiment(**{**other.__dict__, "optim": OptimConfig(lr=1e-3, warmup_steps=2)})
     with pytest.raises(CheckpointError, match="optim.lr"):
         train(other)
+
+
+def test_a_start_that_failed_before_its_first_step_does_not_block_its_directory(tmp_path, text_corpus, capsys):
+    from jaxlm.errors import CheckpointError, DataError
+
+    exp = loop_experiment(tmp_path, text_corpus, steps=2, eval_every=2, ckpt_every=2, samples=0)
+    missing = Experiment(**{**exp.__dict__, "data": dataclasses.replace(exp.data, source="text:/nowhere/*.txt")})
+    with pytest.raises(DataError, match="no file matches"):
+        train(missing)
+    assert os.listdir(exp.run_dir) == ["config.json"]  # the failed start left its config and nothing else
+    train(exp)  # the corrected command takes the directory over
+    assert read_config(exp.run_dir).data.source == exp.data.source
+    capsys.readouterr()
+    train(exp)  # a finished run says so, without restoring it first
+    assert "is finished (step 2)" in capsys.readouterr().out
+
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    blocked = Experiment(**{**exp.__dict__, "train": dataclasses.replace(exp.train, out_dir=str(a_file))})
+    with pytest.raises(CheckpointError, match="cannot create the run directory"):
+        train(blocked)
