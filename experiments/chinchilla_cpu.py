@@ -19,7 +19,7 @@ runs/chinchilla_cpu/fits. `--sweep.members 3:6` runs a slice; the fit alone is
 Overrides apply to every member as given: each member's steps were fixed when this module was imported, so an
 override that changes a member's compute (--data.batch-size, --data.seq-len, --train.steps, model shape fields)
 is refused with exit status 2 instead of silently leaving the IsoFLOP budgets; change BASE or BUDGETS here and the
-grid is rebuilt. Do not override --train.out-dir or --name: every member would share one directory or name.
+grid is rebuilt. `--train.out-dir D` moves the sweep to D/<member> (fits in D/fits); --name is refused.
 
 Found: a first grid centred on Chinchilla's D = 20 N (sizes 17k-500k, batches of 8) put every optimum below its
 smallest size: at 3e11 FLOPs validation loss rose from 2.39 (17k parameters, D/N = 156) to 2.79 (154k), at 1e12

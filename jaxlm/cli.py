@@ -2,14 +2,16 @@
 
 An experiment module declares `EXPERIMENT` (one run) or `SWEEP` (a tuple of runs) and calls `run(...)` from its
 `main`. Overrides are parsed by tyro against the experiment's own values, so `--help` shows every field with the
-experiment's defaults. For a sweep, an override applies to every member, and `--sweep.members 3:6` runs a slice
-(so several hosts can share one sweep). Errors a user can fix print one line on stderr and exit with status 2.
+experiment's defaults. For a sweep, an override applies to every member, `--train.out-dir D` puts each member in
+D/<member name>, and `--sweep.members 3:6` runs a slice (so several hosts can share one sweep). Errors a user can
+fix print one line on stderr and exit with status 2.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass
 from typing import Annotated, Any, Sequence
@@ -43,26 +45,47 @@ def _open(experiment: Experiment) -> Experiment:
     return opened
 
 
-def _changed(default: Any, parsed: Any) -> dict[str, Any]:
-    """The fields of `parsed` that differ from `default` (an opened experiment), nested by section."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(default):
-        a, b = getattr(default, f.name), getattr(parsed, f.name)
-        if dataclasses.is_dataclass(a):
-            sub = _changed(a, b)
-            if sub:
-                out[f.name] = sub
-        elif a is None and isinstance(parsed, ModelConfig) and b == getattr(parsed.family_rule(), f.name):
-            continue  # derived by the rule, not set on the command line
-        elif a != b:
-            out[f.name] = b
-    return out
+def _named(argv: Sequence[str], experiment: Experiment) -> list[tuple[str, ...]]:
+    """The fields an argument list sets, as paths: ("optim", "lr") for `--optim.lr`, ("name",) for `--name`."""
+    named = []
+    for token in argv:
+        if not token.startswith("--"):
+            continue
+        *sections, field = token[2:].split("=", 1)[0].replace("-", "_").split(".")
+        owner: Any = experiment
+        for section in sections:
+            owner = getattr(owner, section, None)
+        if not dataclasses.is_dataclass(owner):
+            continue  # --sweep.members, --help
+        fields = {f.name for f in dataclasses.fields(owner)}
+        if field not in fields and field.startswith("no_") and field[3:] in fields:
+            field = field[3:]  # --model.no-scan-layers
+        if field in fields:
+            named.append((*sections, field))
+    return named
+
+
+def _sweep_changes(argv: Sequence[str], parsed: Experiment) -> dict[str, Any]:
+    """The values the command line sets, nested by section: every field it names, even where the value equals
+    the first member's (against which the sweep's command line is parsed)."""
+    changes: dict[str, Any] = {}
+    for path in _named(argv, parsed):
+        if path == ("name",):
+            raise JaxlmError("a sweep's members keep their own names (their run directories hang on them): drop --name")
+        value: Any = parsed
+        for part in path:
+            value = getattr(value, part)
+        nested = changes
+        for part in path[:-1]:
+            nested = nested.setdefault(part, {})
+        nested[path[-1]] = value
+    return changes
 
 
 def _apply(experiment: Experiment, changes: dict[str, Any]) -> Experiment:
     """The experiment with the changes; model fields derived from others (d_ff, ...) follow them."""
     sections = {
-        name: (value_of.replace(**value) if isinstance(value_of, ModelConfig) else dataclasses.replace(value_of, **value))
+        name: value_of.replace(**value) if isinstance(value_of, ModelConfig) else dataclasses.replace(value_of, **value)
         for name, value in changes.items() if isinstance(value, dict)
         for value_of in [getattr(experiment, name)]
     }
@@ -99,8 +122,13 @@ def parse(
         _SweepCommand, default=_SweepCommand(SweepArgs(), _open(members[0])), args=argv, prog=prog,
         description=_doc() + f"\n\nA sweep of {len(members)} runs; overrides apply to every member.",
     )
-    changes = _changed(_open(members[0]), command.experiment)
-    return [_apply(members[i], changes) for i in _members(command.sweep.members, len(members))]
+    changes = _sweep_changes(argv, command.experiment)
+    out_dir = changes.get("train", {}).pop("out_dir", None)
+    selected = [_apply(members[i], changes) for i in _members(command.sweep.members, len(members))]
+    if out_dir is not None:  # the sweep's directory: each member keeps a directory of its own inside it
+        selected = [dataclasses.replace(m, train=dataclasses.replace(m.train, out_dir=os.path.join(out_dir, m.name)))
+                    for m in selected]
+    return selected
 
 
 def _prog() -> str | None:

@@ -169,6 +169,13 @@ def test_sweep_runs_a_slice_and_fits_only_when_all_are_finished(tmp_path, monkey
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "error: budget C=3e+11 has 2 model size(s)\n"
 
+    # --train.out-dir moves the whole sweep, and its fits with it.
+    monkeypatch.setattr(sweeps, "fit_and_plot", fake_fit)
+    moved = tmp_path / "moved"
+    run_isoflop_sweep(sweep, budget_of, fits, bootstrap=7, argv=["--train.out-dir", str(moved)])
+    assert sorted(os.listdir(moved)) == sorted(m.name for m in sweep)
+    assert fitted[-1] == (str(moved), str(moved / "fits"), {"bootstrap": 7})
+
 
 def test_c4_member_train_step_traces_and_lowers_on_cpu():
     smallest = min(chinchilla_c4.SWEEP, key=hand_params)

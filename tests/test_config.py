@@ -9,7 +9,7 @@ import pytest
 
 from jaxlm.cli import parse
 from jaxlm.config import DataConfig, Experiment, MeshConfig, ModelConfig, OptimConfig, TrainConfig
-from jaxlm.errors import ConfigError
+from jaxlm.errors import ConfigError, JaxlmError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,6 +73,22 @@ def test_overrides_apply_to_the_experiment_and_to_every_sweep_member():
     assert [m.name for m in members] == ["m1", "m2"]
     assert [m.model.d_model for m in members] == [128, 192]
     assert all(m.optim.lr == 0.01 for m in members)
+
+
+def test_a_sweep_override_sets_every_member_even_where_it_equals_the_first():
+    base = Experiment(name="a", train=TrainConfig(steps=10, out_dir="runs/sweep/a"))
+    sweep = tuple(
+        dataclasses.replace(base, name=f"m{i}", model=ModelConfig(n_layers=i + 1, scan_layers=i == 0),
+                            train=TrainConfig(steps=10, out_dir=f"runs/sweep/m{i}"))
+        for i in range(3)
+    )
+    members = parse(sweep, ["--model.n-layers", "1", "--model.no-scan-layers", "--train.out-dir", "elsewhere"])
+    assert [m.model.n_layers for m in members] == [1, 1, 1]  # member 0's own value, set on all
+    assert not any(m.model.scan_layers for m in members)
+    assert [m.run_dir for m in members] == [os.path.join("elsewhere", f"m{i}") for i in range(3)]
+    assert [m.train.steps for m in members] == [10, 10, 10]
+    with pytest.raises(JaxlmError, match="drop --name"):
+        parse(sweep, ["--name", "b"])
 
 
 def run_quickstart(*args):

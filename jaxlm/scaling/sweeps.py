@@ -238,9 +238,11 @@ def run_isoflop_sweep(
     then fits the whole sweep with `fit_and_plot` into `fits_dir` (`bootstrap` resamples), printing the equivalent
     `python -m tools.fit_scaling` command; while members are unfinished it only prints that command.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         members = parse(sweep, argv)
         check_budgets(members, budget_of)
+        everyone = parse(sweep, [*argv, "--sweep.members", ":"])  # as overridden (--train.out-dir moves them all)
     except JaxlmError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(USAGE_ERROR)
@@ -248,7 +250,11 @@ def run_isoflop_sweep(
 
     import jax
 
-    sweep_dir = os.path.commonpath([m.run_dir for m in sweep])
+    declared_dir = os.path.commonpath([m.run_dir for m in sweep])
+    sweep_dir = os.path.commonpath([m.run_dir for m in everyone])
+    if sweep_dir != declared_dir:
+        fits_dir = os.path.join(sweep_dir, os.path.relpath(fits_dir, declared_dir))
+    sweep = everyone
     fit_command = f"python -m tools.fit_scaling {sweep_dir} --out {fits_dir} --bootstrap {bootstrap}"
     if jax.process_index() != 0:
         return
