@@ -120,7 +120,8 @@ def parse(
         raise JaxlmError("the sweep has no members")
     command = tyro.cli(
         _SweepCommand, default=_SweepCommand(SweepArgs(), _open(members[0])), args=argv, prog=prog,
-        description=_doc() + f"\n\nA sweep of {len(members)} runs; overrides apply to every member.",
+        description=_doc() + f"\n\nA sweep of {len(members)} runs; overrides apply to every member (the defaults "
+        "shown are the first member's).",
     )
     changes = _sweep_changes(argv, command.experiment)
     out_dir = changes.get("train", {}).pop("out_dir", None)
