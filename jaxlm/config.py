@@ -66,6 +66,8 @@ class ModelConfig:
     # What the backward pass recomputes: none | full | dots (keep matmul outputs) | attn_mlp (keep block outputs);
     # auto: dots on CPU (recomputing elementwise work beats storing it there), none on accelerators.
     remat: str = "auto"
+    # nn.scan over the blocks: one block compiled and iterated, so compile time stays flat in depth; parameters
+    # are stacked under `blocks` with a leading layers axis. False: the blocks unrolled (block_0, block_1, ...).
     scan_layers: bool = True
     # xla: jax.nn.dot_product_attention's XLA form; cudnn: its fused GPU kernel; einsum: written out; blocked:
     # written out one block of queries at a time, skipping masked key blocks; auto: on CPU blocked for sequences
@@ -198,7 +200,7 @@ class TrainConfig:
     steps: int = 1000
     out_dir: str = ""  # the run directory; "" means runs/<experiment name>
     eval_every: int = 200
-    eval_steps: int = 10
+    eval_steps: int = 10  # batches per evaluation: the same rows each time, drawn from all over the validation split
     ckpt_every: int = 500
     log_every: int = 10
     seed: int = 0

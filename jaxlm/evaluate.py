@@ -84,7 +84,10 @@ def lm_metrics(
     batch_size: int = 0,
     seq_len: int = 0,
 ) -> dict[str, Any]:
-    """Loss, perplexity and bits per byte over `batches` batches of a split (0: the whole split, one epoch)."""
+    """Loss, perplexity and bits per byte over `batches` batches of a split (0: the whole split, one epoch).
+
+    The rows are read in a random order fixed by the data, so that a few batches sample the whole split; the
+    train loop's evaluation reads the same rows (its `eval_steps` batches are the first ones here)."""
     from jaxlm.data import make_iterator, prepare_data
 
     if batches < 0:
@@ -98,7 +101,7 @@ def lm_metrics(
     prepared = prepare_data(data)
     if prepared.vocab_size > cfg.vocab_size:
         raise ConfigError(f"the tokenizer has {prepared.vocab_size} tokens, the model only {cfg.vocab_size}")
-    it = make_iterator(data, prepared, split=pipeline_split, seed=0, epochs=None if batches else 1)
+    it = make_iterator(data, prepared, split=pipeline_split, seed=0, epochs=None if batches else 1, shuffle_rows=True)
     total, count, n = 0.0, 0.0, 0
     try:
         for batch in it:

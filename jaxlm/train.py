@@ -196,7 +196,7 @@ def _evaluate(experiment, eval_step, params, prepared, mesh) -> float:
     from jaxlm.data import make_iterator
 
     it = make_iterator(
-        experiment.data, prepared, split="validation", seed=0,
+        experiment.data, prepared, split="validation", seed=0, shuffle_rows=True,
         process_index=jax.process_index(), process_count=jax.process_count(),
     )
     total, count = 0.0, 0.0

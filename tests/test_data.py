@@ -119,6 +119,23 @@ def test_batches_are_shifted_packed_documents(pystdlib):
     assert 0 <= total - stream.size < (BATCH + 1) * (SEQ_LEN + 1)
 
 
+def test_shuffled_rows_are_the_same_rows_in_a_random_order(pystdlib):
+    config, prepared = pystdlib
+    plain = np.concatenate([_rows(b) for b in make_iterator(config, prepared, "validation", seed=0, epochs=1)])
+    shuffled = [_rows(b) for b in make_iterator(config, prepared, "validation", seed=0, epochs=1, shuffle_rows=True)]
+    again = next(make_iterator(config, prepared, "validation", seed=0, shuffle_rows=True))
+    np.testing.assert_array_equal(_rows(again), shuffled[0])  # a fixed order: every evaluation reads the same rows
+    shuffled = np.concatenate(shuffled)
+    assert shuffled.shape == plain.shape and not np.array_equal(shuffled, plain)
+    # Apart from the epoch's dropped tail, the same rows: each row of the shuffled epoch is a row of the packed one.
+    packed = {row.tobytes() for row in plain}
+    tail = {row.tobytes() for row in shuffled} - packed
+    assert len(tail) < BATCH
+    # The first batch comes from all over the epoch, not from its first rows.
+    positions = sorted(np.flatnonzero([row.tobytes() in {r.tobytes() for r in shuffled[:BATCH]} for row in plain]))
+    assert positions and positions[-1] > len(plain) // 2
+
+
 def test_global_batch_is_split_between_processes(pystdlib):
     config, prepared = pystdlib
     whole = make_iterator(config, prepared, "train", seed=5)
@@ -209,6 +226,17 @@ def test_glob_matching_nothing(tmp_path):
     config = DataConfig(source=f"text:{tmp_path}/nothing/*.txt", cache_dir=str(tmp_path / "cache"))
     with pytest.raises(DataError, match="no file matches"):
         prepare_data(config)
+
+
+def test_unusable_cache_dir_is_a_data_error_naming_the_flag(tmp_path):
+    from jaxlm.data.tokenizer import TokenizerSpec, build_tokenizer
+
+    (tmp_path / "a_file").write_text("x")
+    for cache_dir in (tmp_path / "a_file", tmp_path / "a_file" / "below"):
+        with pytest.raises(DataError, match=r"cannot use the data cache directory .*: set --data.cache-dir"):
+            prepare_data(DataConfig(cache_dir=str(cache_dir)))  # fails before the standard library is read
+    with pytest.raises(DataError, match="a_file is not a directory"):
+        build_tokenizer(TokenizerSpec("char", 0, 1, "fp"), str(tmp_path / "a_file"), [], [])
 
 
 def _text_corpus(root, n=40):

@@ -127,7 +127,7 @@ def test_lm_metrics_match_numpy(params, tmp_path):
     prepared = prepare_data(experiment.data)
     total = count = 0.0
     batches = 0
-    for batch in make_iterator(experiment.data, prepared, split="validation", seed=0, epochs=1):
+    for batch in make_iterator(experiment.data, prepared, split="validation", seed=0, epochs=1, shuffle_rows=True):
         logp = log_softmax(_forward(params, jnp.asarray(batch["inputs"])))
         total -= np.take_along_axis(logp, batch["targets"][..., None], -1).sum()
         count += batch["targets"].size
@@ -154,8 +154,9 @@ def test_tool_scores_a_saved_run(params, tmp_path, capsys):
     _save_lm_checkpoint(experiment, params, make_optimizer(experiment.optim, 1).init({"model": params}))
     path = tmp_path / "mc.jsonl"
     path.write_text(json.dumps({"ctx": "ab", "endings": ["cd", "ef", "gh"], "label": 2}) + "\n")
-    result = main(["--run", str(tmp_path / "run"), "--hellaswag", str(path), "--out", str(tmp_path / "r.json")])
-    assert result["items"] == 1 and json.loads((tmp_path / "r.json").read_text())["accuracy"] == result["accuracy"]
+    out = tmp_path / "new" / "r.json"  # its directory is created
+    result = main(["--run", str(tmp_path / "run"), "--hellaswag", str(path), "--out", str(out)])
+    assert result["items"] == 1 and json.loads(out.read_text())["accuracy"] == result["accuracy"]
     result = main(["--run", str(tmp_path / "run"), "--batches", "1"])
     assert result["batches"] == 1 and result["tokens"] == 4 * 32
     capsys.readouterr()
@@ -164,3 +165,19 @@ def test_tool_scores_a_saved_run(params, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {tmp_path}/missing.jsonl does not exist: give a .jsonl file")
+
+
+def test_tool_checks_out_before_evaluating(tmp_path, capsys):
+    from tools.evaluate import main
+
+    (tmp_path / "a_file").write_text("x")
+    cases = [(tmp_path, "is a directory"), (tmp_path / "a_file" / "r.json", "a_file is a file")]
+    for out, message in cases:  # the run does not exist: --out is checked first
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--run", str(tmp_path / "missing"), "--out", str(out)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: --out {out}") and message in err[0]
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m tools.evaluate ")

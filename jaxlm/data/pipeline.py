@@ -258,9 +258,10 @@ class BatchMaker:
 
     def __init__(
         self, tokens_path: str, offsets_path: str, dtype: str, *, seed: int, seq_len: int, batch_size: int,
-        process_index: int, process_count: int, eos_id: int, document_mask: bool,
+        process_index: int, process_count: int, eos_id: int, document_mask: bool, shuffle_rows: bool = False,
     ):
         self.tokens_path, self.offsets_path, self.dtype = tokens_path, offsets_path, dtype
+        self.shuffle_rows = shuffle_rows
         self.seed, self.seq_len, self.batch_size = seed, seq_len, batch_size
         self.local_batch = batch_size // process_count
         self.first_row = process_index * self.local_batch
@@ -282,16 +283,18 @@ class BatchMaker:
             self._arrays = (tokens, offsets, np.diff(offsets))
         return self._arrays
 
-    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """The document order of an epoch and where each document (with its end token) ends in the stream."""
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The document order of an epoch, where each document (with its end token) ends in the stream, and with
+        `shuffle_rows` the order in which the epoch's rows are read."""
         table = self._epochs.get(epoch)
         if table is None:
             lengths = self._load()[2]
             order = np.random.default_rng([self.seed, epoch]).permutation(lengths.size)
             ends = np.cumsum(lengths[order] + 1)
+            rows = np.random.default_rng([self.seed, epoch, 1]).permutation(self.rows_per_epoch)
             if len(self._epochs) >= 2:  # a batch spans at most two epochs
                 self._epochs.pop(min(self._epochs))
-            table = self._epochs[epoch] = (order, ends)
+            table = self._epochs[epoch] = (order, ends, rows if self.shuffle_rows else None)
         return table
 
     def epoch_of(self, batch_index: int) -> int:
@@ -305,8 +308,11 @@ class BatchMaker:
         slot = np.empty((self.local_batch, width), np.int64)  # the document (number in the stream) of each token
         for epoch in np.unique(rows // self.rows_per_epoch):
             sel = rows // self.rows_per_epoch == epoch
-            order, ends = self._epoch(int(epoch))
-            pos = (rows[sel] % self.rows_per_epoch)[:, None] * width + np.arange(width)
+            order, ends, row_order = self._epoch(int(epoch))
+            in_epoch = rows[sel] % self.rows_per_epoch
+            if row_order is not None:
+                in_epoch = row_order[in_epoch]
+            pos = in_epoch[:, None] * width + np.arange(width)
             k = np.searchsorted(ends, pos, side="right")
             doc = order[k]
             within = pos - (ends[k] - lengths[doc] - 1)
@@ -511,9 +517,14 @@ def _stream_dataset(
 
 def make_iterator(
     data_config: DataConfig, prepared: Prepared, split: str = "train", seed: int = 0, process_index: int = 0,
-    process_count: int = 1, epochs: int | None = None,
+    process_count: int = 1, epochs: int | None = None, shuffle_rows: bool = False,
 ) -> BatchIterator:
-    """Batches of `split` for process `process_index` of `process_count` (see the module docstring)."""
+    """Batches of `split` for process `process_index` of `process_count` (see the module docstring).
+
+    `shuffle_rows` also reads each epoch's rows in a random order (drawn from the seed), so that the first few
+    batches are rows from all over the split rather than from the few documents that open the epoch: what an
+    evaluation on a fixed number of batches wants. Streamed corpora (TFDS catalog) ignore it: their documents are
+    shuffled, their rows are not."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     if process_count < 1 or not 0 <= process_index < process_count:
@@ -533,7 +544,7 @@ def make_iterator(
     maker = BatchMaker(
         tokens_path, offsets_path, prepared.stats[split]["token_dtype"], seed=seed, seq_len=data_config.seq_len,
         batch_size=data_config.batch_size, process_index=process_index, process_count=process_count,
-        eos_id=prepared.tokenizer.eos_id, document_mask=data_config.document_mask,
+        eos_id=prepared.tokenizer.eos_id, document_mask=data_config.document_mask, shuffle_rows=shuffle_rows,
     )
     stop = sys.maxsize if epochs is None else (epochs * maker.rows_per_epoch) // data_config.batch_size
     return TokenBatchIterator(maker, meta, stop, data_config.num_workers)
