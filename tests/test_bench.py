@@ -1,12 +1,14 @@
 """tools.bench runs end to end on tiny configs, and tools.torch_reference computes what jaxlm computes."""
 
 import json
+import sys
 
 import jax
 import numpy as np
 import pytest
 
 from jaxlm.config import ModelConfig
+from jaxlm.errors import ConfigError
 from jaxlm.model import forward, init_params
 from tools import bench
 
@@ -68,6 +70,18 @@ def test_unknown_experiment_is_one_line_and_status_2(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no_such_experiment" in err[0]
+
+
+def test_torch_without_pytorch_fails_before_compiling(monkeypatch):
+    experiment = bench.load_experiment("quickstart", TINY[2:])
+
+    def compile_step(*args):
+        raise AssertionError("compiled jaxlm's step before checking for PyTorch")
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    monkeypatch.setattr(bench, "build_train_step", compile_step)
+    with pytest.raises(ConfigError, match="--torch needs PyTorch: pip install torch"):
+        bench.bench_train(experiment, steps=1, with_torch=True)
 
 
 @pytest.mark.parametrize(
@@ -166,3 +180,32 @@ def test_gpu_check_runs_its_code_path_on_tiny_shapes(tmp_path, capsys):
     assert summary["runs"] == len(records)
     best_gpt2 = max(r["mfu"] for r in records if r["preset"] == "gpt2-124m")
     assert summary["best"]["gpt2-124m"]["mfu"] == pytest.approx(best_gpt2)
+
+
+def test_gpu_check_refuses_a_machine_without_a_gpu(tmp_path, capsys):
+    from tools import gpu_check
+
+    assert jax.default_backend() != "gpu"
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(["--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: tools.gpu_check needs a CUDA GPU") and "--tiny" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_check_fails_when_every_run_fails(tmp_path, monkeypatch, capsys):
+    from tools import gpu_check
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("cuDNN is not detected.")
+
+    monkeypatch.setattr(bench, "bench_train", fail)
+    records = gpu_check.main(["--tiny", "--steps", "1", "--out", str(tmp_path)])
+    assert len(records) == len(gpu_check.RUNS) and all(r["error"] == "cuDNN is not detected." for r in records)
+    assert gpu_check.exit_status(records) == 1 and gpu_check.exit_status([]) == 1
+    assert gpu_check.exit_status([records[0], {"mfu": 0.5}]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m tools.gpu_check ")

@@ -112,3 +112,9 @@ def test_cli_help_lists_the_overrides():
     assert result.returncode == 0
     for flag in ("--model.n-layers", "--train.steps", "--optim.lr", "--data.source", "--mesh.data"):
         assert flag in result.stdout.replace("_", "-"), flag
+    # Each field's help is its own comment (tyro once gave scan_layers the remat comment above it).
+    text = " ".join(result.stdout.replace("│", " ").split())
+    remat = text[text.index("--model.remat STR") : text.index("--model.scan-layers")]
+    scan = text[text.index("--model.scan-layers") : text.index("--model.attention STR")]
+    assert "What the backward pass recomputes" in remat and "backward pass" not in scan
+    assert "nn.scan over the blocks" in scan and "compile time stays flat in depth" in scan

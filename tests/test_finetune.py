@@ -447,3 +447,36 @@ def test_lora_classifier_stores_only_adapters_and_head(tmp_path):
     texts, labels = zip(*vowel_rows(24, 2))
     accuracy = np.mean(np.array(classifier.predict(list(texts))) == np.array(labels))
     assert accuracy == pytest.approx(summary["test"]["accuracy"])
+
+
+def test_chat_sampling_warns_when_the_run_was_not_instruction_tuned(tmp_path, monkeypatch, capsys):
+    from tools.sample import main as sample
+
+    model = dataclasses.replace(MODEL, n_layers=1)
+    base = experiment(tmp_path, name="base", steps=3, model=model)
+    params = jax.jit(init_params, static_argnums=0)(model, jax.random.key(0))  # faster than eager initialisation
+    monkeypatch.setattr(ft_lib, "load_lm", lambda path: (base, params))  # a pretraining run, without its checkpoint
+    run = str(tmp_path / "base")
+    os.makedirs(run)
+    assert not ft_lib.instruction_tuned(run)
+    sample(["--run", run, "--prompt", "x", "--chat", "--max-new-tokens", "2", "--temperature", "0"])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: {run} was not instruction-tuned")
+    assert captured.out.startswith("--- sample 0")  # and it goes on
+    (tmp_path / "base" / "finetune.json").write_text(json.dumps({"task": "instruct"}))
+    assert ft_lib.instruction_tuned(run) and ft_lib.instruction_tuned(os.path.join(run, "checkpoints", "3"))
+    (tmp_path / "base" / "finetune.json").write_text(json.dumps({"task": "classify"}))
+    assert not ft_lib.instruction_tuned(run)
+
+
+def test_usage_line_names_the_module(tmp_path, monkeypatch, capsys):
+    import sys
+    import types
+
+    main = types.ModuleType("__main__")
+    main.__spec__ = types.SimpleNamespace(name="experiments.finetune_classify")
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    with pytest.raises(SystemExit):
+        ft_lib.parse(experiment(tmp_path), FinetuneConfig(train_file="t.csv"), ["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m experiments.finetune_classify ")

@@ -224,3 +224,17 @@ def test_convert_tool_both_ways_and_sample_tool(tmp_path, capsys):
     assert lines[1] == lines[3] and lines[1].startswith("ab")
     expected = generate(cfg, params, [[258, 97, 98]], max_new_tokens=6, eos_id=259)[0]
     assert lines[5] == " ".join(map(str, [258, 97, 98, *expected]))
+
+
+def test_convert_tool_checks_out_before_converting(tmp_path, capsys):
+    from tools.convert_hf import main as convert
+
+    (tmp_path / "a_file").write_text("x")
+    cases = [(tmp_path / "a_file", "is a file, not a directory"), (tmp_path / "a_file" / "below", "cannot be created")]
+    for out, message in cases:
+        for direction in ("--from-run", "--to-jaxlm"):  # the source does not exist: --out is checked first
+            with pytest.raises(SystemExit) as exit_info:
+                convert([direction, str(tmp_path / "missing"), "--out", str(out)])
+            assert exit_info.value.code == 2
+            err = capsys.readouterr().err
+            assert err.startswith("error: --out") and message in err and len(err.splitlines()) == 1

@@ -474,7 +474,7 @@ def test_read_csv_errors(tmp_path):
     path.write_text("name,N,N_nonembed,D,C,train_loss,val_loss\na,1e6,5e5,x,1e14,3.0,3.1\n")
     with pytest.raises(ScalingError, match="line 2: D = 'x' is not a number"):
         read_csv(str(path))
-    with pytest.raises(ScalingError, match="is not a file"):
+    with pytest.raises(ScalingError, match="absent.csv does not exist: give a results CSV"):
         read_csv(str(tmp_path / "absent.csv"))
     with pytest.raises(ScalingError, match=r"line 2 \(a\): N = -1.0"):
         write_csv([{"name": "a", "N": -1.0, "N_nonembed": 1.0, "D": 1.0, "C": 1.0, "train_loss": 1.0,
@@ -560,7 +560,8 @@ def test_fit_scaling_tool_names_a_budget_without_a_parabola(tmp_path, capsys):
 
 def test_fit_scaling_tool_missing_source(tmp_path, capsys):
     assert fit_scaling.main([str(tmp_path / "nothing")]) == 2
-    assert "is not a file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'nothing'} does not exist: give a results CSV or a sweep's run directory\n"
 
 
 def test_fit_and_plot_is_the_tool_as_a_library_call(tmp_path, capsys):

@@ -195,9 +195,8 @@ def _compile_timed(jitted: Any, *args: Any) -> tuple[Any, float, float]:
     return compiled, lowered_at - start, time.perf_counter() - lowered_at
 
 
-def _torch_step(
-    experiment: Experiment, tokens: np.ndarray, threads: int | None = None
-) -> tuple[Callable[[], None], dict[str, Any]]:
+def _import_torch() -> tuple[Any, Any]:
+    """(torch, tools.torch_reference), or a ConfigError saying how to get PyTorch: checked before compiling."""
     try:
         import torch
 
@@ -206,6 +205,13 @@ def _torch_step(
         raise ConfigError(
             "--torch needs PyTorch: pip install torch (the CPU build is enough), or leave out --torch"
         ) from None
+    return torch, torch_reference
+
+
+def _torch_step(
+    experiment: Experiment, tokens: np.ndarray, threads: int | None = None
+) -> tuple[Callable[[], None], dict[str, Any]]:
+    torch, torch_reference = _import_torch()
     if threads:
         torch.set_num_threads(threads)
     step, model = torch_reference.make_train_step(experiment)
@@ -268,6 +274,8 @@ def bench_train(
         )
     if profile and jax.default_backend() != "cpu":
         raise ConfigError("--profile reads CPU traces: on a GPU or TPU, open a jax.profiler trace in XProf instead")
+    if with_torch:
+        _import_torch()  # a missing PyTorch fails here, not after compiling jaxlm's step
     tokens = synthetic_tokens(experiment, experiment.train.seed)
     step = build_train_step(experiment, tokens)
     runners: dict[str, Callable[[], None]] = {"jax": step.run}
@@ -405,7 +413,8 @@ def bench_decode(
 
 
 def print_decode(rows: list[dict[str, Any]]) -> None:
-    keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float)) and k not in ("n_layers", "d_model", "vocab_size")]
+    shape = ("n_layers", "d_model", "vocab_size")
+    keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float)) and k not in shape]
     header = ["model"] + keys
     grid = [[r["model"]] + [f"{r[k]:.4g}" if isinstance(r[k], float) else r[k] for k in keys] for r in rows]
     print("decode (KV cache vs full recompute)")

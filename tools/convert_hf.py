@@ -111,9 +111,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_out(out: str) -> None:
+    """--out must be a directory that can be created, or one that exists: checked before any conversion starts."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out} is a file, not a directory: give a new path or an existing directory")
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):  # the directory itself, or the nearest folder above it that exists
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"--out {out} cannot be created: {existing} is a file; give a path under a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out} cannot be written: {existing} is not writable; choose another path")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     try:
+        check_out(args.out)
         if args.to_jaxlm:
             out = to_jaxlm(args.to_jaxlm, args.out, args.tokenizer)
             print(f"wrote jaxlm run {out}: sample with `python -m tools.sample --run {out}`")

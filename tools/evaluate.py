@@ -13,13 +13,14 @@ figures as JSON (also written to `--out` when given).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import tyro
 
-from jaxlm.errors import JaxlmError
+from jaxlm.errors import ConfigError, JaxlmError
 
 
 @dataclass(frozen=True)
@@ -31,13 +32,32 @@ class Args:
     batch_size: int = 0  # 0: the run's batch size
     seq_len: int = 0  # 0: the run's sequence length
     hellaswag: str = ""  # a JSONL file of ctx, endings, label: multiple-choice scoring instead of loss
-    out: str = ""  # also write the figures to this JSON file
+    out: str = ""  # also write the figures to this JSON file (its directory is created)
+
+
+def prepare_out(out: str) -> None:
+    """Create the folder of --out (as the other tools do) before evaluating, so a bad path fails at once."""
+    if os.path.isdir(out):
+        raise ConfigError(f"--out {out} is a directory: give the path of the JSON file to write")
+    folder = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        where = e.filename or folder
+        why = f"{where} is a file" if os.path.isfile(where) else e.strerror or type(e).__name__
+        raise ConfigError(
+            f"--out {out}: its directory {folder} cannot be created ({why}): choose another path"
+        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: its directory {folder} is not writable: choose another path")
 
 
 def evaluate(args: Args) -> dict:
     from jaxlm import evaluate as ev
     from jaxlm.finetune import load_lm, load_tokenizer
 
+    if args.out:
+        prepare_out(args.out)
     experiment, params = load_lm(args.run)
     if args.hellaswag:
         items = ev.read_choices(args.hellaswag)
@@ -69,7 +89,10 @@ def evaluate(args: Args) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    args = tyro.cli(Args, args=list(sys.argv[1:] if argv is None else argv), description=__doc__.split("\n\n")[0])
+    args = tyro.cli(
+        Args, args=list(sys.argv[1:] if argv is None else argv), description=__doc__.split("\n\n")[0],
+        prog="python -m tools.evaluate",
+    )
     try:
         return evaluate(args)
     except JaxlmError as e:

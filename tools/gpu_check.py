@@ -8,6 +8,7 @@ and appending every record to DIR/gpu_results.jsonl. It stops starting new runs 
 and records an out-of-memory or other failure as a row instead of stopping. Targets: MFU >= 45% (gpt2-124m)
 and >= 50% (llama3.2-1b) against the H200's 989 TFLOP/s dense bf16 peak. `--tiny` runs the same code on
 small shapes with XLA attention, to check it on a CPU. `tools/gpu_check.sh` is the usual entry point.
+Without `--tiny` it refuses to start (status 2) where JAX has no GPU; it exits with status 1 when every run failed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import time
 import traceback
 
+USAGE_ERROR = 2
 TARGETS = {"gpt2-124m": 0.45, "llama3.2-1b": 0.50}
 
 # (preset, seq_len, batch_size, remat): cheapest first, so a short budget still measures each model.
@@ -49,7 +51,7 @@ def overrides(seq_len: int, batch: int, remat: str, tiny: bool) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"))
     parser.add_argument("--budget-s", type=float, default=400.0, help="start no new run after this many seconds")
     parser.add_argument("--steps", type=int, default=10)
@@ -60,6 +62,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from tools import bench
 
+    if not args.tiny and jax.default_backend() != "gpu":
+        print(f"error: tools.gpu_check needs a CUDA GPU (JAX's backend here is {jax.default_backend()}); --tiny runs "
+              "the same code path on CPU-sized shapes", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "gpu_results.jsonl")
     started = time.perf_counter()
@@ -110,5 +116,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return records
 
 
+def exit_status(records: list[dict]) -> int:
+    """0 when at least one run measured its step; 1 when every run failed or none started."""
+    return 0 if any("error" not in r for r in records) else 1
+
+
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(exit_status(main()))

@@ -156,7 +156,10 @@ def chat(run_dir: str, args: argparse.Namespace) -> list[str]:
     from jaxlm import finetune
     from jaxlm.generate import generate
 
-    experiment, params = finetune.load_lm(run_dir)
+    experiment, params = finetune.load_lm(run_dir)  # a classification run is refused here
+    if not finetune.instruction_tuned(run_dir):
+        print(f"warning: {run_dir} was not instruction-tuned (no finetune.json with task instruct): --chat wraps the "
+              "prompt in a chat template it never saw; leave out --chat to continue the text", file=sys.stderr)
     tokenizer = finetune.load_tokenizer(experiment)
     ids = finetune.prompt_ids(tokenizer, finetune.user_prompt(args.prompt, finetune.run_layout(run_dir)))
     outputs = generate(

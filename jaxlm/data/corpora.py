@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxlm.config import DataConfig
+from jaxlm.data.tokenizer import make_cache_dir
 from jaxlm.errors import DataError
 
 CORPUS_VERSION = "1.0.0"  # bump when the document layout or split rule changes: old caches are then ignored
@@ -302,6 +303,7 @@ def _prepare_local(
         with open(meta_path, encoding="utf-8") as f:
             stats = json.load(f)
     else:
+        make_cache_dir(data_dir, cache_dir)  # before the scan: an unusable cache fails at once
         stats = _scan(documents)
         if skipped is not None:
             stats["skipped_lines"] = skipped[0]
@@ -332,6 +334,7 @@ def open_corpus(data_config: DataConfig) -> Corpus:
     """Prepares (once) and opens the corpus named by `data_config.source`."""
     source = data_config.source
     cache_dir = data_config.resolved_cache_dir
+    make_cache_dir(cache_dir, write=False)  # the tokenizer and token files go there too, whatever the source
     if source == "pystdlib":
         root, files = stdlib_files()
         if not files:

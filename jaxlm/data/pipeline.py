@@ -30,7 +30,7 @@ import numpy as np
 
 from jaxlm.config import DataConfig
 from jaxlm.data.corpora import Corpus, open_corpus, record_text, record_text_counting
-from jaxlm.data.tokenizer import Tokenizer, TokenizerSpec, build_tokenizer, tokenizer_key
+from jaxlm.data.tokenizer import Tokenizer, TokenizerSpec, build_tokenizer, make_cache_dir, tokenizer_key
 from jaxlm.errors import DataError
 
 SPLITS = ("train", "validation")
@@ -187,7 +187,7 @@ def prepare_data(data_config: DataConfig) -> Prepared:
         with open(stats_path, encoding="utf-8") as f:
             prepared.stats = json.load(f)
     else:
-        os.makedirs(tokens_dir, exist_ok=True)
+        make_cache_dir(tokens_dir, cache_dir)
         stats: dict[str, Any] = {
             "source": data_config.source, "tokenizer": data_config.tokenizer,
             "tokenizer_file": getattr(tokenizer, "name", data_config.tokenizer), "vocab_size": tokenizer.vocab_size,

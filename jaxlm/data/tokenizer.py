@@ -221,6 +221,22 @@ def tokenizer_key(kind: str, vocab_size: int, corpus_fingerprint: str) -> str:
     return f"{kind}-{vocab_size}-{corpus_fingerprint}"
 
 
+def make_cache_dir(path: str, cache_dir: str | None = None, write: bool = True) -> None:
+    """Create `path`, a folder of the data cache `cache_dir` (default: `path` itself), and with `write` check that
+    it is writable; else raise a DataError naming --data.cache-dir, before any long work reads or trains."""
+    shown = cache_dir or path
+    fix = "set --data.cache-dir to a directory you can write, or leave it empty for ~/.cache/jaxlm"
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        where = e.filename or path
+        is_file = os.path.exists(where) and not os.path.isdir(where)
+        why = f"{where} is not a directory" if is_file else f"{e.strerror or type(e).__name__}: {where}"
+        raise DataError(f"cannot use the data cache directory {shown} ({why}): {fix}") from None
+    if write and not os.access(path, os.W_OK | os.X_OK):
+        raise DataError(f"cannot use the data cache directory {shown} ({path} is not writable): {fix}")
+
+
 def _write_atomic(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -247,13 +263,14 @@ def build_tokenizer(
         return ByteTokenizer(), False
     if kind.endswith(".model"):
         return load_sentencepiece(kind), False
-    os.makedirs(cache_dir, exist_ok=True)
+    make_cache_dir(cache_dir, write=False)  # a read-only cache is fine while it holds the tokenizer
     key = tokenizer_key(kind, spec.vocab_size, spec.corpus_fingerprint)
     if kind == "char":
         path = os.path.join(cache_dir, key + ".json")
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 return CharTokenizer(json.load(f)["chars"]), False
+        make_cache_dir(cache_dir)
         chars: set[str] = set()
         for text in all_texts:
             chars.update(text)
@@ -264,6 +281,7 @@ def build_tokenizer(
         path = os.path.join(cache_dir, key + ".model")
         if os.path.isfile(path):
             return load_sentencepiece(path), False
+        make_cache_dir(cache_dir)  # before training, which takes a while
         proto = train_sentencepiece(train_texts, kind.split("-")[1], spec.vocab_size, spec.sample_bytes)
         _write_atomic(path, proto)
         return SentencePieceTokenizer(proto, name=os.path.basename(path)), True

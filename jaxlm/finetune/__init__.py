@@ -87,6 +87,7 @@ from jaxlm.finetune.classify import (
     train_classifier,
 )
 from jaxlm.finetune.instruct import (
+    instruction_tuned,
     load_lm,
     run_layout,
     train_instruct,
@@ -145,6 +146,7 @@ __all__ = [
     "train_instruct",
     "write_samples",
     "load_lm",
+    "instruction_tuned",
     "run_layout",
     "user_prompt",
     "train_finetune",

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import tyro
 
+from jaxlm.cli import _prog
 from jaxlm.config import Experiment
 from jaxlm.errors import JaxlmError
 from jaxlm.finetune.classify import train_classifier
@@ -39,7 +40,7 @@ def parse(
     main = sys.modules.get("__main__")
     doc = (getattr(main, "__doc__", None) or "").strip().split("\n\n")[0]
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = tyro.cli(_Command, default=_Command(experiment, ft), args=argv, description=doc)
+    command = tyro.cli(_Command, default=_Command(experiment, ft), args=argv, description=doc, prog=_prog())
     return command.experiment, command.finetune
 
 

@@ -198,6 +198,19 @@ def run_layout(path: str) -> str:
     return "chat"
 
 
+def instruction_tuned(path: str) -> bool:
+    """Whether `path` is an instruction-tuned run, or a checkpoints/<step> directory of one: its finetune.json
+    says task instruct. A pretraining run has none (its prompts were never wrapped in a template)."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    run_dir = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else path
+    try:
+        with open(os.path.join(run_dir, FINETUNE_FILE)) as f:
+            return json.load(f).get("task", "classify") == "instruct"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def user_prompt(text: str, layout: str = "chat") -> str:
     """A single user request in the given layout's template, ready for the model's answer."""
     if layout == "alpaca":

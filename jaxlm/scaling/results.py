@@ -152,6 +152,8 @@ def read_csv(path: str) -> list[dict]:
     """Read a results table: jaxlm's layout (`COLUMNS`), or Epoch AI's Chinchilla data (`Model Size`, `Training
     FLOP`, `loss`; there D = C / 6N and the single loss column is `loss`). Missing columns or values that are not
     positive numbers raise, naming the column and line."""
+    if not os.path.exists(path):
+        raise ScalingError(f"{path} does not exist: give a results CSV or a sweep's run directory")
     if not os.path.isfile(path):
         raise ScalingError(f"{path} is not a file: give a results CSV or a sweep's run directory")
     with open(path, newline="") as f:
