@@ -229,13 +229,15 @@ def run_isoflop_sweep(
     fits_dir: str,
     *,
     bootstrap: int = 100,
+    unfittable: str | None = None,
     argv: Sequence[str] | None = None,
 ) -> None:
     """Train the members a command line selects, then fit and plot once every member of `sweep` is finished.
 
     An experiment module's `main`: `argv` (default: the process's) holds jaxlm.cli overrides and
     `--sweep.members`; overrides that change a member's compute (see `check_budgets`) exit with status 2. Process 0
-    then fits the whole sweep with `fit_and_plot` into `fits_dir` (`bootstrap` resamples), printing the equivalent
+    then fits the whole sweep with `fit_and_plot` into `fits_dir` (`bootstrap` resamples; `unfittable` "skip"
+    leaves out a budget whose optimum the sizes do not bracket, instead of failing), printing the equivalent
     `python -m tools.fit_scaling` command; while members are unfinished it only prints that command.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -255,7 +257,10 @@ def run_isoflop_sweep(
     if sweep_dir != declared_dir:
         fits_dir = os.path.join(sweep_dir, os.path.relpath(fits_dir, declared_dir))
     sweep = everyone
+    options: dict = {"bootstrap": bootstrap, **({"unfittable": unfittable} if unfittable else {})}
     fit_command = f"python -m tools.fit_scaling {sweep_dir} --out {fits_dir} --bootstrap {bootstrap}"
+    if unfittable:
+        fit_command += f" --unfittable {unfittable}"
     if jax.process_index() != 0:
         return
     if not all_finished(sweep):
@@ -263,7 +268,7 @@ def run_isoflop_sweep(
         return
     print(f"all {len(sweep)} members finished; fitting: {fit_command}")
     try:
-        fit_and_plot(sweep_dir, fits_dir, bootstrap=bootstrap)
+        fit_and_plot(sweep_dir, fits_dir, **options)
     except JaxlmError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(USAGE_ERROR)
