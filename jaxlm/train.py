@@ -288,7 +288,7 @@ def train(experiment: Experiment) -> dict[str, Any]:
     eval_step = jax.jit(make_eval_step(experiment, mesh), compiler_options=compiler_options())
     tokens_per_step = experiment.data.batch_size * experiment.data.seq_len
     flops_per_token = flops.flops_per_token(experiment.model, experiment.data.seq_len)
-    peak, _ = flops.peak_flops()
+    peak, peak_source = flops.peak_flops()
     log = _Log(run_dir, start_step)
     bytes_per_token = prepared.stats["val_bytes_per_token"]
 
@@ -379,7 +379,8 @@ def train(experiment: Experiment) -> dict[str, Any]:
         "name": experiment.name, "steps": steps, "tokens": steps * tokens_per_step,
         "train_loss": last_row.get("loss"), "val_loss": last_eval["val_loss"] if last_eval else None,
         "val_bpb": last_eval["val_bpb"] if last_eval else None, "tokens_per_sec": tps,
-        "mfu": tps * flops_per_token / peak, "wall_s": wall, "params": flops.count_params(experiment.model),
+        "mfu": tps * flops_per_token / peak, "peak_flops": peak, "peak_source": peak_source, "wall_s": wall,
+        "params": flops.count_params(experiment.model),
     }
     params = state["params"]
     if jax.process_count() > 1 and experiment.train.samples:

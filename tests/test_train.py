@@ -155,6 +155,7 @@ def test_loop_writes_metrics_plot_samples_and_resumes_exactly(tmp_path, text_cor
     for name in ("loss.png", "samples.txt", "summary.json", "config.json"):
         assert os.path.exists(os.path.join(run_dir, name)), name
     assert summary["val_loss"] == eval_rows[-1]["val_loss"]
+    assert summary["peak_flops"] > 0 and summary["peak_source"]  # what its MFU is measured against
 
     # Restart from the step-3 checkpoint, as if the process had died after it: steps 4-6 must be the same.
     ckpt_dir = os.path.join(run_dir, "checkpoints")
