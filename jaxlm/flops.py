@@ -7,6 +7,7 @@ full, not the causal, square as PaLM's appendix B does).
 
 from __future__ import annotations
 
+import functools
 import time
 
 from jaxlm.config import ModelConfig
@@ -86,9 +87,11 @@ def device_peak_flops(device_kind: str) -> float | None:
     return DEVICE_PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
+@functools.cache
 def measure_matmul_flops(n: int = 2048, dtype: str = "float32", repeats: int = 10) -> float:
     """FLOP/s of a jitted n x n matmul on the default device, compiled as the model is: the CPU's practical
-    peak for MFU."""
+    peak for MFU. Measured once per process, so that the runs of one process (a sweep's members, say) report
+    MFU against the same peak."""
     import jax
     import jax.numpy as jnp
 
