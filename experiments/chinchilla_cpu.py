@@ -44,7 +44,8 @@ unevenly across members; now within 0.03 of it). Fits with 95% bootstrap interva
 Approaches 2 and 3 agree with Chinchilla's a = b = 0.5 within intervals as wide as one decade of compute and
 three budgets allow. With the better-sampled losses the optima sit lower than the grid's centre (approach 3: D/N
 about 450, against the grid's 300), so the 1e12 optimum falls just below its smallest size: `main` fits with
-`unfittable="skip"`; a grid centred at D = 450 N would bracket every budget. Approach 1 follows noise: it reads
+`unfittable="skip"`. A grid centred nearer D = 450 N should bracket every budget; it needs budgets from 3.9e11
+FLOPs up, as the smallest shape has 4k parameters. Approach 1 follows noise: it reads
 single-batch training losses (2,048 bytes each), which scatter by +-0.5 nats. Plots: docs/scaling/chinchilla_cpu_*.png.
 """
 
