@@ -9,27 +9,27 @@ docstring's first paragraph. Training examples come from the files the quickstar
 tokens are packed, with attention kept inside each example. By default every weight is trained;
 `--finetune.lora-rank 8` trains rank-8 adapters on all six attention and MLP matrices instead.
 
-Cost: 200 steps of 8 packed rows; about 5 minutes on two shared CPU cores.
+Cost: 200 steps of 8 packed rows; 72 s on two CPU cores.
 
-Found (quickstart checkpoint at step 600; validation loss in nats per answer token, 2,857 tokens):
+Found (2026-11-29; the quickstart's checkpoint at step 600, 2.46M tokens; validation loss in nats per answer
+token, 2,857 tokens):
 
 | run | trained parameters | before | after | code loss after |
 |---|---|---|---|---|
-| full finetuning, lr 1e-3 (the default) | 1,088,256 | 6.144 | 4.858 | 5.677 |
-| LoRA r=8, alpha 16 (`--finetune.lora-rank 8 --optim.lr 1e-2 --optim.min-lr 1e-3`) | 73,728 | 6.144 | 5.151 | 5.520 |
-| LoRA r=8, alpha 16 (`--finetune.lora-rank 8 --optim.lr 3e-3 --optim.min-lr 3e-4`) | 73,728 | 6.144 | 5.172 | - |
+| full finetuning, lr 1e-3 (the default) | 1,088,256 | 5.972 | 4.674 | 5.388 |
+| LoRA r=8, alpha 16 (`--finetune.lora-rank 8 --optim.lr 1e-2 --optim.min-lr 1e-3`) | 73,728 | 5.972 | 4.912 | 5.283 |
+| LoRA r=8, alpha 16 (`--finetune.lora-rank 8 --optim.lr 3e-3 --optim.min-lr 3e-4`) | 73,728 | 5.972 | 4.936 | - |
 
 "Code loss" is the language-model loss on the whole pystdlib validation split afterwards
-(`python -m tools.evaluate --run <run dir> --batch_size 16`); the quickstart model's own is 5.017: both forget
+(`python -m tools.evaluate --run <run dir> --batch-size 16`); the quickstart model's own is 4.589: both forget
 some of their code modelling, the adapters less.
 
 The model learns the form of an answer (a short imperative sentence, then the end token) but, with 1M
-parameters and 600 steps of pretraining, little of the content: greedy answers to held-out functions are
-"Return the selection." for `getname(self): return self.chunkname` (reference: "Return the name (ID) of the
-current chunk."), `getsize` and `__newobj_ex__`, and "Return the 0." for `remove_extension` (reference:
-"Unregister an extension code."). The adapters, with 7% of the parameters, recover three quarters of the
-full run's gain. Answers are in runs/finetune_instruct/samples.txt; `python -m tools.evaluate --run
-runs/finetune_instruct` measures the finetuned model as a language model again.
+parameters and 600 steps of pretraining, little of the content: the greedy answer to all four held-out functions
+in samples.txt (`getname(self): return self.chunkname`, whose reference is "Return the name (ID) of the current
+chunk.", `getsize`, `__newobj_ex__`, `remove_extension`) is "Return the syms.". The adapters, with 7% of the
+parameters, recover four fifths of the full run's gain. Answers are in runs/finetune_instruct/samples.txt;
+`python -m tools.evaluate --run runs/finetune_instruct` measures the finetuned model as a language model again.
 """
 
 from __future__ import annotations
