@@ -2,10 +2,24 @@
 
 Eight host (CPU) devices let the sharding tests build real meshes on one machine. Flags already in XLA_FLAGS are
 kept; a device count given there wins.
+
+One JAX compilation cache serves the whole session: the pytest-xdist workers (which inherit this process's
+environment) and the processes that tests start compile many of the same small programs. It is a fresh directory
+per session, removed at the end, so no run's timing leans on an earlier one; JAX_COMPILATION_CACHE_DIR set
+beforehand is used as it is.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 _flags = os.environ.get("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="jaxlm-tests-jit-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
