@@ -150,8 +150,8 @@ def write_or_check_config(experiment: Experiment) -> bool:
 
     A directory whose config.json is all there is (a start that failed before its first step, say on a missing
     corpus) holds no run: its config is replaced. Returns True when the directory already held this config (the
-    run may resume from it). Bookkeeping fields
-    (logging, evaluation and checkpoint intervals, paths) may differ; config.json then records the new values.
+    run may resume from it). Bookkeeping fields (logging, evaluation and checkpoint intervals, paths) may differ;
+    config.json then records the new values.
     """
     run_dir = experiment.run_dir
     existing = read_config(run_dir)

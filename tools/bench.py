@@ -279,11 +279,11 @@ def bench_train(
     tokens = synthetic_tokens(experiment, experiment.train.seed)
     step = build_train_step(experiment, tokens)
     runners: dict[str, Callable[[], None]] = {"jax": step.run}
-    variants = []
+    versus_steps = []
     for i, (overrides, variant) in enumerate(versus):
         variant_step = build_train_step(variant, synthetic_tokens(variant, variant.train.seed))
         runners[f"versus{i}"] = variant_step.run
-        variants.append((overrides, variant, variant_step))
+        versus_steps.append((overrides, variant, variant_step))
     record: dict[str, Any] = {}
     if with_torch:
         runners["torch"], info = _torch_step(experiment, tokens, torch_threads)
@@ -327,7 +327,7 @@ def bench_train(
         "compiler_options": model.compiler_options(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
     })
     record["versus"] = []
-    for i, (overrides, variant, variant_step) in enumerate(variants):
+    for i, (overrides, variant, variant_step) in enumerate(versus_steps):
         stats = _step_stats(times[f"versus{i}"], variant.data.batch_size * variant.data.seq_len)
         record["versus"].append({
             "overrides": overrides, **stats, "ratio_vs_base": stats["tokens_per_sec"] / record["tokens_per_sec"],

@@ -291,10 +291,12 @@ class BatchMaker:
             lengths = self._load()[2]
             order = np.random.default_rng([self.seed, epoch]).permutation(lengths.size)
             ends = np.cumsum(lengths[order] + 1)
-            rows = np.random.default_rng([self.seed, epoch, 1]).permutation(self.rows_per_epoch)
+            rows = None
+            if self.shuffle_rows:
+                rows = np.random.default_rng([self.seed, epoch, 1]).permutation(self.rows_per_epoch)
             if len(self._epochs) >= 2:  # a batch spans at most two epochs
                 self._epochs.pop(min(self._epochs))
-            table = self._epochs[epoch] = (order, ends, rows if self.shuffle_rows else None)
+            table = self._epochs[epoch] = (order, ends, rows)
         return table
 
     def epoch_of(self, batch_index: int) -> int:

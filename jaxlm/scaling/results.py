@@ -21,7 +21,7 @@ COLUMNS = ("name", "N", "N_nonembed", "D", "C", "train_loss", "val_loss")
 EPOCH_COLUMNS = ("Model Size", "Training FLOP", "loss")
 
 
-def _read_metrics(path: str) -> list[dict]:
+def read_metrics(path: str) -> list[dict]:
     rows = []
     if not os.path.exists(path):
         return rows
@@ -50,7 +50,7 @@ def read_run(run_dir: str) -> tuple[Experiment, list[dict], list[dict]]:
             experiment = Experiment.from_dict(json.load(f))
         except (json.JSONDecodeError, TypeError) as e:
             raise ScalingError(f"{run_dir}/config.json is not a jaxlm config ({e})") from None
-    rows = _read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     train = {r["step"]: r for r in rows if "loss" in r and "tokens" in r}
     evals = {r["step"]: r for r in rows if "val_loss" in r}
     return experiment, [train[k] for k in sorted(train)], [evals[k] for k in sorted(evals)]

@@ -22,7 +22,19 @@ from jaxlm.config import Experiment, ModelConfig
 from jaxlm.errors import ConfigError, JaxlmError
 from jaxlm.flops import count_params, flops_per_token
 from jaxlm.scaling.report import fit_and_plot
-from jaxlm.scaling.results import _read_metrics
+from jaxlm.scaling.results import read_metrics
+
+
+def _member_train(base: Experiment, name: str, steps: int):
+    """A sweep member's train section: `steps` long, in its own directory under the sweep's, evaluating and
+    logging at least at its last step."""
+    return dataclasses.replace(
+        base.train,
+        steps=steps,
+        out_dir=os.path.join(base.run_dir, name),
+        eval_every=min(base.train.eval_every, steps),
+        log_every=min(base.train.log_every, steps),
+    )
 
 
 def _family_d_ff(cfg: ModelConfig) -> int:
@@ -171,13 +183,7 @@ def isoflop_grid(
                     name=name,
                     model=cfg,
                     optim=dataclasses.replace(base.optim, warmup_steps=round(warmup_fraction * steps)),
-                    train=dataclasses.replace(
-                        base.train,
-                        steps=steps,
-                        out_dir=os.path.join(base.run_dir, name),
-                        eval_every=min(base.train.eval_every, steps),
-                        log_every=min(base.train.log_every, steps),
-                    ),
+                    train=_member_train(base, name, steps),
                 )
             )
     return tuple(members)
@@ -313,13 +319,7 @@ def wsd_branches(
     members = []
     for i, n_steps in enumerate(steps):
         name = f"{base.name}-wsd-D{n_steps * tokens_per_step:.0e}"
-        train = dataclasses.replace(
-            base.train,
-            steps=n_steps,
-            out_dir=os.path.join(base.run_dir, name),
-            eval_every=min(base.train.eval_every, n_steps),
-            log_every=min(base.train.log_every, n_steps),
-        )
+        train = _member_train(base, name, n_steps)
         if i == 0 and starts:
             train = dataclasses.replace(train, ckpt_every=trunk_saves, keep_checkpoints=n_steps // trunk_saves + 1)
         members.append(dataclasses.replace(base, name=name, optim=optim, train=train))
@@ -350,7 +350,7 @@ def branch_from_trunk(trunk: Experiment, branch: Experiment) -> str:
     if os.path.exists(os.path.join(branch.run_dir, "checkpoints")):
         raise ConfigError(f"{branch.run_dir} already has checkpoints; delete it to branch it again")
     shutil.copytree(source, target)
-    rows = [r for r in _read_metrics(os.path.join(trunk.run_dir, "metrics.jsonl")) if r["step"] <= step]
+    rows = [r for r in read_metrics(os.path.join(trunk.run_dir, "metrics.jsonl")) if r["step"] <= step]
     with open(os.path.join(branch.run_dir, "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     return target
