@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,7 +33,7 @@ from jax.experimental import multihost_utils
 
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
-from jaxlm.model import KVCache, forward, init_cache, init_params
+from jaxlm.model import KVCache, forward, init_cache
 
 Array = jax.Array
 
@@ -88,7 +87,7 @@ def sample_logits(logits_BV: Array, key: Array, sampler: Sampler) -> Array:
 # ---------------------------------------------------------------------------------------------- batches of prompts
 
 
-def _check_request(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+def check_request(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
     if not prompts:
         raise ConfigError("no prompts given: pass at least one prompt (a list of token ids)")
     if max_new_tokens < 1:
@@ -146,7 +145,7 @@ def _until_eos(out_BN: np.ndarray, n_steps: int, eos_id: int | None) -> list[lis
     return rows
 
 
-def _inference_config(cfg: ModelConfig) -> ModelConfig:
+def inference_config(cfg: ModelConfig) -> ModelConfig:
     # Rematerialisation only matters for gradients. Layers run unrolled (see `_unscanned`).
     return dataclasses.replace(cfg, remat="none", scan_layers=False)
 
@@ -242,9 +241,9 @@ def generate(
 
     Runs with the params where they are: params sharded over a mesh stay sharded.
     """
-    _check_request(cfg, prompts, max_new_tokens)
+    check_request(cfg, prompts, max_new_tokens)
     sampler = make_sampler(temperature, top_k, top_p)
-    cfg = _inference_config(cfg)
+    cfg = inference_config(cfg)
     prompt_BP, pad_B = _left_pad(prompts)
     key = jax.random.key(seed)
     # The last new token is returned, never fed back: it needs no slot.
@@ -261,7 +260,7 @@ def generate(
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _uncached_step(
+def uncached_step(
     cfg: ModelConfig, params: Any, tokens_BS: Array, pad_B: Array, last: Array, key: Array, sampler: Sampler
 ) -> Array:
     """The token after slot `last`, from a full forward pass over the whole buffer (later slots cannot be seen)."""
@@ -285,9 +284,9 @@ def generate_uncached(
     eos_id: int | None = None,
 ) -> list[list[int]]:
     """Same contract as `generate`, without a cache: every step re-runs the forward pass over the whole context."""
-    _check_request(cfg, prompts, max_new_tokens)
+    check_request(cfg, prompts, max_new_tokens)
     sampler = make_sampler(temperature, top_k, top_p)
-    cfg = _inference_config(cfg)
+    cfg = inference_config(cfg)
     prompt_BP, pad_B = _left_pad(prompts)
     B, P = prompt_BP.shape
     # A buffer of the whole context compiles once for any prompt length; slots not yet filled lie in the
@@ -299,7 +298,7 @@ def generate_uncached(
     done_B = np.zeros(B, bool)
     for n in range(max_new_tokens):
         step_key = jax.random.fold_in(key, n)
-        next_B = _host(_uncached_step(cfg, params, tokens_BS, pad_B, P - 1 + n, step_key, sampler=sampler))
+        next_B = _host(uncached_step(cfg, params, tokens_BS, pad_B, P - 1 + n, step_key, sampler=sampler))
         if eos_id is not None:
             next_B = np.where(done_B, eos_id, next_B)
             done_B |= next_B == eos_id
@@ -309,80 +308,3 @@ def generate_uncached(
         if done_B.all():
             return _until_eos(out_BN, n + 1, eos_id)
     return _until_eos(out_BN, max_new_tokens, eos_id)
-
-
-# ------------------------------------------------------------------------------------------------ benchmark
-
-
-def _seconds(fn, *args, **kwargs) -> tuple[Any, float]:
-    start = time.perf_counter()
-    result = jax.block_until_ready(fn(*args, **kwargs))
-    return result, time.perf_counter() - start
-
-
-def benchmark_decode(
-    cfg: ModelConfig,
-    batch: int,
-    prompt_len: int,
-    new_tokens: int,
-    seed: int = 0,
-    uncached_steps: int | None = None,
-) -> dict[str, Any]:
-    """Time to first token and decode throughput with and without the KV cache, on random weights and prompts.
-
-    Every figure is measured after a warm-up call, so compilation is reported separately (`compile_s`). Without
-    the cache each step costs the same (a full pass over the fixed buffer), so `uncached_steps` (default: all
-    new tokens) may time fewer steps on large models.
-    """
-    cfg = _inference_config(cfg)
-    _check_request(cfg, [[0] * prompt_len], new_tokens)
-    if new_tokens < 2:
-        raise ConfigError(f"new_tokens must be at least 2 to time decoding, got {new_tokens}")
-    sampler = make_sampler()
-    params = jax.jit(functools.partial(init_params, cfg))(jax.random.key(seed))
-    rng = np.random.default_rng(seed)
-    prompt_BP = rng.integers(0, cfg.vocab_size, (batch, prompt_len), dtype=np.int32)
-    pad_B = np.zeros(batch, np.int32)
-    key = jax.random.key(seed)
-    slots = prompt_len + new_tokens - 1
-    no_eos = jnp.int32(-1)
-
-    def cached():
-        first_B, cache = prefill(cfg, params, prompt_BP, pad_B, key, slots=slots, sampler=sampler)
-        return decode(cfg, params, first_B, cache, pad_B, key, no_eos, max_new_tokens=new_tokens, sampler=sampler)
-
-    _, compile_s = _seconds(cached)
-    (first_B, cache), ttft_s = _seconds(prefill, cfg, params, prompt_BP, pad_B, key, slots=slots, sampler=sampler)
-    _, decode_s = _seconds(
-        decode, cfg, params, first_B, cache, pad_B, key, no_eos, max_new_tokens=new_tokens, sampler=sampler
-    )
-
-    steps = min(uncached_steps or new_tokens, new_tokens)
-    tokens_BS = np.zeros((batch, slots), np.int32)
-    tokens_BS[:, :prompt_len] = prompt_BP
-    _seconds(_uncached_step, cfg, params, tokens_BS, pad_B, prompt_len - 1, key, sampler=sampler)
-    start = time.perf_counter()
-    for n in range(steps):
-        next_B = _uncached_step(cfg, params, tokens_BS, pad_B, prompt_len - 1 + n, key, sampler=sampler)
-        tokens_BS[:, min(prompt_len + n, slots - 1)] = np.asarray(next_B)
-    uncached_s = time.perf_counter() - start
-
-    cached_tps = batch * (new_tokens - 1) / decode_s
-    uncached_tps = batch * steps / uncached_s
-    return {
-        "family": cfg.family,
-        "n_layers": cfg.n_layers,
-        "d_model": cfg.d_model,
-        "vocab_size": cfg.vocab_size,
-        "dtype": cfg.dtype,
-        "batch": batch,
-        "prompt_len": prompt_len,
-        "new_tokens": new_tokens,
-        "device": jax.devices()[0].device_kind,
-        "compile_s": compile_s,
-        "time_to_first_token_s": ttft_s,
-        "decode_tokens_per_s_cached": cached_tps,
-        "decode_tokens_per_s_uncached": uncached_tps,
-        "uncached_steps_timed": steps,
-        "cache_speedup": cached_tps / uncached_tps,
-    }

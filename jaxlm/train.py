@@ -14,7 +14,6 @@ import math
 import os
 import signal
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -27,6 +26,7 @@ from jaxlm import flops, sharding
 from jaxlm.checkpoint import Checkpoints, load_params, write_or_check_config
 from jaxlm.config import Experiment
 from jaxlm.errors import CheckpointError, ConfigError, NonFiniteError
+from jaxlm.logging import MetricsWriter, plot_losses
 from jaxlm.model import Transformer, compiler_options
 from jaxlm.optim import make_optimizer, make_schedule
 
@@ -171,27 +171,6 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-class _Log:
-    """metrics.jsonl, written by process 0 only."""
-
-    def __init__(self, run_dir: str, resume_step: int):
-        self.path = os.path.join(run_dir, "metrics.jsonl")
-        self.primary = jax.process_index() == 0
-        if self.primary and os.path.exists(self.path):
-            # Rows after the checkpoint we resume from belong to the lost part of the run: drop them.
-            with open(self.path) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
-            with open(self.path, "w") as f:
-                for row in rows:
-                    if row["step"] <= resume_step:
-                        f.write(json.dumps(row) + "\n")
-
-    def write(self, row: dict[str, Any]) -> None:
-        if self.primary:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-
 def _evaluate(experiment, eval_step, params, prepared, mesh) -> float:
     from jaxlm.data import make_iterator
 
@@ -289,7 +268,7 @@ def train(experiment: Experiment) -> dict[str, Any]:
     tokens_per_step = experiment.data.batch_size * experiment.data.seq_len
     flops_per_token = flops.flops_per_token(experiment.model, experiment.data.seq_len)
     peak, peak_source = flops.peak_flops()
-    log = _Log(run_dir, start_step)
+    log = MetricsWriter(run_dir, start_step)
     bytes_per_token = prepared.stats["val_bytes_per_token"]
 
     def eval_row(step: int) -> dict[str, Any]:
@@ -426,45 +405,3 @@ def write_samples(experiment: Experiment, params: Any, prepared, path: str) -> N
         for i, (prompt, ids, out) in enumerate(zip(prompts, prompt_ids, outputs)):
             # Decoding prompt and continuation together keeps sentencepiece's word-initial spaces.
             f.write(f"--- sample {i}, prompt {prompt!r}\n{tokenizer.decode(ids[1:] + list(out))}\n\n")
-
-
-def plot_losses(metrics_path: str, png_path: str, title: str) -> None:
-    """Train and validation loss against tokens seen."""
-    with open(metrics_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    train_rows = [r for r in rows if "loss" in r]
-    val_rows = [r for r in rows if "val_loss" in r]
-    tokens_per_step = train_rows[0]["tokens"] / train_rows[0]["step"] if train_rows else 0
-    curve = {
-        "label": "", "train_x": [r["tokens"] for r in train_rows], "train_loss": [r["loss"] for r in train_rows],
-        "val_x": [r["step"] * tokens_per_step for r in val_rows], "val_loss": [r["val_loss"] for r in val_rows],
-    }
-    plot_curves([curve], png_path, xlabel="tokens", title=title)
-
-
-def plot_curves(runs: Sequence[dict[str, Any]], png_path: str, xlabel: str, title: str = "", log_x: bool = False):
-    """Each run's train loss (thin) and validation loss (markers), one colour per run. A run is a dict with
-    `label` ("" for a plot of one run), `train_x`, `train_loss`, `val_x` and `val_loss`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5) if len(runs) == 1 else (8, 5))
-    for i, run in enumerate(runs):
-        prefix = f"{run['label']} " if run["label"] else ""
-        colour = f"C{i % 10}"
-        ax.plot(run["train_x"], run["train_loss"], color=colour, lw=0.8, alpha=0.6, label=f"{prefix}train")
-        if run["val_x"]:
-            ax.plot(run["val_x"], run["val_loss"], "o-", color=colour, ms=4, label=f"{prefix}validation")
-    if log_x:
-        ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("loss (nats per token)")
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)

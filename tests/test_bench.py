@@ -1,4 +1,4 @@
-"""tools.bench runs end to end on tiny configs, and tools.torch_reference computes what jaxlm computes."""
+"""tools.bench runs end to end on tiny configs, and tools.bench.torch_reference computes what jaxlm computes."""
 
 import json
 import sys
@@ -10,7 +10,7 @@ import pytest
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
 from jaxlm.model import forward, init_params
-from tools import bench
+from tools.bench import bench
 
 TINY = [
     "--experiment", "quickstart", "--model.n-layers", "1", "--model.d-model", "32", "--model.n-heads", "2",
@@ -99,7 +99,7 @@ def test_torch_without_pytorch_fails_before_compiling(monkeypatch):
 def test_torch_reference_computes_jaxlm_logits(cfg):
     """The reference must be the same model: with jaxlm's weights copied in, the same logits."""
     torch = pytest.importorskip("torch")
-    from tools import torch_reference
+    from tools.bench import torch_reference
 
     params = init_params(cfg, jax.random.key(3))
     # Non-trivial norms and biases, and activations large enough that a mix-up of scale and shift, of q, k, v,
@@ -139,7 +139,7 @@ def test_profile_puts_each_operation_in_a_model_part(capsys):
 
 
 def test_operations_without_a_source_path_take_their_operands():
-    from tools import step_profile
+    from tools.bench import step_profile
 
     hlo = """
   %dot.1 = f32[8,4,16,16]{3,2,1,0} dot(%p.0, %p.1), lhs_batch_dims={0,1}, metadata={op_name="f/blocks/attn/dot"}
@@ -169,7 +169,7 @@ def test_checkpoint_bench_saves_as_each_mode_says(tmp_path, capsys):
 
 
 def test_gpu_check_runs_its_code_path_on_tiny_shapes(tmp_path, capsys):
-    from tools import gpu_check
+    from tools.bench import gpu_check
 
     # A budget of a second: the first run starts, the ones after it are skipped (the script's whole path, on a CPU).
     records = gpu_check.main(["--tiny", "--steps", "1", "--budget-s", "1", "--out", str(tmp_path)])
@@ -183,19 +183,19 @@ def test_gpu_check_runs_its_code_path_on_tiny_shapes(tmp_path, capsys):
 
 
 def test_gpu_check_refuses_a_machine_without_a_gpu(tmp_path, capsys):
-    from tools import gpu_check
+    from tools.bench import gpu_check
 
     assert jax.default_backend() != "gpu"
     with pytest.raises(SystemExit) as exit_info:
         gpu_check.main(["--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: tools.gpu_check needs a CUDA GPU") and "--tiny" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: tools.bench.gpu_check needs a CUDA GPU") and "--tiny" in err[0]
     assert not (tmp_path / "out").exists()
 
 
 def test_gpu_check_fails_when_every_run_fails(tmp_path, monkeypatch, capsys):
-    from tools import gpu_check
+    from tools.bench import gpu_check
 
     def fail(*args, **kwargs):
         raise RuntimeError("cuDNN is not detected.")
@@ -208,4 +208,4 @@ def test_gpu_check_fails_when_every_run_fails(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     with pytest.raises(SystemExit):
         gpu_check.main(["--help"])
-    assert capsys.readouterr().out.startswith("usage: python -m tools.gpu_check ")
+    assert capsys.readouterr().out.startswith("usage: python -m tools.bench.gpu_check ")

@@ -499,7 +499,7 @@ def test_tfds_unknown_name_split_or_field(tfds_corpus):
 
 
 def test_loader_tokens_per_sec_counts_input_tokens(pystdlib):
-    from jaxlm.data import loader_tokens_per_sec
+    from tools.bench.bench import loader_tokens_per_sec
 
     config, prepared = pystdlib
     rate = loader_tokens_per_sec(config, prepared, seconds=0.2)

@@ -56,7 +56,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def print_table(runs: Sequence[dict[str, Any]]) -> None:
-    from tools.bench import print_grid
+    from jaxlm.logging import print_grid
 
     rows = [[r["label"], r["family"], f"{r['params']:,}", f"{r['steps']}/{r['planned_steps']}",
              f"{r['steps'] * r['tokens_per_step']:,}", _fmt(r["last_loss"], ".4f"), _fmt(r["last_val"], ".4f"),
@@ -65,7 +65,7 @@ def print_table(runs: Sequence[dict[str, Any]]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from jaxlm.train import plot_curves
+    from jaxlm.logging import plot_curves
 
     parser = argparse.ArgumentParser(prog="python -m tools.plot_runs", description=__doc__.split("\n\n")[0],
                                      allow_abbrev=False)

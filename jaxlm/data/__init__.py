@@ -1,5 +1,5 @@
 """jaxlm's input side: corpora (TFDS), tokenizers, and the grain batch pipeline."""
 
-from jaxlm.data.pipeline import BatchIterator, Prepared, loader_tokens_per_sec, make_iterator, prepare_data
+from jaxlm.data.pipeline import BatchIterator, Prepared, make_iterator, prepare_data
 
-__all__ = ["BatchIterator", "Prepared", "loader_tokens_per_sec", "make_iterator", "prepare_data"]
+__all__ = ["BatchIterator", "Prepared", "make_iterator", "prepare_data"]

@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -550,18 +549,3 @@ def make_iterator(
     )
     stop = sys.maxsize if epochs is None else (epochs * maker.rows_per_epoch) // data_config.batch_size
     return TokenBatchIterator(maker, meta, stop, data_config.num_workers)
-
-
-def loader_tokens_per_sec(data_config: DataConfig, prepared: Prepared, seconds: float = 3.0) -> float:
-    """Input tokens per second the train iterator delivers to one process, after a short warm-up."""
-    it = make_iterator(data_config, prepared, "train", seed=0)
-    try:
-        for _ in range(3):
-            next(it)
-        tokens = 0
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            tokens += next(it)["inputs"].size
-        return tokens / (time.perf_counter() - start)
-    finally:
-        it.close()

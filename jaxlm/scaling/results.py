@@ -13,30 +13,13 @@ import numpy as np
 
 from jaxlm.config import Experiment
 from jaxlm.flops import count_nonembedding_params, count_params, flops_per_token
+from jaxlm.logging import read_metrics
 from jaxlm.scaling._common import ScalingError
 from jaxlm.scaling.envelope import Curve
 
 
 COLUMNS = ("name", "N", "N_nonembed", "D", "C", "train_loss", "val_loss")
 EPOCH_COLUMNS = ("Model Size", "Training FLOP", "loss")
-
-
-def read_metrics(path: str) -> list[dict]:
-    rows = []
-    if not os.path.exists(path):
-        return rows
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise ScalingError(f"{path} line {number} is not JSON: the file is damaged") from None
-            if not isinstance(row, dict) or "step" not in row:
-                raise ScalingError(f"{path} line {number} has no 'step': not a jaxlm metrics file")
-            rows.append(row)
-    return rows
 
 
 def read_run(run_dir: str) -> tuple[Experiment, list[dict], list[dict]]:

@@ -22,7 +22,7 @@ from jaxlm.config import Experiment, ModelConfig
 from jaxlm.errors import ConfigError, JaxlmError
 from jaxlm.flops import count_params, flops_per_token
 from jaxlm.scaling.report import fit_and_plot
-from jaxlm.scaling.results import read_metrics
+from jaxlm.logging import read_metrics
 
 
 def _member_train(base: Experiment, name: str, steps: int):

@@ -47,6 +47,7 @@ import numpy as np
 
 from jaxlm.config import PRESETS, REMAT_POLICIES, Experiment
 from jaxlm.errors import ConfigError, JaxlmError
+from jaxlm.logging import print_grid
 
 USAGE_ERROR = 2
 
@@ -122,15 +123,6 @@ def print_table(title: str, rows: Sequence[tuple[str, str]]) -> None:
         print(f"  {key:<{width}}  {value}")
 
 
-def print_grid(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    for i, row in enumerate(cells):
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-
-
 def emit_json(record: dict[str, Any]) -> None:
     """The last line of every subcommand: one JSON object."""
     print(json.dumps(record, sort_keys=True, default=float), flush=True)
@@ -196,11 +188,11 @@ def _compile_timed(jitted: Any, *args: Any) -> tuple[Any, float, float]:
 
 
 def _import_torch() -> tuple[Any, Any]:
-    """(torch, tools.torch_reference), or a ConfigError saying how to get PyTorch: checked before compiling."""
+    """(torch, tools.bench.torch_reference), or a ConfigError saying how to get PyTorch: checked before compiling."""
     try:
         import torch
 
-        from tools import torch_reference
+        from tools.bench import torch_reference
     except ImportError:
         raise ConfigError(
             "--torch needs PyTorch: pip install torch (the CPU build is enough), or leave out --torch"
@@ -262,7 +254,7 @@ def bench_train(
     Each entry of `versus` is (overrides, the experiment with them applied), as `variants` makes them: that
     variant's step is timed in the same run, interleaved with the others, for A/B comparisons on a noisy
     machine. With `profile` > 0, that many further steps of each implementation are profiled
-    (`tools.step_profile`), after the timed ones.
+    (`tools.bench.step_profile`), after the timed ones.
     """
     import jax
 
@@ -298,7 +290,7 @@ def bench_train(
             run()
             times[name].append(time.perf_counter() - start)
     if profile:
-        from tools import step_profile
+        from tools.bench import step_profile
 
         jax_profile = step_profile.profile_jax(step.run, step.compiled.as_text(), profile)
         record["profile"] = {"steps": profile, "jax": jax_profile}
@@ -385,7 +377,7 @@ def print_train(record: dict[str, Any]) -> None:
             rows.append(("torch notes", r["torch_notes"]))
     print_table(f"train step: {r['experiment']}", rows)
     if "profile" in r:
-        from tools.step_profile import print_profile
+        from tools.bench.step_profile import print_profile
 
         print_profile(r["profile"], r["step_ms"], r.get("torch_step_ms"))
 
@@ -396,17 +388,13 @@ def print_train(record: dict[str, Any]) -> None:
 def bench_decode(
     models: dict[str, Any], batches: Sequence[int], prompt_len: int, new_tokens: int, uncached_steps: int | None
 ) -> list[dict[str, Any]]:
-    """`jaxlm.generate.benchmark_decode` for each model and batch size."""
-    import inspect
+    """`tools.bench.decode.benchmark_decode` for each model and batch size."""
+    from tools.bench.decode import benchmark_decode
 
-    from jaxlm.generate import benchmark_decode
-
-    accepts_uncached = "uncached_steps" in inspect.signature(benchmark_decode).parameters
     rows = []
     for label, cfg in models.items():
         for batch in batches:
-            kwargs = {"uncached_steps": uncached_steps} if accepts_uncached and uncached_steps else {}
-            result = benchmark_decode(cfg, batch, prompt_len, new_tokens, seed=0, **kwargs)
+            result = benchmark_decode(cfg, batch, prompt_len, new_tokens, seed=0, uncached_steps=uncached_steps)
             rows.append({"model": label, **result})
             print(f"  {label} batch {batch}: done", flush=True)
     return rows
@@ -424,11 +412,28 @@ def print_decode(rows: list[dict[str, Any]]) -> None:
 # ------------------------------------------------------------------------------------------------------ data
 
 
+def loader_tokens_per_sec(data_config, prepared, seconds: float = 3.0) -> float:
+    """Input tokens per second the train iterator delivers to one process, after a short warm-up."""
+    from jaxlm.data import make_iterator
+
+    it = make_iterator(data_config, prepared, "train", seed=0)
+    try:
+        for _ in range(3):
+            next(it)
+        tokens = 0
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            tokens += next(it)["inputs"].size
+        return tokens / (time.perf_counter() - start)
+    finally:
+        it.close()
+
+
 def bench_data(
     experiment: Experiment, seconds: float, train_steps: int, gpt2_train_steps: int
 ) -> list[dict[str, Any]]:
     """Loader tokens/s beside train-step tokens/s: for the experiment, and for GPT-2 124M's 8 x 1024 batches."""
-    from jaxlm.data import loader_tokens_per_sec, prepare_data
+    from jaxlm.data import prepare_data
 
     prepared = prepare_data(experiment.data)
     gpt2 = PRESETS["gpt2-124m"]

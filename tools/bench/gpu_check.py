@@ -1,13 +1,13 @@
 """The GPU throughput check: train-step MFU of gpt2-124m (seq 1024) and llama3.2-1b (seq 2048) in bfloat16.
 
-    python -m tools.gpu_check [--out DIR] [--budget-s 400] [--tiny]
+    python -m tools.bench.gpu_check [--out DIR] [--budget-s 400] [--tiny]
 
 Runs `tools.bench`'s train benchmark over a few batch sizes and remat policies per model, with bfloat16
 compute and cuDNN fused attention, all in one process (one JAX start-up), printing each table and JSON line
 and appending every record to DIR/gpu_results.jsonl. It stops starting new runs when the time budget is spent,
 and records an out-of-memory or other failure as a row instead of stopping. Targets: MFU >= 45% (gpt2-124m)
 and >= 50% (llama3.2-1b) against the H200's 989 TFLOP/s dense bf16 peak. `--tiny` runs the same code on
-small shapes with XLA attention, to check it on a CPU. `tools/gpu_check.sh` is the usual entry point.
+small shapes with XLA attention, to check it on a CPU. `tools/bench/gpu_check.sh` is the usual entry point.
 Without `--tiny` it refuses to start (status 2) where JAX has no GPU; it exits with status 1 when every run failed.
 """
 
@@ -51,7 +51,7 @@ def overrides(seq_len: int, batch: int, remat: str, tiny: bool) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="python -m tools.gpu_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.bench.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"))
     parser.add_argument("--budget-s", type=float, default=400.0, help="start no new run after this many seconds")
     parser.add_argument("--steps", type=int, default=10)
@@ -60,10 +60,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     import jax
 
-    from tools import bench
+    from jaxlm.logging import print_grid
+    from tools.bench import bench
 
     if not args.tiny and jax.default_backend() != "gpu":
-        print(f"error: tools.gpu_check needs a CUDA GPU (JAX's backend here is {jax.default_backend()}); --tiny runs "
+        print(f"error: tools.bench.gpu_check needs a CUDA GPU (JAX's backend here is {jax.default_backend()}); --tiny runs "
               "the same code path on CPU-sized shapes", file=sys.stderr)
         sys.exit(USAGE_ERROR)
     os.makedirs(args.out, exist_ok=True)
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      f"{r['step_ms']:.1f}" if "step_ms" in r else "", f"{r['tokens_per_sec']:,.0f}" if mfu else "",
                      f"{mfu:.1%}" if mfu is not None else r.get("error", "")[:60],
                      "" if mfu is None else ("yes" if mfu >= r["target_mfu"] else "no")])
-    bench.print_grid(["model", "batch", "seq", "remat", "ms/step", "tokens/s", "MFU", "target met"], rows)
+    print_grid(["model", "batch", "seq", "remat", "ms/step", "tokens/s", "MFU", "target met"], rows)
     best = {}
     for r in records:
         if r.get("mfu") is not None and r["mfu"] > best.get(r["preset"], {}).get("mfu", -1):

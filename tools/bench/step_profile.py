@@ -161,7 +161,7 @@ def profile_torch(run: Callable[[], None], steps: int) -> dict[str, Any]:
 
 
 def print_profile(profile: dict[str, Any], step_ms: float, torch_step_ms: float | None = None) -> None:
-    from tools.bench import print_grid
+    from jaxlm.logging import print_grid
 
     jax_p, torch_p = profile["jax"], profile.get("torch")
     print(f"where the step's time goes (ms per step of operator time, {profile['steps']} traced steps)")

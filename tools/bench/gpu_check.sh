@@ -2,11 +2,11 @@
 # The GPU throughput check, in one go: run from the repository root on a machine with an NVIDIA GPU (an H200 for
 # the targets) where JAX with CUDA, flax and optax are already installed.
 #
-#   bash tools/gpu_check.sh                 # figures go to $OUT (default: ./gpu_check_out)
-#   GPU_CHECK_BUDGET_S=300 bash tools/gpu_check.sh
+#   bash tools/bench/gpu_check.sh                 # figures go to $OUT (default: ./gpu_check_out)
+#   GPU_CHECK_BUDGET_S=300 bash tools/bench/gpu_check.sh
 #
 # It installs jaxlm (editable, no dependencies) and whichever of its pure-Python dependencies the train step
-# imports are missing, then runs tools/gpu_check.py: tools.bench train for gpt2-124m at seq 1024 and
+# imports are missing, then runs tools/bench/gpu_check.py: tools.bench train for gpt2-124m at seq 1024 and
 # llama3.2-1b at seq 2048, bfloat16 compute, cuDNN fused attention, a few batch sizes and remat policies,
 # under a hard time limit (default 400 s; with set-up, under 8 minutes). Every figure is printed and written to $OUT.
 set -uo pipefail
@@ -54,7 +54,7 @@ fi
 
 # XLA's GPU defaults are used unless XLA_FLAGS is given; whatever it is goes into every record.
 echo "XLA_FLAGS=${XLA_FLAGS:-}"
-timeout --signal=INT --kill-after=20 "$LIMIT_S" "$PY" -m tools.gpu_check --out "$OUT" --budget-s "$BUDGET_S" "$@"
+timeout --signal=INT --kill-after=20 "$LIMIT_S" "$PY" -m tools.bench.gpu_check --out "$OUT" --budget-s "$BUDGET_S" "$@"
 status=$?
 echo "== gpu_check finished with status $status; results: $OUT/gpu_results.jsonl, $OUT/gpu_summary.json"
 exit $status
