@@ -20,6 +20,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from jaxlm.config import Experiment
 from jaxlm.errors import CheckpointError, ConfigError
+from jaxlm.model import init_params
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -195,9 +196,10 @@ def resolve_checkpoint(path: str) -> tuple[str, int | None]:
 
 
 def load_params(path: str) -> tuple[Experiment, Any]:
-    """The experiment and params of a run directory's latest checkpoint, or of one checkpoint step directory."""
-    from jaxlm.train import abstract_train_state  # train imports this module
+    """The experiment and params of a run directory's latest checkpoint, or of one checkpoint step directory.
 
+    Only the params are read (not the optimizer state), onto the default device.
+    """
     run_dir, step = resolve_checkpoint(path)
     experiment = read_config(run_dir)
     checkpoints = Checkpoints(run_dir, async_save=False)
@@ -205,8 +207,19 @@ def load_params(path: str) -> tuple[Experiment, Any]:
         step = checkpoints.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{run_dir} has no checkpoint yet: train it first")
-        abstract = abstract_train_state(experiment)
-        state, _ = checkpoints.restore(step, abstract)
     finally:
         checkpoints.close()
-    return experiment, state["params"]
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shapes = jax.eval_shape(lambda: init_params(experiment.model, jax.random.key(0), seq_len=1))
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), shapes)
+    item = os.path.join(run_dir, CHECKPOINT_DIR, str(step), "state")
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(
+            item, args=ocp.args.PyTreeRestore({"params": abstract}, partial_restore=True)
+        )
+    except Exception as e:
+        raise CheckpointError(
+            f"{item} holds no params of the model in {run_dir}/{CONFIG_FILE} ({_one_line(e)}): is it a "
+            "language-model run of jaxlm?"
+        ) from None
+    return experiment, restored["params"]

@@ -20,6 +20,7 @@ compute dtype.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -456,3 +457,34 @@ def forward(
     return Transformer(cfg).apply(
         {"params": params}, tokens_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, cache=cache
     )
+
+
+# --------------------------------------------------------------------------------------------------- the loss
+
+
+def target_weights(batch: dict[str, Array]) -> Array:
+    """Which targets count, as 0/1 per position: the batch's `weights` (e.g. only an answer's tokens), else the
+    non-padding positions (segment id > 0), else all."""
+    if "weights" in batch:
+        return batch["weights"].astype(jnp.float32)
+    if "segment_ids" in batch:
+        return (batch["segment_ids"] > 0).astype(jnp.float32)
+    return jnp.ones(batch["targets"].shape, jnp.float32)
+
+
+def token_loss_sums(logits_BTV: Array, batch: dict[str, Array]) -> tuple[Array, Array]:
+    """The sum of next-token cross-entropies (nats) over the counted targets, and their count.
+
+    Every loss over tokens in jaxlm is this one: pretraining, evaluation, instruction tuning. Sums rather than
+    means, so that microbatches, devices and evaluation batches add up exactly before one division.
+    """
+    weights_BT = target_weights(batch)
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    target_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
+    nll_BT = jax.nn.logsumexp(logits_BTV, axis=-1) - target_BT
+    return jnp.sum(nll_BT * weights_BT), jnp.sum(weights_BT)
+
+
+def bits_per_byte(loss_nats_per_token: float, bytes_per_token: float) -> float:
+    """A loss per token in nats as bits per byte of text: comparable across tokenizers."""
+    return loss_nats_per_token / math.log(2) / bytes_per_token

@@ -1,20 +1,26 @@
-"""Training: the train state, the jitted train and eval steps, and the loop.
+"""Training: the one loop, and the Task it drives.
+
+A `Task` says what is learned: its parameters (trainable, and frozen ones the loss reads but never changes), its
+batches, its loss (a pure function of trainable params, frozen params and a batch), which parameters move (an
+update mask) and its evaluation. `Pretraining` (next-token prediction on a corpus) is one Task; finetuning
+tasks (jaxlm.finetune) are others. The loop (`fit`) does the rest, the same for every task: the device mesh and
+shardings, gradient accumulation, AdamW, checkpoints with exact resume (params, optimizer state, data
+position), a save on SIGTERM, non-finite guards, metrics.jsonl, the progress bar and evaluation.
 
 The loop dispatches step N+1 before it reads step N's metrics, so the host never waits for the device between
 steps. It evaluates every `eval_every` steps, checkpoints every `ckpt_every` steps and on SIGTERM, stops on a
-non-finite loss or gradient norm (or skips such updates, if asked), and writes one JSON line per logged step to
-`<run_dir>/metrics.jsonl`. At the end it writes samples, a loss plot and a one-line summary.
+non-finite loss or gradient norm (or skips such updates, if asked), and at the end hands the trained params to
+the task for its outputs (samples, plots, reports) and writes summary.json.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 import os
 import signal
 import time
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
@@ -27,76 +33,92 @@ from jaxlm.checkpoint import Checkpoints, load_params, write_or_check_config
 from jaxlm.config import Experiment
 from jaxlm.errors import CheckpointError, ConfigError, NonFiniteError
 from jaxlm.logging import MetricsWriter, plot_losses
-from jaxlm.model import Transformer, compiler_options
+from jaxlm.model import Transformer, bits_per_byte, compiler_options, token_loss_sums
 from jaxlm.optim import make_optimizer, make_schedule
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run saved a checkpoint on SIGTERM; rerun the command to resume
+SUMMARY_FILE = "summary.json"
+
+Params = Any
+Batch = dict[str, Any]
 
 
 class Preempted(Exception):
     """Raised after the checkpoint written on SIGTERM; the CLI exits with PREEMPTED_EXIT_CODE."""
 
 
-# ----------------------------------------------------------------------------------------------- state and steps
+class BatchSource(Protocol):
+    """An endless iterator of this process's rows of each batch, whose position can be saved and restored."""
+
+    epoch: int
+
+    def __next__(self) -> Batch: ...
+
+    def get_state(self) -> dict: ...
+
+    def set_state(self, state: dict) -> None: ...
+
+    def close(self) -> None: ...
 
 
-def _init_boxed(experiment: Experiment, rng: jax.Array) -> dict[str, Any]:
-    """Train state with every parameter (and its optimizer moments) still boxed with its logical axis names."""
-    model = Transformer(experiment.model)
-    tokens = jnp.zeros((1, experiment.data.seq_len), jnp.int32)
-    params = model.init(rng, tokens)["params"]
-    opt_state = make_optimizer(experiment.optim, experiment.train.steps).init(params)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
+class Task(Protocol):
+    """What the loop trains. `experiment` holds the model, data, optimizer, train and mesh settings."""
+
+    experiment: Experiment
+    tokens_per_step: int | None  # for tokens/s and MFU; None where examples are not counted in tokens
+    flops_per_token: float | None
+
+    def setup(self) -> None:
+        """Everything before the first parameter exists: data, tokenizer, the task's own files. Every process."""
+
+    def abstract_params(self) -> tuple[Params, Params]:
+        """(trainable, frozen) as `jax.eval_shape` gives them; leaves may be boxed with logical axis names."""
+
+    def init_trainable(self, rng: jax.Array, shardings: Params) -> Params:
+        """The trainable params of a fresh run, placed with `shardings`."""
+
+    def init_frozen(self, shardings: Params) -> Params:
+        """The frozen params (also on resume: they are never checkpointed), placed with `shardings`."""
+
+    def update_mask(self) -> Params | None:
+        """1/0 per trainable parameter (broadcastable to it): which ones move; None: all of them."""
+
+    def loss(self, params: Params, frozen: Params, batch: Batch, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """(sum of the losses, their count) over a batch; `rng` None means deterministic (no dropout)."""
+
+    def train_batches(self) -> BatchSource: ...
+
+    def eval_batches(self) -> Iterable[Batch]:
+        """This process's rows of the evaluation batches (empty: the task has no evaluation)."""
+
+    def eval_sums(self, params: Params, frozen: Params, batch: Batch) -> dict[str, jax.Array]:
+        """Sums over one evaluation batch (pure); the loop adds them up over the batches and processes."""
+
+    def eval_row(self, sums: dict[str, float]) -> dict[str, float]:
+        """The evaluation figures (`val_loss`, ...) from the summed `eval_sums`."""
+
+    def finish(self, params: Params, frozen: Params, summary: dict[str, Any]) -> dict[str, Any]:
+        """Outputs of the finished run (process 0 only, params on its devices); returns summary fields to add."""
 
 
-def state_shardings(experiment: Experiment, mesh: jax.sharding.Mesh) -> Any:
-    abstract = jax.eval_shape(functools.partial(_init_boxed, experiment), jax.random.key(0))
-    return sharding.logical_shardings(abstract, mesh)
+# ------------------------------------------------------------------------------------------------ the step
 
 
-def abstract_train_state(experiment: Experiment, mesh: jax.sharding.Mesh | None = None) -> Any:
-    """The train state's shapes, dtypes and shardings, computed without allocating it."""
-    mesh = mesh or sharding.make_mesh(type(experiment.mesh)())
-    abstract = jax.eval_shape(lambda rng: nn.unbox(_init_boxed(experiment, rng)), jax.random.key(0))
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings(experiment, mesh)
-    )
-
-
-def init_train_state(experiment: Experiment, mesh: jax.sharding.Mesh) -> Any:
-    """Materialise the train state directly in its shards (no device ever holds the whole of a sharded array)."""
-    init = jax.jit(
-        lambda rng: nn.unbox(_init_boxed(experiment, rng)), out_shardings=state_shardings(experiment, mesh)
-    )
-    return init(jax.random.key(experiment.train.seed))
-
-
-def token_losses(experiment: Experiment, params: Any, batch: dict[str, jax.Array], rng: jax.Array | None):
-    """Sum of next-token cross-entropies over the real (non-padding) targets, and their count."""
-    logits_BTV = Transformer(experiment.model).apply(
-        {"params": params},
-        batch["inputs"],
-        positions_BT=batch.get("positions"),
-        segment_ids_BT=batch.get("segment_ids"),
-        deterministic=rng is None,
-        rngs={"dropout": rng} if rng is not None else {},
-    )
-    losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
-    weights_BT = (batch["segment_ids"] > 0) if "segment_ids" in batch else jnp.ones_like(losses_BT, dtype=bool)
-    return jnp.sum(losses_BT * weights_BT), jnp.sum(weights_BT).astype(jnp.float32)
-
-
-def make_train_step(experiment: Experiment, mesh: jax.sharding.Mesh | None = None):
-    """(state, batch) -> (state, metrics): k microbatches accumulated, one optimizer update.
+def make_step(task: Task, mesh: jax.sharding.Mesh | None = None):
+    """(state, frozen, batch) -> (state, metrics): k microbatches accumulated, one masked optimizer update.
 
     With `mesh`, the model's activation sharding constraints take effect (see jaxlm.sharding).
     """
+    experiment = task.experiment
     tx = make_optimizer(experiment.optim, experiment.train.steps)
     schedule = make_schedule(experiment.optim, experiment.train.steps)
     accum = experiment.train.grad_accum
-    use_dropout = experiment.model.dropout > 0
+    mask = task.update_mask()
 
-    def train_step(state, batch):
+    def masked(tree):
+        return tree if mask is None else jax.tree.map(lambda x, m: x * m, tree, mask)
+
+    def step(state, frozen, batch):
         step_rng = jax.random.fold_in(jax.random.key(experiment.train.seed + 1), state["step"])
         # Rows i, i + k, i + 2k, ... form microbatch i: each keeps the batch's sharding over devices.
         micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
@@ -104,9 +126,9 @@ def make_train_step(experiment: Experiment, mesh: jax.sharding.Mesh | None = Non
         def one(carry, inputs):
             grads_sum, loss_sum, count = carry
             index, microbatch = inputs
-            rng = jax.random.fold_in(step_rng, index) if use_dropout else None
+            rng = jax.random.fold_in(step_rng, index)
             (loss, n), grads = jax.value_and_grad(
-                lambda p: token_losses(experiment, p, microbatch, rng), has_aux=True
+                lambda p: task.loss(p, frozen, microbatch, rng), has_aux=True
             )(state["params"])
             grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
             return (grads_sum, loss_sum + loss, count + n), None
@@ -114,11 +136,13 @@ def make_train_step(experiment: Experiment, mesh: jax.sharding.Mesh | None = Non
         zeros = jax.tree.map(jnp.zeros_like, state["params"])
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
         (grads, loss_sum, count), _ = jax.lax.scan(one, init, (jnp.arange(accum), micro))
-        grads = jax.tree.map(lambda g: g / count, grads)
+        count = jnp.maximum(count, 1.0)
+        grads = masked(jax.tree.map(lambda g: g / count, grads))
         loss = loss_sum / count
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        # Masked parameters must not move at all, which weight decay alone would make them do.
+        params = optax.apply_updates(state["params"], masked(updates))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if experiment.train.skip_nonfinite:
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
@@ -127,23 +151,218 @@ def make_train_step(experiment: Experiment, mesh: jax.sharding.Mesh | None = Non
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "finite": finite}
         return new_state, metrics
 
-    return train_step if mesh is None else sharding.traced_with_activation_sharding(train_step, mesh)
+    return step if mesh is None else sharding.traced_with_activation_sharding(step, mesh)
 
 
-def jit_train_step(experiment: Experiment, mesh: jax.sharding.Mesh):
-    """The train step jitted over `mesh`: state donated, shardings pinned, the backend's compiler options."""
-    state_sharding = state_shardings(experiment, mesh)
+def _boxed_state(task: Task) -> tuple[Params, Params]:
+    """The abstract train state and frozen params, boxed with logical axis names where the task gave them."""
+    trainable, frozen = task.abstract_params()
+    opt_state = jax.eval_shape(make_optimizer(task.experiment.optim, task.experiment.train.steps).init, trainable)
+    step = jax.ShapeDtypeStruct((), jnp.int32)
+    return {"step": step, "params": trainable, "opt_state": opt_state}, frozen
+
+
+def task_shardings(task: Task, mesh: jax.sharding.Mesh) -> tuple[Params, Params]:
+    """NamedShardings of the train state and of the frozen params."""
+    state, frozen = _boxed_state(task)
+    return sharding.logical_shardings(state, mesh), sharding.logical_shardings(frozen, mesh)
+
+
+def _abstract(boxed: Params, shardings: Params) -> Params:
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings
+    )
+
+
+def jit_step(task: Task, mesh: jax.sharding.Mesh):
+    """The step jitted over `mesh`: state donated, shardings pinned, the backend's compiler options."""
+    state_sharding, frozen_sharding = task_shardings(task, mesh)
     return jax.jit(
-        make_train_step(experiment, mesh), in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+        make_step(task, mesh), in_shardings=(state_sharding, frozen_sharding, sharding.batch_sharding(mesh)),
         out_shardings=(state_sharding, None), donate_argnums=0, compiler_options=compiler_options(),
     )
 
 
-def make_eval_step(experiment: Experiment, mesh: jax.sharding.Mesh | None = None):
-    def eval_step(params, batch):
-        return token_losses(experiment, params, batch, None)
+def place(tree: Params, shardings: Params) -> Params:
+    """Host or single-device arrays put on the mesh, each with its sharding."""
+    return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
 
-    return eval_step if mesh is None else sharding.traced_with_activation_sharding(eval_step, mesh)
+
+# ------------------------------------------------------------------------------------------------ pretraining
+
+
+class Pretraining:
+    """Next-token prediction on the experiment's corpus: what `python -m experiments.<name>` trains."""
+
+    def __init__(self, experiment: Experiment):
+        self.experiment = experiment
+        self.prepared = None
+        self.tokens_per_step = experiment.data.batch_size * experiment.data.seq_len
+        self.flops_per_token = flops.flops_per_token(experiment.model, experiment.data.seq_len)
+
+    def setup(self) -> None:
+        self.prepared = _prepare_once(self.experiment)
+        if self.prepared.vocab_size > self.experiment.model.vocab_size:
+            raise ConfigError(
+                f"the tokenizer has {self.prepared.vocab_size} tokens but ModelConfig.vocab_size="
+                f"{self.experiment.model.vocab_size}: set --model.vocab-size to at least {self.prepared.vocab_size}"
+            )
+
+    def _init_boxed(self, rng: jax.Array) -> Params:
+        tokens = jnp.zeros((1, self.experiment.data.seq_len), jnp.int32)
+        return Transformer(self.experiment.model).init(rng, tokens)["params"]
+
+    def abstract_params(self) -> tuple[Params, Params]:
+        return jax.eval_shape(self._init_boxed, jax.random.key(0)), {}
+
+    def init_trainable(self, rng: jax.Array, shardings: Params) -> Params:
+        if self.experiment.train.init_from:
+            return _load_init_params(self.experiment, shardings)
+        return jax.jit(lambda key: nn.unbox(self._init_boxed(key)), out_shardings=shardings)(rng)
+
+    def init_frozen(self, shardings: Params) -> Params:
+        return {}
+
+    def update_mask(self) -> None:
+        return None
+
+    def loss(self, params, frozen, batch, rng):
+        dropout = self.experiment.model.dropout > 0 and rng is not None
+        logits_BTV = Transformer(self.experiment.model).apply(
+            {"params": params}, batch["inputs"], positions_BT=batch.get("positions"),
+            segment_ids_BT=batch.get("segment_ids"), deterministic=not dropout,
+            rngs={"dropout": rng} if dropout else {},
+        )
+        return token_loss_sums(logits_BTV, batch)
+
+    def train_batches(self) -> BatchSource:
+        from jaxlm.data import make_iterator
+
+        return make_iterator(
+            self.experiment.data, self.prepared, split="train", seed=self.experiment.train.seed,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+        )
+
+    def eval_batches(self) -> Iterator[Batch]:
+        from jaxlm.data import make_iterator
+
+        it = make_iterator(
+            self.experiment.data, self.prepared, split="validation", seed=0, shuffle_rows=True,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+        )
+        try:
+            for _ in range(self.experiment.train.eval_steps):
+                yield next(it)
+        finally:
+            it.close()
+
+    def eval_sums(self, params, frozen, batch):
+        loss_sum, count = self.loss(params, frozen, batch, None)
+        return {"loss": loss_sum, "count": count}
+
+    def eval_row(self, sums):
+        val_loss = sums["loss"] / sums["count"]
+        return {"val_loss": val_loss, "val_bpb": bits_per_byte(val_loss, self.prepared.stats["val_bytes_per_token"])}
+
+    def finish(self, params, frozen, summary):
+        if self.experiment.train.samples:
+            write_samples(self.experiment, params, self.prepared, os.path.join(self.experiment.run_dir, "samples.txt"))
+        return {"params": flops.count_params(self.experiment.model)}
+
+
+def _load_init_params(experiment: Experiment, shardings: Params) -> Params:
+    """The params of another run (TrainConfig.init_from), every shape checked, placed with `shardings`."""
+    _, params = load_params(experiment.train.init_from)
+    expected = jax.tree_util.tree_flatten_with_path(shardings)[0]
+    got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    abstract = jax.eval_shape(lambda: nn.unbox(Pretraining(experiment)._init_boxed(jax.random.key(0))))
+    shapes = dict(jax.tree_util.tree_flatten_with_path(abstract)[0])
+    for path, _ in expected:
+        other, want = got.get(path), shapes[path].shape
+        if other is None or other.shape != want:
+            found = "missing" if other is None else f"shape {other.shape}"
+            raise CheckpointError(
+                f"init_from {experiment.train.init_from}: parameter {jax.tree_util.keystr(path)} is {found}, this "
+                f"model needs {want}: use a run of the same model shape"
+            )
+    return place(params, shardings)
+
+
+def _prepare_once(experiment: Experiment):
+    """Prepare corpus and tokenizer on process 0 first, so that processes sharing a cache never race to build it."""
+    from jaxlm.data import prepare_data
+
+    if jax.process_count() == 1:
+        return prepare_data(experiment.data)
+    from jax.experimental import multihost_utils
+
+    prepared = prepare_data(experiment.data) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("jaxlm: data prepared")
+    return prepared or prepare_data(experiment.data)
+
+
+SAMPLE_PROMPTS = ("def ", "import ", "class ")
+
+
+def write_samples(experiment: Experiment, params: Params, prepared, path: str) -> None:
+    """Samples from fixed prompts, each after an end-of-document token (where documents start in training rows)."""
+    from jaxlm.generate import generate
+
+    tokenizer = prepared.tokenizer
+    prompts = [SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)] for i in range(experiment.train.samples)]
+    prompt_ids = [[tokenizer.eos_id, *tokenizer.encode(p)] for p in prompts]
+    budget = experiment.model.max_seq_len - max(len(ids) for ids in prompt_ids)
+    outputs = generate(
+        experiment.model, params, prompt_ids, max_new_tokens=min(experiment.train.sample_tokens, budget),
+        temperature=0.8, top_k=40, seed=experiment.train.seed, eos_id=tokenizer.eos_id,
+    )
+    with open(path, "w") as f:
+        for i, (prompt, ids, out) in enumerate(zip(prompts, prompt_ids, outputs)):
+            # Decoding prompt and continuation together keeps sentencepiece's word-initial spaces.
+            f.write(f"--- sample {i}, prompt {prompt!r}\n{tokenizer.decode(ids[1:] + list(out))}\n\n")
+
+
+# The pretraining state, for tools and tests that drive the step themselves (benchmarks, AOT compiles).
+
+
+def state_shardings(experiment: Experiment, mesh: jax.sharding.Mesh) -> Params:
+    return task_shardings(Pretraining(experiment), mesh)[0]
+
+
+def abstract_train_state(experiment: Experiment, mesh: jax.sharding.Mesh | None = None) -> Params:
+    """The pretraining state's shapes, dtypes and shardings, computed without allocating it."""
+    mesh = mesh or sharding.make_mesh(type(experiment.mesh)())
+    task = Pretraining(experiment)
+    boxed, _ = _boxed_state(task)
+    return _abstract(boxed, task_shardings(task, mesh)[0])
+
+
+def init_train_state(experiment: Experiment, mesh: jax.sharding.Mesh) -> Params:
+    """A fresh pretraining state, materialised directly in its shards."""
+    task = Pretraining(experiment)
+    shardings = state_shardings(experiment, mesh)
+    params = task.init_trainable(jax.random.key(experiment.train.seed), shardings["params"])
+    opt_state = jax.jit(
+        make_optimizer(experiment.optim, experiment.train.steps).init, out_shardings=shardings["opt_state"]
+    )(params)
+    return {"step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]), "params": params, "opt_state": opt_state}
+
+
+def make_train_step(experiment: Experiment, mesh: jax.sharding.Mesh | None = None):
+    """The pretraining step as (state, batch) -> (state, metrics)."""
+    step = make_step(Pretraining(experiment), mesh)
+    return lambda state, batch: step(state, {}, batch)
+
+
+def jit_train_step(experiment: Experiment, mesh: jax.sharding.Mesh):
+    """The pretraining step jitted over `mesh`, as (state, batch) -> (state, metrics)."""
+    step = jit_step(Pretraining(experiment), mesh)
+    return lambda state, batch: step(state, {}, batch)
+
+
+def token_losses(experiment: Experiment, params: Params, batch: Batch, rng: jax.Array | None):
+    """Pretraining's loss: the summed next-token cross-entropy over the batch's counted targets, and their count."""
+    return Pretraining(experiment).loss(params, {}, batch, rng)
 
 
 # ------------------------------------------------------------------------------------------------------- the loop
@@ -171,124 +390,103 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _evaluate(experiment, eval_step, params, prepared, mesh) -> float:
-    from jaxlm.data import make_iterator
-
-    it = make_iterator(
-        experiment.data, prepared, split="validation", seed=0, shuffle_rows=True,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-    )
-    total, count = 0.0, 0.0
-    try:
-        for _ in range(experiment.train.eval_steps):
-            loss_sum, n = eval_step(params, sharding.global_batch(next(it), mesh))
-            total, count = total + float(loss_sum), count + float(n)
-    finally:
-        it.close()
-    return total / count
+def _evaluate(task: Task, eval_fn, params: Params, frozen: Params, mesh) -> dict[str, float] | None:
+    totals: dict[str, float] = {}
+    for batch in task.eval_batches():
+        sums = jax.device_get(eval_fn(params, frozen, sharding.global_batch(batch, mesh)))
+        for key, value in sums.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    return task.eval_row(totals) if totals else None
 
 
-def _load_init_params(experiment: Experiment, state: Any) -> Any:
-    """Replace the fresh params with those of another run (TrainConfig.init_from), checking every shape."""
-    source, params = load_params(experiment.train.init_from)
-    expected = jax.tree_util.tree_flatten_with_path(state["params"])[0]
-    got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-    for path, leaf in expected:
-        other = got.get(path)
-        if other is None or other.shape != leaf.shape:
-            name = jax.tree_util.keystr(path)
-            found = "missing" if other is None else f"shape {other.shape}"
-            raise CheckpointError(
-                f"init_from {experiment.train.init_from}: parameter {name} is {found}, this model needs "
-                f"{leaf.shape}: use a run of the same model shape"
-            )
-    params = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), params, state["params"])
-    return {**state, "params": params}
-
-
-def _prepare_once(experiment: Experiment):
-    """Prepare corpus and tokenizer on process 0 first, so that processes sharing a cache never race to build it."""
-    from jaxlm.data import prepare_data
-
+def _gathered(tree: Params) -> Params:
+    """A tree of global arrays, whole on this process's first device (every process must call this)."""
     if jax.process_count() == 1:
-        return prepare_data(experiment.data)
+        return tree
     from jax.experimental import multihost_utils
 
-    prepared = prepare_data(experiment.data) if jax.process_index() == 0 else None
-    multihost_utils.sync_global_devices("jaxlm: data prepared")
-    return prepared or prepare_data(experiment.data)
+    return jax.device_put(multihost_utils.process_allgather(tree, tiled=True), jax.local_devices()[0])
 
 
 def train(experiment: Experiment) -> dict[str, Any]:
-    """Run (or resume) an experiment to its last step; returns the summary written to summary.json."""
-    from jaxlm.data import make_iterator
+    """Pretrain (or resume) an experiment to its last step; returns the summary written to summary.json."""
+    return fit(Pretraining(experiment))
 
+
+def fit(task: Task, devices: list | None = None) -> dict[str, Any]:
+    """Run (or resume) a task to its last step over `devices` (default: every device of every process); returns
+    the summary written to summary.json."""
+    experiment = task.experiment
     sharding.initialize_distributed(experiment.mesh)
-    mesh = sharding.make_mesh(experiment.mesh)
+    mesh = sharding.make_mesh(experiment.mesh, devices)
     sharding.check_fits(experiment, mesh)
     run_dir = experiment.run_dir
     primary = jax.process_index() == 0
     write_or_check_config(sharding.run_config(experiment))
-
-    prepared = _prepare_once(experiment)
-    if prepared.vocab_size > experiment.model.vocab_size:
-        raise ConfigError(
-            f"the tokenizer has {prepared.vocab_size} tokens but ModelConfig.vocab_size={experiment.model.vocab_size}:"
-            f" set --model.vocab-size to at least {prepared.vocab_size}"
-        )
-    train_iter = make_iterator(
-        experiment.data, prepared, split="train", seed=experiment.train.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-    )
+    task.setup()
 
     checkpoints = Checkpoints(
         run_dir, experiment.train.keep_checkpoints, experiment.train.keep_best, experiment.train.async_checkpoints
     )
     latest = checkpoints.latest_step()
-    summary_path = os.path.join(run_dir, "summary.json")
+    summary_path = os.path.join(run_dir, SUMMARY_FILE)
     if latest is not None and latest >= experiment.train.steps and os.path.exists(summary_path):
         checkpoints.close()
         print(f"{run_dir} is finished (step {latest}); delete it or use a new --train.out-dir to run again")
         with open(summary_path) as f:
             return json.load(f)
+
+    boxed_state, boxed_frozen = _boxed_state(task)
+    state_sharding, frozen_sharding = task_shardings(task, mesh)
+    train_iter = task.train_batches()
+    frozen = task.init_frozen(frozen_sharding)
     if latest is not None:
-        abstract = abstract_train_state(experiment, mesh)
-        state, data_state = checkpoints.restore(latest, abstract)
+        state, data_state = checkpoints.restore(latest, _abstract(boxed_state, state_sharding))
         if data_state is not None:
             train_iter.set_state(data_state)
         print(f"resuming {run_dir} from step {latest}")
     else:
-        state = init_train_state(experiment, mesh)
-        if experiment.train.init_from:
-            state = _load_init_params(experiment, state)
+        params = task.init_trainable(jax.random.key(experiment.train.seed), state_sharding["params"])
+        opt_state = jax.jit(
+            make_optimizer(experiment.optim, experiment.train.steps).init, out_shardings=state_sharding["opt_state"]
+        )(params)
+        step0 = jax.device_put(jnp.zeros((), jnp.int32), state_sharding["step"])
+        state = {"step": step0, "params": params, "opt_state": opt_state}
     start_step = int(state["step"])
 
-    train_step = jit_train_step(experiment, mesh)
-    eval_step = jax.jit(make_eval_step(experiment, mesh), compiler_options=compiler_options())
-    tokens_per_step = experiment.data.batch_size * experiment.data.seq_len
-    flops_per_token = flops.flops_per_token(experiment.model, experiment.data.seq_len)
+    train_step = jit_step(task, mesh)
+    eval_fn = jax.jit(
+        sharding.traced_with_activation_sharding(task.eval_sums, mesh), compiler_options=compiler_options()
+    )
+    tokens_per_step = task.tokens_per_step
     peak, peak_source = flops.peak_flops()
     log = MetricsWriter(run_dir, start_step)
-    bytes_per_token = prepared.stats["val_bytes_per_token"]
 
-    def eval_row(step: int) -> dict[str, Any]:
-        val_loss = _evaluate(experiment, eval_step, state["params"], prepared, mesh)
-        row = {"step": step, "val_loss": val_loss, "val_bpb": val_loss / math.log(2) / bytes_per_token}
-        log.write(row)
+    def eval_row(step: int) -> dict[str, Any] | None:
+        row = _evaluate(task, eval_fn, state["params"], frozen, mesh)
+        if row is not None:
+            row = {"step": step, **row}
+            log.write(row)
         return row
 
     last_eval = eval_row(start_step) if start_step == 0 else None
     steps = experiment.train.steps
     skipped_in_row, skipped_total = 0, 0
-    window_start, window_tokens = None, 0
+    window_start, window_steps = None, 0
     started = time.perf_counter()
-    train_time, trained_tokens = 0.0, 0
+    train_time, trained_steps = 0.0, 0
     last_row: dict[str, Any] = {}
     pending: tuple[int, dict] | None = None
 
+    def throughput(steps_done: int, seconds: float) -> dict[str, float | None]:
+        if tokens_per_step is None or seconds <= 0:
+            return {"tokens_per_sec": None, "mfu": None}
+        tps = steps_done * tokens_per_step / seconds
+        return {"tokens_per_sec": tps, "mfu": tps * task.flops_per_token / peak if task.flops_per_token else None}
+
     def read(step: int, metrics: dict) -> None:
         """Handle the metrics of a finished step (one step late)."""
-        nonlocal skipped_in_row, skipped_total, window_start, window_tokens, last_row, train_time, trained_tokens
+        nonlocal skipped_in_row, skipped_total, window_start, window_steps, last_row, train_time, trained_steps
         m = jax.device_get(metrics)
         now = time.perf_counter()
         if not m["finite"]:
@@ -306,28 +504,32 @@ def train(experiment: Experiment) -> dict[str, Any]:
         if first:
             window_start = now
         else:
-            window_tokens += tokens_per_step
+            window_steps += 1
         if step % experiment.train.log_every == 0 or step == steps:
             elapsed = now - window_start
-            tps = window_tokens / elapsed if not first and elapsed > 0 else None
-            if tps is not None:
-                train_time, trained_tokens = train_time + elapsed, trained_tokens + window_tokens
-            last_row = {
-                "step": step, "tokens": step * tokens_per_step, "loss": float(m["loss"]), "lr": float(m["lr"]),
-                "grad_norm": float(m["grad_norm"]), "tokens_per_sec": tps,
-                "mfu": tps * flops_per_token / peak if tps is not None else None,
+            speed = throughput(window_steps, elapsed) if not first else throughput(0, 0)
+            if not first:
+                train_time, trained_steps = train_time + elapsed, trained_steps + window_steps
+            last_row = {"step": step}
+            if tokens_per_step is not None:
+                last_row["tokens"] = step * tokens_per_step
+            last_row.update({
+                "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]), **speed,
                 "epoch": train_iter.epoch, "skipped": skipped_total,
-            }
+            })
             log.write(last_row)
-            bar.set_postfix(loss=f"{last_row['loss']:.3f}", tok_s=f"{tps or 0:,.0f}")
-            window_start, window_tokens = now, 0
+            postfix = {"loss": f"{last_row['loss']:.3f}"}
+            if speed["tokens_per_sec"] is not None:
+                postfix["tok_s"] = f"{speed['tokens_per_sec']:,.0f}"
+            bar.set_postfix(postfix)
+            window_start, window_steps = now, 0
 
     with _SigtermFlag() as sigterm, tqdm(
         total=steps, initial=start_step, desc=experiment.name, disable=not primary, dynamic_ncols=True
     ) as bar:
         for step in range(start_step + 1, steps + 1):
             batch = sharding.global_batch(next(train_iter), mesh)
-            state, metrics = train_step(state, batch)
+            state, metrics = train_step(state, frozen, batch)
             if pending is not None:
                 read(*pending)
             pending = (step, metrics)
@@ -335,13 +537,13 @@ def train(experiment: Experiment) -> dict[str, Any]:
             if step % experiment.train.eval_every == 0 or step == steps:
                 read(*pending)
                 pending = None
-                last_eval = eval_row(step)
+                last_eval = eval_row(step) or last_eval
             if step % experiment.train.ckpt_every == 0 or step == steps or sigterm.raised:
                 if pending is not None:
                     read(*pending)
                     pending = None
-                metrics_for_best = {"val_loss": last_eval["val_loss"]} if last_eval and last_eval["step"] == step else None
-                checkpoints.save(step, state, train_iter.get_state(), metrics=metrics_for_best)
+                at_step = last_eval is not None and last_eval["step"] == step
+                checkpoints.save(step, state, train_iter.get_state(), metrics={"val_loss": last_eval["val_loss"]} if at_step else None)
             if sigterm.raised:
                 checkpoints.wait()
                 checkpoints.close()
@@ -352,56 +554,35 @@ def train(experiment: Experiment) -> dict[str, Any]:
     checkpoints.wait()
     checkpoints.close()
 
-    wall = time.perf_counter() - started
-    tps = trained_tokens / train_time if train_time > 0 else 0.0
-    summary = {
-        "name": experiment.name, "steps": steps, "tokens": steps * tokens_per_step,
-        "train_loss": last_row.get("loss"), "val_loss": last_eval["val_loss"] if last_eval else None,
-        "val_bpb": last_eval["val_bpb"] if last_eval else None, "tokens_per_sec": tps,
-        "mfu": tps * flops_per_token / peak, "peak_flops": peak, "peak_source": peak_source, "wall_s": wall,
-        "params": flops.count_params(experiment.model),
-    }
-    params = state["params"]
-    if jax.process_count() > 1 and experiment.train.samples:
-        # Process 0 samples alone, so it needs the params on its own devices: every process joins the gather.
-        from jax.experimental import multihost_utils
-
-        params = jax.device_put(multihost_utils.process_allgather(params, tiled=True), jax.local_devices()[0])
+    summary: dict[str, Any] = {"name": experiment.name, "steps": steps, "train_loss": last_row.get("loss")}
+    if tokens_per_step is not None:
+        summary["tokens"] = steps * tokens_per_step
+    if last_eval is not None:
+        summary.update({k: v for k, v in last_eval.items() if k != "step"})
+    summary.update(throughput(trained_steps, train_time))
+    summary.update({"peak_flops": peak, "peak_source": peak_source, "wall_s": time.perf_counter() - started})
+    params, frozen = _gathered(state["params"]), _gathered(frozen)
     if primary:
-        _write_outputs(experiment, params, prepared, summary)
+        summary.update(task.finish(params, frozen, summary))
+        _write_summary(experiment, summary)
     return summary
 
 
-def _write_outputs(experiment: Experiment, params: Any, prepared, summary: dict[str, Any]) -> None:
+def _write_summary(experiment: Experiment, summary: dict[str, Any]) -> None:
     run_dir = experiment.run_dir
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+    tmp = os.path.join(run_dir, SUMMARY_FILE + ".tmp")
+    with open(tmp, "w") as f:
         json.dump(summary, f, indent=2)
+    os.replace(tmp, os.path.join(run_dir, SUMMARY_FILE))
     plot_losses(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "loss.png"), experiment.name)
-    if experiment.train.samples:
-        write_samples(experiment, params, prepared, os.path.join(run_dir, "samples.txt"))
-    print(
-        f"{experiment.name}: loss {summary['train_loss']:.4f}  val loss {summary['val_loss']:.4f}  "
-        f"val bpb {summary['val_bpb']:.4f}  tokens {summary['tokens']:,}  tokens/s {summary['tokens_per_sec']:,.0f}  "
-        f"MFU {summary['mfu']:.1%}  time {summary['wall_s']:.0f}s  -> {run_dir}"
-    )
-
-
-SAMPLE_PROMPTS = ("def ", "import ", "class ")
-
-
-def write_samples(experiment: Experiment, params: Any, prepared, path: str) -> None:
-    """Samples from fixed prompts, each after an end-of-document token (where documents start in training rows)."""
-    from jaxlm.generate import generate
-
-    tokenizer = prepared.tokenizer
-    prompts = [SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)] for i in range(experiment.train.samples)]
-    prompt_ids = [[tokenizer.eos_id, *tokenizer.encode(p)] for p in prompts]
-    budget = experiment.model.max_seq_len - max(len(ids) for ids in prompt_ids)
-    outputs = generate(
-        experiment.model, params, prompt_ids, max_new_tokens=min(experiment.train.sample_tokens, budget),
-        temperature=0.8, top_k=40, seed=experiment.train.seed, eos_id=tokenizer.eos_id,
-    )
-    with open(path, "w") as f:
-        for i, (prompt, ids, out) in enumerate(zip(prompts, prompt_ids, outputs)):
-            # Decoding prompt and continuation together keeps sentencepiece's word-initial spaces.
-            f.write(f"--- sample {i}, prompt {prompt!r}\n{tokenizer.decode(ids[1:] + list(out))}\n\n")
+    figures = [f"loss {summary['train_loss']:.4f}"]
+    for key, label, spec in (("val_loss", "val loss", ".4f"), ("val_bpb", "val bpb", ".4f"),
+                             ("val_accuracy", "val accuracy", ".4f"), ("tokens", "tokens", ",")):
+        if summary.get(key) is not None:
+            figures.append(f"{label} {summary[key]:{spec}}")
+    if summary.get("tokens_per_sec") is not None:
+        figures.append(f"tokens/s {summary['tokens_per_sec']:,.0f}")
+    if summary.get("mfu") is not None:
+        figures.append(f"MFU {summary['mfu']:.1%}")
+    figures.append(f"time {summary['wall_s']:.0f}s")
+    print(f"{experiment.name}: {'  '.join(figures)}  -> {run_dir}")
