@@ -29,7 +29,8 @@ import dataclasses
 import os
 
 from jaxlm.config import DataConfig, Experiment, MeshConfig, ModelConfig, OptimConfig, TrainConfig
-from jaxlm.scaling import AspectRatioShapes, budget_grid, run_isoflop_sweep
+from jaxlm.cli import run_isoflop_sweep
+from jaxlm.scaling import AspectRatioShapes, budget_grid
 
 BUDGETS = (1e18, 3e18, 1e19, 3e19, 1e20)
 SIZES_PER_BUDGET = 7

@@ -57,7 +57,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from jaxlm.config import DataConfig, Experiment, ModelConfig, OptimConfig, TrainConfig
-from jaxlm.scaling import AspectRatioShapes, budget_grid, run_isoflop_sweep
+from jaxlm.cli import run_isoflop_sweep
+from jaxlm.scaling import AspectRatioShapes, budget_grid
 
 BUDGETS = (3e11, 1e12, 3e12)
 SIZES_PER_BUDGET = 5

@@ -214,8 +214,10 @@ def load_params(path: str) -> tuple[Experiment, Any]:
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), shapes)
     item = os.path.join(run_dir, CHECKPOINT_DIR, str(step), "state")
     try:
+        target = {"params": abstract}
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         restored = ocp.PyTreeCheckpointer().restore(
-            item, args=ocp.args.PyTreeRestore({"params": abstract}, partial_restore=True)
+            item, args=ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
         )
     except Exception as e:
         raise CheckpointError(
@@ -223,3 +225,20 @@ def load_params(path: str) -> tuple[Experiment, Any]:
             "language-model run of jaxlm?"
         ) from None
     return experiment, restored["params"]
+
+
+def save_params(experiment: Experiment, params: Any, step: int = 0) -> None:
+    """A checkpoint of `params` with a fresh optimizer state, in the experiment's run directory: how imported
+    weights become a run that every tool reads and `--train.init-from` starts from."""
+    from jaxlm.optim import make_optimizer
+
+    checkpoints = Checkpoints(experiment.run_dir, async_save=False)
+    try:
+        if checkpoints.latest_step() is not None:
+            raise CheckpointError(f"{experiment.run_dir} already holds a checkpoint: choose a new directory")
+        opt_state = jax.jit(make_optimizer(experiment.optim, experiment.train.steps).init)(params)
+        state = {"step": jax.numpy.asarray(step, jax.numpy.int32), "params": params, "opt_state": opt_state}
+        checkpoints.save(step, state, data_state=None)
+        checkpoints.wait()
+    finally:
+        checkpoints.close()

@@ -14,7 +14,7 @@ import dataclasses
 import os
 import sys
 from dataclasses import dataclass
-from typing import Annotated, Any, Sequence
+from typing import Annotated, Any, Callable, Mapping, Sequence
 
 import tyro
 
@@ -112,7 +112,7 @@ def parse(
     """The experiments a command line asks for, with its overrides applied. `prog` names the command whose
     `--help` lists the overrides (default: the running program)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    prog = prog or _prog()
+    prog = prog or program_name()
     if isinstance(default, Experiment):
         return [tyro.cli(Experiment, default=_open(default), args=argv, description=_doc(), prog=prog)]
     members = list(default)
@@ -132,7 +132,7 @@ def parse(
     return selected
 
 
-def _prog() -> str | None:
+def program_name() -> str | None:
     """How the running program was started (`python -m experiments.quickstart`), for usage lines and hints."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     return f"python -m {spec.name}" if spec is not None and spec.name else None
@@ -155,15 +155,19 @@ def quiet_library_logs() -> None:
 
 def run(default: Experiment | Sequence[Experiment], argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Parse overrides, then train each experiment (a sweep skips finished members and resumes the others)."""
-    from jaxlm.train import PREEMPTED_EXIT_CODE, Preempted, train
+    from jaxlm.train import train
+
+    return guarded(lambda: [train(experiment) for experiment in parse(default, argv)])
+
+
+def guarded(command: Callable[[], Any]) -> Any:
+    """Run an entry point's work: errors a user can fix end in one line on stderr and exit status 2; a run
+    preempted by SIGTERM (its checkpoint saved) exits with status 75; Ctrl-C says how to resume."""
+    from jaxlm.train import PREEMPTED_EXIT_CODE, Preempted
 
     quiet_library_logs()
     try:
-        experiments = parse(default, argv)
-        summaries = []
-        for experiment in experiments:
-            summaries.append(train(experiment))
-        return summaries
+        return command()
     except JaxlmError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(USAGE_ERROR)
@@ -173,3 +177,56 @@ def run(default: Experiment | Sequence[Experiment], argv: Sequence[str] | None =
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
         sys.exit(130)
+
+
+def run_isoflop_sweep(
+    sweep: Sequence[Experiment],
+    budget_of: Mapping[str, float],
+    fits_dir: str,
+    *,
+    bootstrap: int = 100,
+    unfittable: str | None = None,
+    argv: Sequence[str] | None = None,
+) -> None:
+    """Train the members a command line selects, then fit and plot once every member of `sweep` is finished.
+
+    An experiment module's `main`: `argv` (default: the process's) holds jaxlm.cli overrides and
+    `--sweep.members`; overrides that change a member's compute (see `check_budgets`) exit with status 2. Process 0
+    then fits the whole sweep with `fit_and_plot` into `fits_dir` (`bootstrap` resamples; `unfittable` "skip"
+    leaves out a budget whose optimum the sizes do not bracket, instead of failing), printing the equivalent
+    `python -m tools.fit_scaling` command; while members are unfinished it only prints that command.
+    """
+    from jaxlm import scaling
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        members = parse(sweep, argv)
+        scaling.check_budgets(members, budget_of)
+        everyone = parse(sweep, [*argv, "--sweep.members", ":"])  # as overridden (--train.out-dir moves them all)
+    except JaxlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
+    run(tuple(members), argv=[])
+
+    import jax
+
+    declared_dir = os.path.commonpath([m.run_dir for m in sweep])
+    sweep_dir = os.path.commonpath([m.run_dir for m in everyone])
+    if sweep_dir != declared_dir:
+        fits_dir = os.path.join(sweep_dir, os.path.relpath(fits_dir, declared_dir))
+    sweep = everyone
+    options: dict = {"bootstrap": bootstrap, **({"unfittable": unfittable} if unfittable else {})}
+    fit_command = f"python -m tools.fit_scaling {sweep_dir} --out {fits_dir} --bootstrap {bootstrap}"
+    if unfittable:
+        fit_command += f" --unfittable {unfittable}"
+    if jax.process_index() != 0:
+        return
+    if not scaling.all_finished(sweep):
+        print(f"some members of the sweep are unfinished; once all are, fit with: {fit_command}")
+        return
+    print(f"all {len(sweep)} members finished; fitting: {fit_command}")
+    try:
+        scaling.fit_and_plot(sweep_dir, fits_dir, **options)
+    except JaxlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(USAGE_ERROR)

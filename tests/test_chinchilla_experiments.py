@@ -16,7 +16,8 @@ from jaxlm.cli import parse
 from jaxlm.config import Experiment
 from jaxlm.errors import ConfigError
 from jaxlm.optim import make_schedule
-from jaxlm.scaling import ScalingError, budget_grid, check_budgets, member_flops, run_isoflop_sweep, sweeps
+from jaxlm.cli import run_isoflop_sweep
+from jaxlm.scaling import ScalingError, budget_grid, check_budgets, member_flops, sweeps
 from jaxlm.train import abstract_train_state, make_train_step
 
 SWEEPS = {"cpu": chinchilla_cpu, "c4": chinchilla_c4}

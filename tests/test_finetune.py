@@ -17,7 +17,6 @@ from jaxlm.config import DataConfig, Experiment, MeshConfig, ModelConfig, OptimC
 from jaxlm.data.tokenizer import ByteTokenizer
 from jaxlm.errors import CheckpointError, ConfigError, DataError
 from jaxlm.finetune import FinetuneConfig
-from jaxlm.finetune.instruct import _save_lm_checkpoint
 from jaxlm.model import forward, init_params
 from safetensors.numpy import load_file
 
@@ -31,7 +30,7 @@ def experiment(tmp_path, name="ft", steps=40, model=MODEL, **train_kw) -> Experi
         data=DataConfig(tokenizer="byte", seq_len=32, batch_size=8, cache_dir=str(tmp_path / "cache")),
         optim=OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=5, weight_decay=0.0),
         train=TrainConfig(steps=steps, eval_every=1000, log_every=10, out_dir=str(tmp_path / name), **train_kw),
-        mesh=MeshConfig(data=1),
+        mesh=MeshConfig(),
     )
 
 
@@ -153,7 +152,7 @@ def test_balanced_sampling_draws_classes_equally():
     labels = np.array([0] * 90 + [1] * 10)
     data = ft_lib.ClassifySplit(np.zeros((100, 4), np.int32), np.ones(100, np.int32), labels, 0)
     for balanced, share in ((True, 0.5), (False, 0.1)):
-        it = ft_lib.classify_batches(data, 50, seed=0, balanced=balanced)
+        it = ft_lib.EpochBatches(lambda e: ft_lib.classify_epoch(data, 0, e, balanced), 50)
         drawn = np.concatenate([next(it)["labels"] for _ in range(40)])
         assert drawn.mean() == pytest.approx(share, abs=0.03)
 
@@ -205,11 +204,10 @@ def test_bad_inputs_are_one_line_and_status_2(tmp_path, capsys):
 def test_init_from_a_run_checks_model_and_tokenizer(tmp_path):
     base = experiment(tmp_path, name="base", steps=3)
     params = init_params(MODEL, jax.random.key(7))
-    from jaxlm.checkpoint import write_or_check_config
-    from jaxlm.optim import make_optimizer
+    from jaxlm.checkpoint import save_params, write_or_check_config
 
     write_or_check_config(base)
-    _save_lm_checkpoint(base, params, make_optimizer(base.optim, base.train.steps).init({"model": params}))
+    save_params(base, params)
     child = experiment(tmp_path, name="child", init_from=str(tmp_path / "base"))
     _, loaded = ft_lib.load_base(child)
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
@@ -313,13 +311,13 @@ def test_packing_keeps_examples_apart(tmp_path):
     row = packed["positions"][0][packed["segment_ids"][0] == 2]
     assert row.tolist() == list(range(len(row)))
     params = init_params(MODEL, jax.random.key(0))
-    sums = [ft_lib.response_losses(MODEL, {"model": params}, {}, rows) for rows in (padded, packed)]
+    sums = [ft_lib.response_losses(MODEL, params, rows) for rows in (padded, packed)]
     assert float(sums[0][1]) == float(sums[1][1]) == sum(float(w[1:].sum()) for w in data.weights)
     assert float(sums[0][0]) == pytest.approx(float(sums[1][0]), rel=1e-5)
     # Without the segment ids the packed examples would see each other and the loss would change.
     rows = len(packed["inputs"])
     leaky = dict(packed, segment_ids=np.ones((rows, 128), np.int32), positions=np.tile(np.arange(128), (rows, 1)))
-    assert abs(float(ft_lib.response_losses(MODEL, {"model": params}, {}, leaky)[0]) - float(sums[0][0])) > 1e-3
+    assert abs(float(ft_lib.response_losses(MODEL, params, leaky)[0]) - float(sums[0][0])) > 1e-3
 
 
 def test_response_loss_matches_numpy(tmp_path):
@@ -327,7 +325,7 @@ def test_response_loss_matches_numpy(tmp_path):
     data = ft_lib.read_instruct(path, TOK, FinetuneConfig(task="instruct", train_file=path, max_len=128))
     params = init_params(MODEL, jax.random.key(0))
     rows = ft_lib.pack_rows(data.ids, data.weights, 128, TOK.pad_id, pack=False)
-    total, count = ft_lib.response_losses(MODEL, {"model": params}, {}, rows)
+    total, count = ft_lib.response_losses(MODEL, params, rows)
     ref_total = ref_count = 0.0
     one = jax.jit(lambda p, x: forward(MODEL, p, x))
     for ids, w in zip(data.ids, data.weights):
@@ -377,7 +375,7 @@ def test_instruct_run_lowers_response_loss_and_saves_a_language_model(tmp_path, 
     assert loaded_exp.model == model
     data = ft_lib.read_instruct(val, TOK, ft)
     rows = ft_lib.pack_rows(data.ids, data.weights, 96, TOK.pad_id, pack=True)
-    total, count = ft_lib.response_losses(model, {"model": params}, {}, rows)
+    total, count = ft_lib.response_losses(model, params, rows)
     assert float(total / count) == pytest.approx(summary["validation_loss_after"], rel=1e-4)
     if lora_rank:
         saved = load_file(os.path.join(run, "adapters.safetensors"))

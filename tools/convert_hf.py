@@ -23,20 +23,16 @@ import shutil
 import sys
 from collections.abc import Sequence
 
-from jaxlm.errors import CheckpointError, ConfigError, JaxlmError
+from jaxlm.errors import ConfigError, JaxlmError
 
 USAGE_ERROR = 2
 
 
 def to_jaxlm(hf_dir: str, out: str, tokenizer: str = "") -> str:
     """Import a Hugging Face directory as a jaxlm run directory; returns the run directory."""
-    import jax
-
-    from jaxlm.checkpoint import Checkpoints, write_or_check_config
+    from jaxlm.checkpoint import save_params, write_or_check_config
     from jaxlm.config import DataConfig, Experiment, TrainConfig
     from jaxlm.hf import load_hf
-    from jaxlm.optim import make_optimizer
-    from jaxlm.train import abstract_train_state
 
     cfg, params = load_hf(hf_dir)
     out = os.path.abspath(out)
@@ -62,18 +58,7 @@ def to_jaxlm(hf_dir: str, out: str, tokenizer: str = "") -> str:
         train=TrainConfig(out_dir=out),
     )
     write_or_check_config(experiment)
-    checkpoints = Checkpoints(out, async_save=False)
-    try:
-        if checkpoints.latest_step() is not None:
-            raise CheckpointError(f"{out} already holds a checkpoint: choose a new --out")
-        opt_state = jax.jit(make_optimizer(experiment.optim, experiment.train.steps).init)(params)
-        state = {"step": jax.numpy.zeros((), jax.numpy.int32), "params": params, "opt_state": opt_state}
-        if jax.tree.structure(state) != jax.tree.structure(abstract_train_state(experiment)):
-            raise CheckpointError("the imported state does not have the layout of a jaxlm train state")
-        checkpoints.save(0, state, data_state=None)
-        checkpoints.wait()
-    finally:
-        checkpoints.close()
+    save_params(experiment, params)
     return out
 
 

@@ -19,18 +19,19 @@ Every example starts after an end-of-sequence token, as documents do in pretrain
 
 From the experiment: the model (replaced by the Hugging Face config when init_from is such a directory), the
 data section's tokenizer fields (checked against the pretrained run's), `data.batch_size` (examples; rows when
-instruction tuning), the optimizer and schedule, `train.steps`, `eval_every`, `log_every`, `seed`, `init_from`
-and the run directory. Evaluation reads whole splits, so `train.eval_steps` and `data.seq_len` play no part.
-Finetuning runs on one device and starts over if interrupted (runs are minutes long; a finished run is not
-repeated).
+instruction tuning), the optimizer and schedule, the train section (steps, evaluation and checkpoint intervals,
+gradient accumulation, seed, init_from, the run directory) and the mesh. Evaluation reads whole splits, so
+`train.eval_steps` and `data.seq_len` play no part. Each task is a Task of the one training loop
+(`jaxlm.train.fit`): sharded over the mesh, checkpointed, resumed exactly after an interruption or SIGTERM.
 
-What the run directory holds: config.json and finetune.json; metrics.jsonl; summary.json; for a classifier,
-classifier.safetensors (the backbone and head, or with LoRA only the adapters and head) and labels.json; for an
-assistant, a jaxlm checkpoint (full finetuning: every jaxlm tool loads it as a language model) or
-adapters.safetensors (LoRA: `load_lm` folds them into the base weights); samples.txt.
+What the run directory holds: config.json and finetune.json; metrics.jsonl; summary.json; checkpoints/ (the
+loop's, for resuming); for a classifier, classifier.safetensors (the backbone and head, or with LoRA only the
+adapters and head) and labels.json; for an assistant, its checkpoints are language-model checkpoints (full
+finetuning: every jaxlm tool loads them), or adapters.safetensors (LoRA: `load_lm` folds them into the base
+weights); samples.txt.
 
 The package: `config` (FinetuneConfig, constants), `data` (input files, encoding, templates, packing, batches),
-`backbone` (applying the model, pretrained weights, what is trained), `loop` (the shared training loop),
+`backbone` (applying the model, pretrained weights, what is trained), `task` (what the two tasks share),
 `rundir` (the run directory), `classify` and `instruct` (the two tasks), `cli` (the command line).
 """
 
@@ -45,19 +46,23 @@ from jaxlm.finetune.config import (
     TASKS,
     FinetuneConfig,
     Params,
+    check_experiment,
 )
 from jaxlm.finetune.data import (
+    ClassifySplit,
+    EpochBatches,
+    InstructSplit,
     alpaca_prompt,
     chat_prompt,
     chat_prompt_ids,
-    classify_batches,
-    ClassifySplit,
+    classify_epoch,
     encode_classify,
     encode_segments,
-    instruct_batches,
-    InstructSplit,
+    fixed_batches,
+    instruct_epoch,
     label_ids,
     pack_rows,
+    process_rows,
     prompt_ids,
     read_instruct,
     read_jsonl,
@@ -67,7 +72,6 @@ from jaxlm.finetune.data import (
 from jaxlm.finetune.backbone import (
     apply_model,
     classifier_logits,
-    count_trainable,
     full_backbone,
     is_hf_dir,
     last_k_mask,
@@ -77,9 +81,15 @@ from jaxlm.finetune.backbone import (
 )
 from jaxlm.finetune.rundir import (
     load_tree,
+    read_run,
     save_tree,
+    write_or_check_finetune,
+)
+from jaxlm.finetune.task import (
+    FinetuneTask,
 )
 from jaxlm.finetune.classify import (
+    Classification,
     Classifier,
     confusion_matrix,
     format_confusion,
@@ -87,6 +97,7 @@ from jaxlm.finetune.classify import (
     train_classifier,
 )
 from jaxlm.finetune.instruct import (
+    InstructionTuning,
     instruction_tuned,
     load_lm,
     run_layout,
@@ -101,55 +112,63 @@ from jaxlm.finetune.cli import (
 )
 
 __all__ = [
-    "TASKS",
+    "ADAPTERS_FILE",
+    "CLASSIFIER_FILE",
+    "FINETUNE_FILE",
+    "HF_WEIGHTS",
+    "LABELS_FILE",
     "LAYOUTS",
     "ROLES",
-    "FINETUNE_FILE",
-    "LABELS_FILE",
-    "CLASSIFIER_FILE",
-    "ADAPTERS_FILE",
-    "HF_WEIGHTS",
-    "Params",
+    "TASKS",
     "FinetuneConfig",
-    "read_table",
-    "read_jsonl",
+    "Params",
+    "check_experiment",
     "ClassifySplit",
-    "label_ids",
-    "encode_classify",
-    "classify_batches",
+    "EpochBatches",
+    "InstructSplit",
     "alpaca_prompt",
     "chat_prompt",
     "chat_prompt_ids",
-    "prompt_ids",
-    "template_segments",
+    "classify_epoch",
+    "encode_classify",
     "encode_segments",
-    "InstructSplit",
-    "read_instruct",
+    "fixed_batches",
+    "instruct_epoch",
+    "label_ids",
     "pack_rows",
-    "instruct_batches",
+    "process_rows",
+    "prompt_ids",
+    "read_instruct",
+    "read_jsonl",
+    "read_table",
+    "template_segments",
     "apply_model",
-    "full_backbone",
     "classifier_logits",
-    "response_losses",
+    "full_backbone",
     "is_hf_dir",
+    "last_k_mask",
     "load_base",
     "load_tokenizer",
-    "last_k_mask",
-    "count_trainable",
-    "save_tree",
+    "response_losses",
     "load_tree",
+    "read_run",
+    "save_tree",
+    "write_or_check_finetune",
+    "FinetuneTask",
+    "Classification",
+    "Classifier",
     "confusion_matrix",
     "format_confusion",
-    "train_classifier",
-    "Classifier",
     "load_classifier",
-    "train_instruct",
-    "write_samples",
-    "load_lm",
+    "train_classifier",
+    "InstructionTuning",
     "instruction_tuned",
+    "load_lm",
     "run_layout",
+    "train_instruct",
     "user_prompt",
-    "train_finetune",
+    "write_samples",
     "parse",
     "run_finetune",
+    "train_finetune",
 ]

@@ -12,13 +12,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxlm import lora as lora_lib
 from jaxlm.config import Experiment, ModelConfig
 from jaxlm.errors import CheckpointError, ConfigError
-from jaxlm.finetune.config import HF_WEIGHTS, FinetuneConfig, Params
-from jaxlm.model import Transformer, init_params
+from jaxlm.finetune.config import HF_WEIGHTS, Params
+from jaxlm.model import Transformer, init_params, token_loss_sums
 
 
 # -------------------------------------------------------------------------------------------------- the model
@@ -87,15 +86,13 @@ def classifier_logits(
     return last_BD @ head["kernel"] + head["bias"]
 
 
-def response_losses(cfg, trainable: Params, frozen: Params, batch, lora_spec=None, rng=None):
+def response_losses(cfg, params: Params, batch, lora: Params | None = None, lora_spec=None, rng=None):
     """Sum of cross-entropies over response targets (loss weight 1), and their count."""
-    backbone, adapters, _ = _parts(trainable, frozen)
     logits_BTV = apply_model(
-        cfg, backbone, batch["inputs"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"],
-        lora=adapters, lora_spec=lora_spec, rng=rng,
+        cfg, params, batch["inputs"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"],
+        lora=lora, lora_spec=lora_spec, rng=rng,
     )
-    losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
-    return jnp.sum(losses_BT * batch["weights"]), jnp.sum(batch["weights"])
+    return token_loss_sums(logits_BTV, batch)
 
 
 # -------------------------------------------------------------------------------------------- pretrained weights
@@ -191,34 +188,6 @@ def last_k_mask(cfg, params: Params, k: int, head_keys: tuple[str, ...] = ("lm_h
         return np.float32(top == "final_norm" or top in head_keys)
 
     return jax.tree_util.tree_map_with_path(mask, params)
-
-
-def _split_trainable(
-    experiment: Experiment, ft: FinetuneConfig, backbone: Params, head: Params | None, rng: jax.Array
-) -> tuple[Params, Params, Params | None]:
-    """(trainable, frozen, update mask or None) for full, last-k or LoRA finetuning."""
-    spec = ft.lora
-    extra = {} if head is None else {"head": head}
-    if spec is not None:
-        adapters = lora_lib.init_lora(experiment.model, backbone, spec, rng)
-        return {"lora": adapters, **extra}, {"model": backbone}, None
-    trainable = {"model": backbone, **extra}
-    if ft.train_last_k < 0:
-        return trainable, {}, None
-    if ft.train_last_k > experiment.model.n_layers:
-        raise ConfigError(
-            f"FinetuneConfig.train_last_k={ft.train_last_k} exceeds the model's {experiment.model.n_layers} blocks"
-        )
-    layer_mask = last_k_mask(experiment.model, backbone, ft.train_last_k)
-    # Entries with nothing to train (embeddings, early unscanned blocks) leave the gradient computation entirely;
-    # the scanned blocks share one array per parameter, so there the mask picks the trained layers.
-    moving = {k for k, m in layer_mask.items() if any(np.any(x) for x in jax.tree.leaves(m))}
-    trainable = {"model": {k: v for k, v in backbone.items() if k in moving}, **extra}
-    frozen = {"model": {k: v for k, v in backbone.items() if k not in moving}}
-    mask = {"model": {k: m for k, m in layer_mask.items() if k in moving}}
-    if head is not None:
-        mask["head"] = jax.tree.map(lambda _: np.float32(1), head)
-    return trainable, frozen, mask
 
 
 def count_trainable(trainable: Params, mask: Params | None) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,25 +17,12 @@ import optax
 
 from jaxlm.config import Experiment
 from jaxlm.errors import CheckpointError
-from jaxlm.finetune.backbone import (
-    _split_trainable,
-    classifier_logits,
-    count_trainable,
-    full_backbone,
-    load_base,
-    load_tokenizer,
-)
-from jaxlm.finetune.config import CLASSIFIER_FILE, LABELS_FILE, FinetuneConfig, Params, _check_common
-from jaxlm.finetune.data import (
-    ClassifySplit,
-    _fixed_batches,
-    classify_batches,
-    encode_classify,
-    label_ids,
-    read_table,
-)
-from jaxlm.finetune.loop import _fit, _Metrics, _uses_dropout
-from jaxlm.finetune.rundir import _begin, _read_run, _write_summary, load_tree, save_tree
+from jaxlm.finetune.backbone import classifier_logits, full_backbone, load_base, load_tokenizer
+from jaxlm.finetune.config import CLASSIFIER_FILE, LABELS_FILE, FinetuneConfig, Params
+from jaxlm.finetune.data import ClassifySplit, classify_epoch, encode_classify, fixed_batches, label_ids, read_table
+from jaxlm.finetune.rundir import load_tree, read_run, save_tree
+from jaxlm.finetune.task import FinetuneTask
+from jaxlm.train import fit
 
 
 # ----------------------------------------------------------------------------------------------- classification
@@ -58,7 +44,8 @@ def format_confusion(matrix: np.ndarray, labels: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _classify_eval_fn(experiment: Experiment, ft: FinetuneConfig):
+def _split_logits(experiment: Experiment, ft: FinetuneConfig):
+    """(trainable, frozen, split) -> (metrics, predictions) over a whole split, on this process's devices."""
     cfg, spec = experiment.model, ft.lora
 
     @jax.jit
@@ -68,7 +55,7 @@ def _classify_eval_fn(experiment: Experiment, ft: FinetuneConfig):
     def evaluate(trainable, frozen, data: ClassifySplit) -> tuple[dict[str, float], np.ndarray]:
         outs = []
         arrays = {"tokens": data.tokens, "lengths": data.lengths}
-        for batch, real in _fixed_batches(arrays, experiment.data.batch_size):
+        for batch, real in fixed_batches(arrays, experiment.data.batch_size):
             outs.append(np.asarray(logits(trainable, frozen, batch["tokens"], batch["lengths"]))[:real])
         z = np.concatenate(outs).astype(np.float64)
         log_probs = z - z.max(-1, keepdims=True)
@@ -80,88 +67,127 @@ def _classify_eval_fn(experiment: Experiment, ft: FinetuneConfig):
     return evaluate
 
 
-def train_classifier(experiment: Experiment, ft: FinetuneConfig) -> dict[str, Any]:
-    """Finetune a classifier; returns the summary (also written to summary.json)."""
-    experiment, backbone = load_base(experiment)
-    _check_common(experiment, ft)
-    finished = _begin(experiment, ft)
-    if finished is not None:
-        return finished
-    run_dir = experiment.run_dir
-    started = time.perf_counter()
-    tokenizer = load_tokenizer(experiment)
-    columns = (ft.text_column, ft.label_column)
-    train_rows = read_table(ft.train_file, columns)
-    labels = label_ids(train_rows, ft.label_column, ft.labels)
-    splits = {"train": encode_classify(train_rows, ft.train_file, tokenizer, ft, labels)}
-    for name, path in (("validation", ft.val_file), ("test", ft.test_file)):
-        if path:
-            splits[name] = encode_classify(read_table(path, columns), path, tokenizer, ft, labels)
-    with open(os.path.join(run_dir, LABELS_FILE), "w") as f:
-        json.dump({"labels": labels}, f, indent=2)
-    for name, data in splits.items():
-        counts = np.bincount(data.labels, minlength=len(labels))
-        cut = f", {data.truncated} truncated to max_len={ft.max_len}" if data.truncated else ""
-        print(f"{name}: {len(data)} examples ({', '.join(f'{label} {c}' for label, c in zip(labels, counts))}){cut}")
+class Classification(FinetuneTask):
+    """A linear head on the final hidden state of each example's closing end token, in place of the LM head.
 
-    cfg = experiment.model
-    backbone = {k: v for k, v in backbone.items() if k != "lm_head"}  # replaced by the classifier head
-    rng = jax.random.key(experiment.train.seed)
-    head = {
-        "kernel": cfg.init_std * jax.random.normal(jax.random.fold_in(rng, 1), (cfg.d_model, len(labels)), jnp.float32),
-        "bias": jnp.zeros((len(labels),), jnp.float32),
-    }
-    trainable, frozen, mask = _split_trainable(experiment, ft, backbone, head, jax.random.fold_in(rng, 2))
-    n_trainable = count_trainable(trainable, mask)
-    print(f"trainable parameters: {n_trainable:,}")
-    spec, dropout = ft.lora, _uses_dropout(experiment, ft)
+    Trainable: {"model": backbone, "head"} (every weight, or the last k blocks through the update mask), or with
+    LoRA {"lora": adapters, "head"} beside the frozen {"model": backbone}.
+    """
 
-    def loss_fn(t, fz, batch, rng):
-        rng = rng if dropout else None
-        logits = classifier_logits(cfg, t, fz, batch["tokens"], batch["lengths"], spec, rng)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+    keeps_lm_head = False
+
+    def read_data(self) -> None:
+        ft, tokenizer = self.ft, self.tokenizer
+        columns = (ft.text_column, ft.label_column)
+        train_rows = read_table(ft.train_file, columns)
+        self.labels = label_ids(train_rows, ft.label_column, ft.labels)
+        self.splits = {"train": encode_classify(train_rows, ft.train_file, tokenizer, ft, self.labels)}
+        for name, path in (("validation", ft.val_file), ("test", ft.test_file)):
+            if path:
+                self.splits[name] = encode_classify(read_table(path, columns), path, tokenizer, ft, self.labels)
+        if jax.process_index() == 0:
+            with open(os.path.join(self.experiment.run_dir, LABELS_FILE), "w") as f:
+                json.dump({"labels": self.labels}, f, indent=2)
+            for name, data in self.splits.items():
+                counts = np.bincount(data.labels, minlength=len(self.labels))
+                cut = f", {data.truncated} truncated to max_len={ft.max_len}" if data.truncated else ""
+                print(f"{name}: {len(data)} examples "
+                      f"({', '.join(f'{label} {c}' for label, c in zip(self.labels, counts))}){cut}")
+            print(f"trainable parameters: {self.count_trainable():,}")
+
+    def abstract_params(self):
+        head = {
+            "kernel": jax.ShapeDtypeStruct((self.experiment.model.d_model, len(self.labels)), jnp.float32),
+            "bias": jax.ShapeDtypeStruct((len(self.labels),), jnp.float32),
+        }
+        if self.ft.lora is not None:
+            return {"lora": self.abstract_adapters(), "head": head}, {"model": self.boxed_backbone()}
+        return {"model": self.boxed_backbone(), "head": head}, {}
+
+    def init_trainable(self, rng, shardings):
+        cfg = self.experiment.model
+        head = jax.jit(lambda key: {
+            "kernel": cfg.init_std * jax.random.normal(key, (cfg.d_model, len(self.labels)), jnp.float32),
+            "bias": jnp.zeros((len(self.labels),), jnp.float32),
+        }, out_shardings=shardings["head"])(jax.random.fold_in(rng, 1))
+        if self.ft.lora is not None:
+            return {"lora": self.init_adapters(jax.random.fold_in(rng, 2), shardings["lora"]), "head": head}
+        return {"model": self.place_backbone(shardings["model"]), "head": head}
+
+    def init_frozen(self, shardings):
+        return {"model": self.place_backbone(shardings["model"])} if self.ft.lora is not None else {}
+
+    def update_mask(self):
+        mask = self.backbone_mask()
+        if mask is None:
+            return None
+        return {"model": mask, "head": {"kernel": np.float32(1), "bias": np.float32(1)}}
+
+    def epoch_rows(self, epoch):
+        return classify_epoch(self.splits["train"], self.experiment.train.seed, epoch, self.ft.balanced)
+
+    def _logits(self, params, frozen, batch, rng):
+        rng = rng if self.uses_dropout() else None
+        return classifier_logits(
+            self.experiment.model, params, frozen, batch["tokens"], batch["lengths"], self.ft.lora, rng
+        )
+
+    def loss(self, params, frozen, batch, rng):
+        losses = optax.softmax_cross_entropy_with_integer_labels(self._logits(params, frozen, batch, rng), batch["labels"])
         return jnp.sum(losses), jnp.float32(losses.shape[0])
 
-    evaluate_split = _classify_eval_fn(experiment, ft)
+    def eval_batches(self):
+        if "validation" not in self.splits:
+            return iter(())
+        data = self.splits["validation"]
+        arrays = {"tokens": data.tokens, "lengths": data.lengths, "labels": data.labels,
+                  "valid": np.ones(len(data), np.float32)}
+        return self.split_batches(arrays, "valid")
 
-    def evaluate(t):
-        if "validation" not in splits:
-            return {}
-        row, _ = evaluate_split(t, frozen, splits["validation"])
-        return {"val_loss": row["loss"], "val_accuracy": row["accuracy"]}
+    def eval_sums(self, params, frozen, batch):
+        logits = self._logits(params, frozen, batch, None)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+        correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
+        valid = batch["valid"]
+        return {"loss": jnp.sum(losses * valid), "correct": jnp.sum(correct * valid), "count": jnp.sum(valid)}
 
-    metrics = _Metrics(run_dir)
-    batches = classify_batches(splits["train"], experiment.data.batch_size, experiment.train.seed, ft.balanced)
-    trainable, _ = _fit(experiment, trainable, frozen, mask, loss_fn, batches, evaluate, metrics)
+    def eval_row(self, sums):
+        return {"val_loss": sums["loss"] / sums["count"], "val_accuracy": sums["correct"] / sums["count"]}
 
-    majority = int(np.bincount(splits["train"].labels, minlength=len(labels)).argmax())
-    summary: dict[str, Any] = {
-        "name": experiment.name, "task": "classify", "steps": experiment.train.steps, "labels": labels,
-        "trainable_params": n_trainable, "majority_class": labels[majority],
-    }
-    final = "test" if "test" in splits else "validation" if "validation" in splits else "train"
-    for name, data in splits.items():
-        row, predictions = evaluate_split(trainable, frozen, data)
-        row["majority_baseline"] = float((data.labels == majority).mean())
-        row["examples"] = len(data)
-        summary[name] = row
-        print(
-            f"{name:<10} loss {row['loss']:.4f}  accuracy {row['accuracy']:.4f}  "
-            f"(majority class {row['majority_baseline']:.4f}, {len(data)} examples)"
-        )
-        if name == final:
-            matrix = confusion_matrix(data.labels, predictions, len(labels))
-            table = format_confusion(matrix, labels)
-            print(f"confusion matrix ({name}):\n{table}")
-            with open(os.path.join(run_dir, "confusion.txt"), "w") as f:
-                f.write(f"{name} split\n{table}\n")
-            with open(os.path.join(run_dir, "confusion.json"), "w") as f:
-                json.dump({"split": name, "labels": labels, "matrix": matrix.tolist()}, f, indent=2)
-    saved = trainable if ft.lora is not None else {**trainable, "model": full_backbone(trainable, frozen)}
-    save_tree(os.path.join(run_dir, CLASSIFIER_FILE), saved)
-    summary["wall_s"] = time.perf_counter() - started
-    _write_summary(run_dir, summary)
-    return summary
+    def finish(self, params, frozen, summary):
+        labels, splits, run_dir = self.labels, self.splits, self.experiment.run_dir
+        evaluate_split = _split_logits(self.experiment, self.ft)
+        majority = int(np.bincount(splits["train"].labels, minlength=len(labels)).argmax())
+        out: dict[str, Any] = {
+            "task": "classify", "labels": labels, "trainable_params": self.count_trainable(),
+            "majority_class": labels[majority],
+        }
+        final = "test" if "test" in splits else "validation" if "validation" in splits else "train"
+        for name, data in splits.items():
+            row, predictions = evaluate_split(params, frozen, data)
+            row["majority_baseline"] = float((data.labels == majority).mean())
+            row["examples"] = len(data)
+            out[name] = row
+            print(
+                f"{name:<10} loss {row['loss']:.4f}  accuracy {row['accuracy']:.4f}  "
+                f"(majority class {row['majority_baseline']:.4f}, {len(data)} examples)"
+            )
+            if name == final:
+                matrix = confusion_matrix(data.labels, predictions, len(labels))
+                table = format_confusion(matrix, labels)
+                print(f"confusion matrix ({name}):\n{table}")
+                with open(os.path.join(run_dir, "confusion.txt"), "w") as f:
+                    f.write(f"{name} split\n{table}\n")
+                with open(os.path.join(run_dir, "confusion.json"), "w") as f:
+                    json.dump({"split": name, "labels": labels, "matrix": matrix.tolist()}, f, indent=2)
+        saved = params if self.ft.lora is not None else {**params, "model": full_backbone(params, frozen)}
+        save_tree(os.path.join(run_dir, CLASSIFIER_FILE), saved)
+        return out
+
+
+def train_classifier(experiment: Experiment, ft: FinetuneConfig) -> dict[str, Any]:
+    """Finetune a classifier; returns the summary (also written to summary.json)."""
+    return fit(Classification(experiment, ft))
 
 
 @dataclass
@@ -179,12 +205,12 @@ class Classifier:
         ft = dataclasses.replace(self.finetune, truncate=True)
         rows = [(i + 1, {ft.text_column: t, ft.label_column: self.labels[0]}) for i, t in enumerate(texts)]
         data = encode_classify(rows, "<texts>", self.tokenizer, ft, self.labels)
-        _, predictions = _classify_eval_fn(self.experiment, self.finetune)(self.trainable, self.frozen, data)
+        _, predictions = _split_logits(self.experiment, self.finetune)(self.trainable, self.frozen, data)
         return [self.labels[i] for i in predictions]
 
 
 def load_classifier(run_dir: str) -> Classifier:
-    experiment, ft = _read_run(run_dir)
+    experiment, ft = read_run(run_dir)
     if ft is None or ft.task != "classify":
         raise CheckpointError(f"{run_dir} is not a classification run")
     trainable = load_tree(os.path.join(run_dir, CLASSIFIER_FILE))

@@ -10,9 +10,8 @@ from typing import Annotated, Any
 
 import tyro
 
-from jaxlm.cli import _prog
+from jaxlm.cli import guarded, program_name
 from jaxlm.config import Experiment
-from jaxlm.errors import JaxlmError
 from jaxlm.finetune.classify import train_classifier
 from jaxlm.finetune.config import FinetuneConfig
 from jaxlm.finetune.instruct import train_instruct
@@ -40,7 +39,7 @@ def parse(
     main = sys.modules.get("__main__")
     doc = (getattr(main, "__doc__", None) or "").strip().split("\n\n")[0]
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = tyro.cli(_Command, default=_Command(experiment, ft), args=argv, description=doc, prog=_prog())
+    command = tyro.cli(_Command, default=_Command(experiment, ft), args=argv, description=doc, prog=program_name())
     return command.experiment, command.finetune
 
 
@@ -51,16 +50,12 @@ def run_finetune(
     prepare: Callable[[Experiment, FinetuneConfig], None] | None = None,
 ) -> dict[str, Any]:
     """Parse overrides, call `prepare` (an experiment's own set-up, e.g. building its data files) with the
-    parsed configs, and run. Errors a user can fix print one line on stderr and exit with status 2."""
-    try:
-        experiment, ft = parse(experiment, ft, argv)
+    parsed configs, and run (or resume) the task. Errors a user can fix print one line on stderr and exit 2."""
+
+    def command() -> dict[str, Any]:
+        parsed, parsed_ft = parse(experiment, ft, argv)
         if prepare is not None:
-            prepare(experiment, ft)
-        return train_finetune(experiment, ft)
-    except JaxlmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: finetuning runs start over; delete the run directory or use a new --train.out-dir",
-              file=sys.stderr)
-        sys.exit(130)
+            prepare(parsed, parsed_ft)
+        return train_finetune(parsed, parsed_ft)
+
+    return guarded(command)

@@ -92,8 +92,8 @@ class FinetuneConfig:
         return cls(**{**d, **tuples})
 
 
-def _check_common(experiment: Experiment, ft: FinetuneConfig) -> None:
-    _require(experiment.train.grad_accum == 1, "finetuning does not accumulate gradients: set --train.grad-accum 1")
+def check_experiment(experiment: Experiment, ft: FinetuneConfig) -> None:
+    """The checks that need both configs."""
     _require(
         ft.max_len <= experiment.model.max_seq_len,
         f"FinetuneConfig.max_len={ft.max_len} is beyond the model's context of {experiment.model.max_seq_len}: "

@@ -144,23 +144,18 @@ def encode_classify(
     return ClassifySplit(tokens, lengths, ids, truncated)
 
 
-def classify_batches(
-    data: ClassifySplit, batch_size: int, seed: int, balanced: bool
-) -> Iterator[dict[str, np.ndarray]]:
-    """Endless training batches: shuffled epochs, or (balanced) a uniformly drawn class and then an example of it."""
-    rng = np.random.default_rng(seed)
-    by_class = [np.flatnonzero(data.labels == c) for c in range(int(data.labels.max()) + 1)]
-    by_class = [members for members in by_class if len(members)]
-    order = np.zeros(0, np.int64)
-    while True:
-        if balanced:
-            classes = rng.integers(0, len(by_class), batch_size)
-            pick = np.array([by_class[c][rng.integers(len(by_class[c]))] for c in classes])
-        else:
-            while len(order) < batch_size:
-                order = np.concatenate([order, rng.permutation(len(data))])
-            pick, order = order[:batch_size], order[batch_size:]
-        yield {"tokens": data.tokens[pick], "lengths": data.lengths[pick], "labels": data.labels[pick]}
+def classify_epoch(data: ClassifySplit, seed: int, epoch: int, balanced: bool) -> dict[str, np.ndarray]:
+    """One epoch of training examples: all of them shuffled, or (balanced) as many draws of a uniformly chosen
+    class and then an example of it. A pure function of (seed, epoch), so a resumed run sees the same batches."""
+    rng = np.random.default_rng([seed, epoch])
+    if balanced:
+        by_class = [np.flatnonzero(data.labels == c) for c in range(int(data.labels.max()) + 1)]
+        by_class = [members for members in by_class if len(members)]
+        classes = rng.integers(0, len(by_class), len(data))
+        pick = np.array([by_class[c][rng.integers(len(by_class[c]))] for c in classes])
+    else:
+        pick = rng.permutation(len(data))
+    return {"tokens": data.tokens[pick], "lengths": data.lengths[pick], "labels": data.labels[pick]}
 
 
 # ----------------------------------------------------------------------------------------- instruction tuning
@@ -337,20 +332,66 @@ def pack_rows(
     return out
 
 
-def instruct_batches(data: InstructSplit, ft: FinetuneConfig, batch_size: int, pad_id: int, seed: int):
-    """Endless training batches: each epoch shuffles the examples, then pads or packs them into rows."""
-    rng = np.random.default_rng(seed)
-    pending: dict[str, np.ndarray] | None = None
-    while True:
-        order = rng.permutation(len(data))
-        rows = pack_rows([data.ids[i] for i in order], [data.weights[i] for i in order], ft.max_len, pad_id, ft.pack)
-        pending = rows if pending is None else {k: np.concatenate([pending[k], rows[k]]) for k in rows}
-        while len(pending["inputs"]) >= batch_size:
-            yield {k: v[:batch_size] for k, v in pending.items()}
-            pending = {k: v[batch_size:] for k, v in pending.items()}
+def instruct_epoch(data: InstructSplit, ft: FinetuneConfig, pad_id: int, seed: int, epoch: int) -> dict[str, np.ndarray]:
+    """One epoch of training rows: the examples shuffled (a pure function of seed and epoch), then padded or
+    packed into rows."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(data))
+    return pack_rows([data.ids[i] for i in order], [data.weights[i] for i in order], ft.max_len, pad_id, ft.pack)
 
 
-def _fixed_batches(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+class EpochBatches:
+    """Endless training batches from epochs of rows (`epoch_rows(e)`, a pure function of e); a batch that
+    outruns an epoch continues into the next. Its position (epoch, row) is saved with every checkpoint.
+
+    Every process computes the same global batch and keeps its own slice of the rows.
+    """
+
+    def __init__(self, epoch_rows, batch_size: int, process_index: int = 0, process_count: int = 1):
+        self.epoch_rows, self.batch_size = epoch_rows, batch_size
+        self.process_index, self.process_count = process_index, process_count
+        self.epoch, self.offset = 0, 0
+        self._cached: tuple[int, dict[str, np.ndarray]] | None = None
+
+    def _rows(self) -> dict[str, np.ndarray]:
+        if self._cached is None or self._cached[0] != self.epoch:
+            self._cached = (self.epoch, self.epoch_rows(self.epoch))
+        return self._cached[1]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts, need = [], self.batch_size
+        while need:
+            rows = self._rows()
+            n = len(next(iter(rows.values())))
+            if n == 0:
+                raise DataError("an epoch of the training data has no rows: check the training file")
+            take = min(need, n - self.offset)
+            parts.append({k: v[self.offset : self.offset + take] for k, v in rows.items()})
+            self.offset, need = self.offset + take, need - take
+            if self.offset == n:
+                self.epoch, self.offset = self.epoch + 1, 0
+        batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return process_rows(batch, self.process_index, self.process_count)
+
+    def get_state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+
+    def close(self) -> None:
+        pass
+
+
+def process_rows(batch: dict[str, np.ndarray], process_index: int, process_count: int) -> dict[str, np.ndarray]:
+    """This process's contiguous slice of a global batch's rows (process i holds the i-th slice)."""
+    per = len(next(iter(batch.values()))) // process_count
+    return {k: v[process_index * per : (process_index + 1) * per] for k, v in batch.items()}
+
+
+def fixed_batches(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
     """Batches of `batch_size` rows in order (the last padded by repeating row 0), with the count of real rows."""
     n = len(next(iter(arrays.values())))
     for start in range(0, n, batch_size):

@@ -5,150 +5,146 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from jaxlm import lora as lora_lib
 from jaxlm.config import Experiment
 from jaxlm.errors import CheckpointError
-from jaxlm.finetune.backbone import (
-    _split_trainable,
-    count_trainable,
-    full_backbone,
-    load_base,
-    load_tokenizer,
-    response_losses,
-)
-from jaxlm.finetune.config import ADAPTERS_FILE, FINETUNE_FILE, FinetuneConfig, Params, _check_common
+from jaxlm.finetune.backbone import load_base, response_losses
+from jaxlm.finetune.config import ADAPTERS_FILE, FINETUNE_FILE, FinetuneConfig, Params
 from jaxlm.finetune.data import (
     InstructSplit,
-    _fixed_batches,
     alpaca_prompt,
     chat_prompt,
-    instruct_batches,
+    fixed_batches,
+    instruct_epoch,
     pack_rows,
     prompt_ids,
     read_instruct,
 )
-from jaxlm.finetune.loop import _fit, _Metrics, _uses_dropout
-from jaxlm.finetune.rundir import _begin, _read_run, _write_summary, load_tree, save_tree
-from jaxlm.optim import make_optimizer
+from jaxlm.finetune.rundir import load_tree, read_run, save_tree
+from jaxlm.finetune.task import FinetuneTask
+from jaxlm.logging import METRICS_FILE, read_metrics
+from jaxlm.train import fit
 
 
 # ------------------------------------------------------------------------------------------------- instruction
 
 
-def _instruct_eval_fn(experiment: Experiment, ft: FinetuneConfig, pad_id: int):
+def _split_loss(experiment: Experiment, ft: FinetuneConfig, pad_id: int):
+    """(params, adapters, split) -> mean response-token loss over a whole split, on this process's devices."""
     cfg, spec = experiment.model, ft.lora
-    losses = jax.jit(lambda t, fz, batch: response_losses(cfg, t, fz, batch, spec))
+    losses = jax.jit(lambda params, adapters, batch: response_losses(cfg, params, batch, adapters, spec))
 
-    def evaluate(trainable, frozen, data: InstructSplit) -> float:
+    def evaluate(params, adapters, data: InstructSplit) -> float:
         rows = pack_rows(data.ids, data.weights, ft.max_len, pad_id, ft.pack)
         total = count = 0.0
-        for batch, real in _fixed_batches(rows, experiment.data.batch_size):
+        for batch, real in fixed_batches(rows, experiment.data.batch_size):
             batch["weights"][real:] = 0.0
-            s, n = losses(trainable, frozen, batch)
+            s, n = losses(params, adapters, batch)
             total, count = total + float(s), count + float(n)
         return total / max(count, 1.0)
 
     return evaluate
 
 
+class InstructionTuning(FinetuneTask):
+    """Next-token loss on the responses of templated examples; prompts are context only.
+
+    Trainable: the language model's params (every weight, or the last k blocks through the update mask), so its
+    checkpoints are language-model checkpoints every jaxlm tool reads; or with LoRA the adapters, beside the
+    frozen {"model": params}.
+    """
+
+    def read_data(self) -> None:
+        ft = self.ft
+        self.splits = {"train": read_instruct(ft.train_file, self.tokenizer, ft)}
+        for name, path in (("validation", ft.val_file), ("test", ft.test_file)):
+            if path:
+                self.splits[name] = read_instruct(path, self.tokenizer, ft)
+        if jax.process_index() == 0:
+            for name, data in self.splits.items():
+                tokens = sum(int(w[1:].sum()) for w in data.weights)
+                cut = f", {data.truncated} truncated to max_len={ft.max_len}" if data.truncated else ""
+                dropped = f" ({data.dropped} dropped: no response left)" if data.dropped else ""
+                print(f"{name}: {len(data)} examples ({'/'.join(data.layouts)}), {tokens:,} response tokens{cut}{dropped}")
+            print(f"trainable parameters: {self.count_trainable():,}")
+
+    def abstract_params(self):
+        if self.ft.lora is not None:
+            return self.abstract_adapters(), {"model": self.boxed_backbone()}
+        return self.boxed_backbone(), {}
+
+    def init_trainable(self, rng, shardings):
+        if self.ft.lora is not None:
+            return self.init_adapters(jax.random.fold_in(rng, 2), shardings)
+        return self.place_backbone(shardings)
+
+    def init_frozen(self, shardings):
+        return {"model": self.place_backbone(shardings["model"])} if self.ft.lora is not None else {}
+
+    def update_mask(self):
+        return self.backbone_mask()
+
+    def epoch_rows(self, epoch):
+        return instruct_epoch(self.splits["train"], self.ft, self.tokenizer.pad_id, self.experiment.train.seed, epoch)
+
+    def _model_and_adapters(self, params, frozen):
+        return (frozen["model"], params) if self.ft.lora is not None else (params, None)
+
+    def loss(self, params, frozen, batch, rng):
+        model, adapters = self._model_and_adapters(params, frozen)
+        rng = rng if self.uses_dropout() else None
+        return response_losses(self.experiment.model, model, batch, adapters, self.ft.lora, rng)
+
+    def eval_batches(self):
+        if "validation" not in self.splits:
+            return iter(())
+        data = self.splits["validation"]
+        rows = pack_rows(data.ids, data.weights, self.ft.max_len, self.tokenizer.pad_id, self.ft.pack)
+        return self.split_batches(rows, "weights")
+
+    def eval_sums(self, params, frozen, batch):
+        loss_sum, count = self.loss(params, frozen, batch, None)
+        return {"loss": loss_sum, "count": count}
+
+    def eval_row(self, sums):
+        return {"val_loss": sums["loss"] / max(sums["count"], 1.0)}
+
+    def finish(self, params, frozen, summary):
+        run_dir, ft = self.experiment.run_dir, self.ft
+        model, adapters = self._model_and_adapters(params, frozen)
+        evaluate_split = _split_loss(self.experiment, ft, self.tokenizer.pad_id)
+        out: dict[str, Any] = {
+            "task": "instruct", "layouts": list(self.splits["train"].layouts),
+            "trainable_params": self.count_trainable(),
+            "train_loss": evaluate_split(model, adapters, self.splits["train"]),
+        }
+        first = next((r for r in read_metrics(os.path.join(run_dir, METRICS_FILE)) if "val_loss" in r), None)
+        if "validation" in self.splits and first is not None and first["step"] == 0:
+            out["validation_loss_before"] = first["val_loss"]
+        for name in ("validation", "test"):
+            if name in self.splits:
+                out[f"{name}_loss_after"] = evaluate_split(model, adapters, self.splits[name])
+                before = out.get(f"{name}_loss_before")
+                print(f"{name} loss on response tokens: "
+                      + (f"{before:.4f} before, " if before is not None else "")
+                      + f"{out[f'{name}_loss_after']:.4f} after")
+        if ft.lora is not None:
+            save_tree(os.path.join(run_dir, ADAPTERS_FILE), adapters)
+            model = lora_lib.merge(model, adapters, ft.lora)
+        source = self.splits.get("validation", self.splits["train"])
+        out["samples"] = write_samples(
+            self.experiment, model, self.tokenizer, source, ft, os.path.join(run_dir, "samples.txt")
+        )
+        return out
+
+
 def train_instruct(experiment: Experiment, ft: FinetuneConfig) -> dict[str, Any]:
     """Instruction-tune a language model; returns the summary (also written to summary.json)."""
-    experiment, backbone = load_base(experiment)
-    _check_common(experiment, ft)
-    finished = _begin(experiment, ft)
-    if finished is not None:
-        return finished
-    run_dir = experiment.run_dir
-    started = time.perf_counter()
-    tokenizer = load_tokenizer(experiment)
-    splits = {"train": read_instruct(ft.train_file, tokenizer, ft)}
-    for name, path in (("validation", ft.val_file), ("test", ft.test_file)):
-        if path:
-            splits[name] = read_instruct(path, tokenizer, ft)
-    for name, data in splits.items():
-        tokens = sum(int(w[1:].sum()) for w in data.weights)
-        cut = f", {data.truncated} truncated to max_len={ft.max_len}" if data.truncated else ""
-        dropped = f" ({data.dropped} dropped: no response left)" if data.dropped else ""
-        print(f"{name}: {len(data)} examples ({'/'.join(data.layouts)}), {tokens:,} response tokens{cut}{dropped}")
-
-    cfg = experiment.model
-    rng = jax.random.key(experiment.train.seed)
-    trainable, frozen, mask = _split_trainable(experiment, ft, backbone, None, jax.random.fold_in(rng, 2))
-    n_trainable = count_trainable(trainable, mask)
-    print(f"trainable parameters: {n_trainable:,}")
-    spec, pad_id = ft.lora, tokenizer.pad_id
-    dropout = _uses_dropout(experiment, ft)
-
-    def loss_fn(t, fz, batch, rng):
-        return response_losses(cfg, t, fz, batch, spec, rng if dropout else None)
-
-    evaluate_split = _instruct_eval_fn(experiment, ft, pad_id)
-    summary: dict[str, Any] = {
-        "name": experiment.name, "task": "instruct", "steps": experiment.train.steps,
-        "layouts": list(splits["train"].layouts), "trainable_params": n_trainable,
-    }
-    for name in ("validation", "test"):
-        if name in splits:
-            summary[f"{name}_loss_before"] = evaluate_split(trainable, frozen, splits[name])
-            print(f"{name} loss on response tokens before finetuning: {summary[f'{name}_loss_before']:.4f}")
-
-    def evaluate(t):
-        return {"val_loss": evaluate_split(t, frozen, splits["validation"])} if "validation" in splits else {}
-
-    metrics = _Metrics(run_dir)
-    batches = instruct_batches(splits["train"], ft, experiment.data.batch_size, pad_id, experiment.train.seed)
-    trainable, opt_state = _fit(experiment, trainable, frozen, mask, loss_fn, batches, evaluate, metrics)
-
-    summary["train_loss"] = evaluate_split(trainable, frozen, splits["train"])
-    for name in ("validation", "test"):
-        if name in splits:
-            summary[f"{name}_loss_after"] = evaluate_split(trainable, frozen, splits[name])
-            print(
-                f"{name} loss on response tokens: {summary[f'{name}_loss_before']:.4f} before, "
-                f"{summary[f'{name}_loss_after']:.4f} after"
-            )
-    if spec is not None:
-        save_tree(os.path.join(run_dir, ADAPTERS_FILE), trainable["lora"])
-        params = lora_lib.merge(backbone, trainable["lora"], spec)
-    else:
-        params = full_backbone(trainable, frozen)
-        _save_lm_checkpoint(experiment, params, opt_state if not frozen.get("model") else None)
-    source = splits.get("validation", splits["train"])
-    summary["samples"] = write_samples(
-        experiment, params, tokenizer, source, ft, os.path.join(run_dir, "samples.txt")
-    )
-    summary["wall_s"] = time.perf_counter() - started
-    _write_summary(run_dir, summary)
-    return summary
-
-
-def _save_lm_checkpoint(experiment: Experiment, params: Params, opt_state: Any | None) -> None:
-    """A jaxlm checkpoint (the train state layout), so that every tool loads the result as a language model.
-
-    `opt_state` is that of {"model": params}, or None when part of the model was frozen (frozen parameters have
-    no moments): then the checkpoint holds a fresh optimizer state, which only fills the layout.
-    """
-    from jaxlm.checkpoint import Checkpoints
-
-    tx = make_optimizer(experiment.optim, experiment.train.steps)
-    if opt_state is None:
-        opt_state = tx.init(params)
-    else:  # its leaves are in the order of the plain params'
-        opt_state = jax.tree.unflatten(jax.tree.structure(jax.eval_shape(tx.init, params)), jax.tree.leaves(opt_state))
-    checkpoints = Checkpoints(experiment.run_dir, keep=1, async_save=False)
-    try:
-        step = experiment.train.steps
-        state = {"step": jnp.asarray(step, jnp.int32), "params": params, "opt_state": opt_state}
-        checkpoints.save(step, state, None)
-        checkpoints.wait()
-    finally:
-        checkpoints.close()
+    return fit(InstructionTuning(experiment, ft))
 
 
 def write_samples(
@@ -179,7 +175,7 @@ def load_lm(path: str) -> tuple[Experiment, Params]:
 
     if not os.path.isdir(path) or not os.path.exists(os.path.join(path, FINETUNE_FILE)):
         return load_params(path)
-    experiment, ft = _read_run(path)
+    experiment, ft = read_run(path)
     if ft.task == "classify":
         raise CheckpointError(f"{path} is a classification run, not a language model: use load_classifier")
     if ft.lora is None:

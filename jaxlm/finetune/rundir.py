@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,31 +19,24 @@ from jaxlm.finetune.config import FINETUNE_FILE, FinetuneConfig, Params
 # ---------------------------------------------------------------------------------------------- run directory
 
 
-def _begin(experiment: Experiment, ft: FinetuneConfig) -> dict[str, Any] | None:
-    """Write (or check) the run's configs; returns the summary of an already finished identical run."""
-    from jaxlm.checkpoint import write_or_check_config
-
-    run_dir = experiment.run_dir
-    write_or_check_config(experiment)
+def write_or_check_finetune(run_dir: str, ft: FinetuneConfig) -> None:
+    """Write finetune.json into the run directory, or refuse one that holds a finetuning run of another config."""
     path = os.path.join(run_dir, FINETUNE_FILE)
+    mine = json.loads(json.dumps(ft.to_dict()))
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        if old != json.loads(json.dumps(ft.to_dict())):
-            changed = [k for k in ft.to_dict() if old.get(k) != json.loads(json.dumps(ft.to_dict()[k]))]
+        if old != mine:
+            changed = [k for k in mine if old.get(k) != mine[k]]
             raise CheckpointError(
                 f"{run_dir} holds a finetuning run of another config (finetune.{', finetune.'.join(changed[:3])}): "
                 "use a new --train.out-dir, or delete the old run directory"
             )
-    else:
-        with open(path, "w") as f:
-            json.dump(ft.to_dict(), f, indent=2)
-    summary_path = os.path.join(run_dir, "summary.json")
-    if os.path.exists(summary_path):
-        with open(summary_path) as f:
-            print(f"{run_dir} is finished; delete it or use a new --train.out-dir to run again")
-            return json.load(f)
-    return None
+    elif jax.process_index() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(mine, f, indent=2)
+        os.replace(path + ".tmp", path)
 
 
 def _flatten(tree: Params) -> dict[str, np.ndarray]:
@@ -75,12 +67,7 @@ def load_tree(path: str) -> Params:
     return _unflatten(load_file(path))
 
 
-def _write_summary(run_dir: str, summary: dict[str, Any]) -> None:
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-
-
-def _read_run(path: str) -> tuple[Experiment, FinetuneConfig | None]:
+def read_run(path: str) -> tuple[Experiment, FinetuneConfig | None]:
     from jaxlm.checkpoint import read_config
 
     experiment = read_config(path)

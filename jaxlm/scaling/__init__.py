@@ -7,16 +7,16 @@ refitted Hoffmann et al. 2022: a Huber loss on log L, summed over points, minimi
 
 Sweeps: `isoflop_grid` declares the runs of an IsoFLOP sweep as Experiments (`budget_grid` also maps each member to
 its budget), `wsd_branches` the runs of one model size under the warmup-stable-decay schedule (Hägele et al. 2024),
-and `collect_results` reads finished runs back into a table (`write_csv`, `read_csv`). `run_isoflop_sweep` is an
-IsoFLOP sweep module's main: it refuses overrides that move a member off its budget (`check_budgets`, by
-`member_flops`), trains the members selected, and once they are `all_finished` fits and plots them with
-`fit_and_plot`, which is also what `python -m tools.fit_scaling` runs.
+and `collect_results` reads finished runs back into a table (`write_csv`, `read_csv`). An IsoFLOP sweep
+module's main is `jaxlm.cli.run_isoflop_sweep`: it refuses overrides that move a member off its budget
+(`check_budgets`, by `member_flops`), trains the members selected, and once they are `all_finished` fits and plots
+them with `fit_and_plot`, which is also what `python -m tools.fit_scaling` runs.
 
 Every fit validates its input and raises `ScalingError` (a `JaxlmError`) naming the budget, column or row at fault;
 a fit that does not converge raises rather than returning numbers.
 
 Modules: `parametric` (approach 3), `isoflop` (approach 2), `envelope` (approach 1), `sweeps` (declaring and
-running sweeps), `results` (reading runs and results tables), `report` (fitting a sweep or table and plotting the
+checking sweeps), `results` (reading runs and results tables), `report` (fitting a sweep or table and plotting the
 fits); `_common` holds `ScalingError` and the checks the fits share.
 """
 
@@ -36,7 +36,6 @@ from jaxlm.scaling.sweeps import (
     isoflop_grid,
     member_flops,
     reshape_model,
-    run_isoflop_sweep,
     wsd_branches,
 )
 
@@ -66,7 +65,6 @@ __all__ = [
     "read_csv",
     "read_run",
     "reshape_model",
-    "run_isoflop_sweep",
     "write_csv",
     "wsd_branches",
 ]

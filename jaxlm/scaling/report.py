@@ -1,5 +1,5 @@
 """Fit a sweep's results and plot them (`fit_and_plot`): what `python -m tools.fit_scaling` does once its command
-line is parsed, and what `run_isoflop_sweep` does once every member of a sweep is finished.
+line is parsed, and what `jaxlm.cli.run_isoflop_sweep` does once every member of a sweep is finished.
 
 The source is a sweep's run directory (each member's config.json and metrics.jsonl), a results CSV written by
 `write_csv`, or Epoch AI's Chinchilla data (`Model Size`, `Training FLOP`, `loss`; D = C / 6N). Chinchilla's

@@ -1,6 +1,6 @@
 """Sweeps: model shapes (`reshape_model`, `AspectRatioShapes`), IsoFLOP grids of Experiments (`isoflop_grid`,
 `budget_grid`), WSD runs of one model that branch from a shared trunk (`wsd_branches`, `branch_from_trunk`), and
-running an IsoFLOP sweep from an experiment module (`run_isoflop_sweep`, with `member_flops`, `check_budgets` and
+checking an IsoFLOP sweep before it runs (`member_flops`, `check_budgets` and
 `all_finished`)."""
 
 from __future__ import annotations
@@ -10,18 +10,15 @@ import json
 import math
 import os
 import shutil
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
 import numpy as np
 
-from jaxlm.cli import USAGE_ERROR, parse, run
 from jaxlm.config import Experiment, ModelConfig
-from jaxlm.errors import ConfigError, JaxlmError
+from jaxlm.errors import ConfigError
 from jaxlm.flops import count_params, flops_per_token
-from jaxlm.scaling.report import fit_and_plot
 from jaxlm.logging import read_metrics
 
 
@@ -227,57 +224,6 @@ def check_budgets(members: Sequence[Experiment], budget_of: Mapping[str, float],
 def all_finished(members: Sequence[Experiment]) -> bool:
     """Whether every member's run has finished (its run directory holds summary.json)."""
     return all(os.path.exists(os.path.join(m.run_dir, "summary.json")) for m in members)
-
-
-def run_isoflop_sweep(
-    sweep: Sequence[Experiment],
-    budget_of: Mapping[str, float],
-    fits_dir: str,
-    *,
-    bootstrap: int = 100,
-    unfittable: str | None = None,
-    argv: Sequence[str] | None = None,
-) -> None:
-    """Train the members a command line selects, then fit and plot once every member of `sweep` is finished.
-
-    An experiment module's `main`: `argv` (default: the process's) holds jaxlm.cli overrides and
-    `--sweep.members`; overrides that change a member's compute (see `check_budgets`) exit with status 2. Process 0
-    then fits the whole sweep with `fit_and_plot` into `fits_dir` (`bootstrap` resamples; `unfittable` "skip"
-    leaves out a budget whose optimum the sizes do not bracket, instead of failing), printing the equivalent
-    `python -m tools.fit_scaling` command; while members are unfinished it only prints that command.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        members = parse(sweep, argv)
-        check_budgets(members, budget_of)
-        everyone = parse(sweep, [*argv, "--sweep.members", ":"])  # as overridden (--train.out-dir moves them all)
-    except JaxlmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(USAGE_ERROR)
-    run(tuple(members), argv=[])
-
-    import jax
-
-    declared_dir = os.path.commonpath([m.run_dir for m in sweep])
-    sweep_dir = os.path.commonpath([m.run_dir for m in everyone])
-    if sweep_dir != declared_dir:
-        fits_dir = os.path.join(sweep_dir, os.path.relpath(fits_dir, declared_dir))
-    sweep = everyone
-    options: dict = {"bootstrap": bootstrap, **({"unfittable": unfittable} if unfittable else {})}
-    fit_command = f"python -m tools.fit_scaling {sweep_dir} --out {fits_dir} --bootstrap {bootstrap}"
-    if unfittable:
-        fit_command += f" --unfittable {unfittable}"
-    if jax.process_index() != 0:
-        return
-    if not all_finished(sweep):
-        print(f"some members of the sweep are unfinished; once all are, fit with: {fit_command}")
-        return
-    print(f"all {len(sweep)} members finished; fitting: {fit_command}")
-    try:
-        fit_and_plot(sweep_dir, fits_dir, **options)
-    except JaxlmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(USAGE_ERROR)
 
 
 def wsd_branches(
