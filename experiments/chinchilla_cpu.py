@@ -51,7 +51,6 @@ single-batch training losses (2,048 bytes each), which scatter by +-0.5 nats. Pl
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,7 +80,7 @@ class FewerHeads:
         cfg = self.rule(base, n_params)
         divisors = [h for h in range(1, cfg.d_model + 1) if cfg.d_model % h == 0]
         heads = min(divisors, key=lambda h: (abs(cfg.d_model / h - self.head_dim), h))
-        return dataclasses.replace(cfg, n_heads=heads, n_kv_heads=heads)
+        return cfg.replace(n_heads=heads, n_kv_heads=heads)  # head_dim follows: d_model // heads
 
 
 # Widths in steps of 8 (so the ladder of sizes is fine enough at 4k-100k parameters), near 32 x depth.

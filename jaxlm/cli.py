@@ -38,7 +38,7 @@ class _SweepCommand:
 
 
 def _open(experiment: Experiment) -> Experiment:
-    """The experiment as the parser's default: model fields derived by a family rule left open (None), so that
+    """The experiment as the parser's default: model fields derived by rule left open (None), so that
     `--model.d-model 256` also changes d_ff, as it would in a config written with that width."""
     opened = copy.copy(experiment)
     object.__setattr__(opened, "model", experiment.model.open_derived())

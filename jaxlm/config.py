@@ -15,7 +15,16 @@ from typing import Any
 
 from jaxlm.errors import ConfigError
 
-FAMILIES = ("gpt2", "llama")
+POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+# A family is a preset of architecture features: it fills the features a config leaves as None.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "gpt2": dict(positions="learned", norm="layernorm", mlp="gelu", qk_norm=False, bias=True, tie_embeddings=True),
+    "llama": dict(positions="rope", norm="rmsnorm", mlp="swiglu", qk_norm=False, bias=False, tie_embeddings=False),
+    # Qwen3 ties its embeddings up to 4B parameters and unties them from 8B: set tie_embeddings=False for those.
+    "qwen3": dict(positions="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False, tie_embeddings=True),
+}
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("auto", "none", "full", "dots", "attn_mlp")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum", "blocked")
@@ -41,21 +50,33 @@ def _one_of(obj: Any, name: str, choices: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The Transformer. `family` picks GPT-2 or Llama defaults; None fields take the family's default."""
+    """The Transformer, described by its architecture features.
 
-    family: str = "gpt2"
+    `family` names a preset (FAMILIES) that fills every feature left as None; a feature given keeps its value, so
+    `ModelConfig(family="llama", mlp="gelu")` is a Llama with a GELU MLP. Shape fields left as None follow their
+    rule (n_kv_heads = n_heads, head_dim = d_model // n_heads, d_ff by the MLP).
+    """
+
+    family: str = "gpt2"  # the preset that fills the features left None: gpt2 | llama | qwen3
+    # Features (None: the family's).
+    positions: str | None = None  # learned (an embedding per position) | rope (rotary, on queries and keys)
+    norm: str | None = None  # layernorm (with a shift when `bias`) | rmsnorm
+    mlp: str | None = None  # gelu (tanh GELU, two matrices) | swiglu (SiLU-gated, three matrices)
+    qk_norm: bool | None = None  # RMSNorm on each head's queries and keys, before RoPE (Qwen3)
+    bias: bool | None = None  # biases on linear layers and LayerNorm
+    qkv_bias: bool | None = None  # bias on q, k, v only (None: same as `bias`)
+    tie_embeddings: bool | None = None  # the output matrix is the token embedding's transpose
+    # Shape.
     n_layers: int = 4
     d_model: int = 256
     n_heads: int = 4
     n_kv_heads: int | None = None  # None: n_heads (MHA); fewer: grouped-query attention
-    d_ff: int | None = None  # None: 4 d_model (GELU) or Llama's 8/3 d_model rounded up to 256 (SwiGLU)
+    head_dim: int | None = None  # None: d_model // n_heads; set, the heads' width is independent of d_model
+    d_ff: int | None = None  # None: 4 d_model (gelu) or Llama's 8/3 d_model rounded up to 256 (swiglu)
     vocab_size: int = 4096
     max_seq_len: int = 1024
     dropout: float = 0.0
     dtype: str = "float32"  # compute dtype; parameters are always float32
-    bias: bool | None = None  # biases on linear layers and LayerNorm; None: True for gpt2, False for llama
-    qkv_bias: bool | None = None  # bias on q, k, v only (None: same as `bias`)
-    tie_embeddings: bool | None = None  # None: tied for gpt2, untied for llama
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling_factor: float = 0.0  # > 0: Llama 3 frequency scaling of RoPE
@@ -75,62 +96,80 @@ class ModelConfig:
     attention: str = "auto"
 
     def __post_init__(self):
-        _one_of(self, "family", FAMILIES)
+        # Resolved here, so that asdict (config.json) holds every feature, and a config.json written before a
+        # feature existed (it has `family` only) loads to the same model and compares equal on resume.
+        _one_of(self, "family", tuple(FAMILIES))
+        for name, value in FAMILIES[self.family].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        _one_of(self, "positions", POSITIONS)
+        _one_of(self, "norm", NORMS)
+        _one_of(self, "mlp", MLPS)
         _positive(self, "n_layers", "d_model", "n_heads", "vocab_size", "max_seq_len", "norm_eps", "init_std")
-        llama = self.family == "llama"
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.head_dim is None:
+            _require(
+                self.d_model % self.n_heads == 0,
+                f"ModelConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads} (or set head_dim)",
+            )
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         if self.d_ff is None:
-            d_ff = 4 * self.d_model if not llama else 256 * -(-(8 * self.d_model // 3) // 256)
+            d_ff = 4 * self.d_model if self.mlp == "gelu" else 256 * -(-(8 * self.d_model // 3) // 256)
             object.__setattr__(self, "d_ff", d_ff)
-        if self.bias is None:
-            object.__setattr__(self, "bias", not llama)
         if self.qkv_bias is None:
             object.__setattr__(self, "qkv_bias", self.bias)
-        if self.tie_embeddings is None:
-            object.__setattr__(self, "tie_embeddings", not llama)
-        _positive(self, "n_kv_heads", "d_ff")
-        _require(
-            self.d_model % self.n_heads == 0,
-            f"ModelConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}",
-        )
+        _positive(self, "n_kv_heads", "head_dim", "d_ff")
         _require(
             self.n_heads % self.n_kv_heads == 0,
             f"ModelConfig.n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}",
         )
-        _require(self.head_dim % 2 == 0 or not llama, f"RoPE needs an even head_dim, got {self.head_dim}")
+        _require(
+            self.head_dim % 2 == 0 or self.positions != "rope",
+            f"ModelConfig.head_dim={self.head_dim}: RoPE needs an even head_dim",
+        )
         _require(0.0 <= self.dropout < 1.0, f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
         _one_of(self, "dtype", DTYPES)
         _one_of(self, "remat", REMAT_POLICIES)
         _one_of(self, "attention", ATTENTION_IMPLS)
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def architecture(self) -> str:
+        """The family, and the features where they differ from its preset: "llama", "gpt2 (bias=False)"."""
+        changed = [f"{k}={getattr(self, k)}" for k, v in FAMILIES[self.family].items() if getattr(self, k) != v]
+        return f"{self.family} ({', '.join(changed)})" if changed else self.family
 
-    def family_rule(self) -> ModelConfig:
-        """This config with every derived field given by its family's rule."""
-        return ModelConfig(**{**dataclasses.asdict(self), **{name: None for name in DERIVED_FIELDS}})
+    def rule(self, name: str) -> Any:
+        """The value the derived field `name` takes when left None, the other fields as they are (None when this
+        config has no valid value by rule, e.g. head_dim where d_model is not divisible by n_heads)."""
+        try:
+            return getattr(dataclasses.replace(self, **{name: None}), name)
+        except ConfigError:
+            return None
 
     def replace(self, **changes: Any) -> ModelConfig:
-        """`dataclasses.replace` that derives again the family defaults the changes leave open.
+        """`dataclasses.replace` that derives again the fields the changes leave open.
 
-        A field still at the value its family rule gave it (d_ff = 4 d_model, say) follows the new fields, so
-        `cfg.replace(d_model=256)` gets d_ff 1024; a field set to anything else keeps its value.
+        A field still at the value its rule gives it (d_ff = 4 d_model, say, or a feature of the family) follows
+        the new fields, so `cfg.replace(d_model=256)` gets d_ff 1024 and `cfg.replace(family="llama")` Llama's
+        features; a field set to anything else keeps its value.
         """
         return ModelConfig(**{**dataclasses.asdict(self.open_derived()), **changes})
 
     def open_derived(self) -> ModelConfig:
         """A copy whose derived fields still at their rule's value are None again (unvalidated: for parsers)."""
-        rule, opened = self.family_rule(), copy.copy(self)
+        opened = copy.copy(self)
         for name in DERIVED_FIELDS:
-            if getattr(self, name) == getattr(rule, name):
+            if getattr(self, name) == self.rule(name):
                 object.__setattr__(opened, name, None)
         return opened
 
 
-# Fields whose None means "the family's rule": resolved in __post_init__, derived again by ModelConfig.replace.
-DERIVED_FIELDS = ("n_kv_heads", "d_ff", "bias", "qkv_bias", "tie_embeddings")
+# Fields whose None means "by rule" (the family's preset, or a rule of the shape): resolved in __post_init__,
+# derived again by ModelConfig.replace and by command-line overrides (jaxlm.cli).
+DERIVED_FIELDS = (
+    "positions", "norm", "mlp", "qk_norm", "bias", "qkv_bias", "tie_embeddings", "n_kv_heads", "head_dim", "d_ff"
+)
 
 
 @dataclass(frozen=True)
@@ -323,5 +362,9 @@ PRESETS: dict[str, ModelConfig] = {
         family="llama", n_layers=16, d_model=2048, n_heads=32, n_kv_heads=8, d_ff=8192, vocab_size=128256,
         max_seq_len=131072, rope_theta=500000.0, norm_eps=1e-5, tie_embeddings=True,
         rope_scaling_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192,
+    ),
+    "qwen3-0.6b": ModelConfig(
+        family="qwen3", n_layers=28, d_model=1024, n_heads=16, n_kv_heads=8, head_dim=128, d_ff=3072,
+        vocab_size=151936, max_seq_len=40960, rope_theta=1e6, norm_eps=1e-6, tie_embeddings=True,
     ),
 }

@@ -15,28 +15,40 @@ from jaxlm.config import ModelConfig
 
 def _norm_params(cfg: ModelConfig) -> int:
     # LayerNorm has a scale and (with bias) a shift; RMSNorm a scale only.
-    return cfg.d_model * (2 if cfg.family == "gpt2" and cfg.bias else 1)
+    return cfg.d_model * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
+
+
+def mlp_matrices(cfg: ModelConfig) -> int:
+    """Weight matrices of the MLP: in and out for GELU; gate, up and out for SwiGLU."""
+    return 2 if cfg.mlp == "gelu" else 3
+
+
+def _attention_matrix_params(cfg: ModelConfig) -> int:
+    # Queries and the output projection are n_heads * head_dim wide, keys and values n_kv_heads * head_dim.
+    d, dh, h, k = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    return d * h * dh + 2 * d * k * dh + h * dh * d
 
 
 def layer_params(cfg: ModelConfig) -> int:
     """Parameters of one Transformer block."""
     d, dh, h, k, f = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff
-    attn = d * h * dh + 2 * d * k * dh + h * dh * d
+    attn = _attention_matrix_params(cfg)
     if cfg.qkv_bias:
         attn += (h + 2 * k) * dh
     if cfg.bias:
         attn += d
-    if cfg.family == "gpt2":
-        mlp = 2 * d * f + ((f + d) if cfg.bias else 0)
-    else:
-        mlp = 3 * d * f + ((2 * f + d) if cfg.bias else 0)
+    if cfg.qk_norm:
+        attn += 2 * dh  # one RMSNorm scale for queries, one for keys, shared by the heads
+    mlp = mlp_matrices(cfg) * d * f
+    if cfg.bias:
+        mlp += (mlp_matrices(cfg) - 1) * f + d
     return attn + mlp + 2 * _norm_params(cfg)
 
 
 def embedding_params(cfg: ModelConfig) -> int:
     """Token (and learned position) embeddings, plus the output matrix when it is not tied."""
     n = cfg.vocab_size * cfg.d_model
-    if cfg.family == "gpt2":
+    if cfg.positions == "learned":
         n += cfg.max_seq_len * cfg.d_model
     if not cfg.tie_embeddings:
         n += cfg.d_model * cfg.vocab_size
@@ -55,10 +67,8 @@ def count_nonembedding_params(cfg: ModelConfig) -> int:
 
 def matmul_params(cfg: ModelConfig) -> int:
     """Parameters that take part in a matmul per token: the blocks' weights and the output projection."""
-    d, dh, h, k, f = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff
-    attn = d * h * dh + 2 * d * k * dh + h * dh * d
-    mlp = (2 if cfg.family == "gpt2" else 3) * d * f
-    return cfg.n_layers * (attn + mlp) + d * cfg.vocab_size
+    mlp = mlp_matrices(cfg) * cfg.d_model * cfg.d_ff
+    return cfg.n_layers * (_attention_matrix_params(cfg) + mlp) + cfg.d_model * cfg.vocab_size
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -190,7 +200,7 @@ def chinchilla_flops_per_token(cfg: ModelConfig, seq_len: int, include_embedding
         n_heads=cfg.n_heads,
         key_size=cfg.head_dim,
         n_kv_heads=cfg.n_kv_heads,
-        mlp_matrices=2 if cfg.family == "gpt2" else 3,
+        mlp_matrices=mlp_matrices(cfg),
         include_embeddings=include_embeddings,
     )
     return per_sequence / seq_len

@@ -1,4 +1,5 @@
-"""Hugging Face interoperability: `GPT2LMHeadModel` and `LlamaForCausalLM` directories <-> jaxlm params.
+"""Hugging Face interoperability: `GPT2LMHeadModel`, `LlamaForCausalLM` and `Qwen3ForCausalLM` directories <->
+jaxlm params.
 
 A directory holds `config.json` and the weights, either `model.safetensors` or shards listed in
 `model.safetensors.index.json`. Only safetensors are read (never pickle); every tensor is mapped, and a tensor
@@ -8,6 +9,8 @@ How the layouts differ:
 - GPT-2's `Conv1D` stores weights as [in, out] and fuses q, k, v into one `c_attn` [D, 3D]; Llama's `nn.Linear`
   stores [out, in]. jaxlm keeps heads as their own axis: q [D, H, E], k and v [D, K, E], out [H, E, D].
 - jaxlm's RoPE rotates the pairs (i, i + E/2) as transformers' Llama does, so q and k need no permutation.
+- Qwen3 is Llama's layout plus `q_norm` and `k_norm` (jaxlm's `query_norm`, `key_norm`), each [head_dim].
+- Which class a jaxlm model is exported as follows from its features (`hf_model_type`), not its family name.
 - Biases HF's classes always have (GPT-2's) or have together (Llama's `attention_bias` covers q, k, v and the
   output projection) are written as zeros where the jaxlm model has none. `save_hf` also records jaxlm's own
   settings under a "jaxlm" key of config.json, so that `load_hf` drops those zero biases again and gives back
@@ -34,11 +37,11 @@ from jaxlm.model import init_params
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # Buffers that older checkpoints saved beside the weights; they are recomputed, not learned.
 _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 # jaxlm settings HF configs have no field for, restored from config.json's "jaxlm" entry.
-_JAXLM_ONLY_FIELDS = ("dropout", "dtype", "init_std", "remat", "scan_layers", "attention")
+_JAXLM_ONLY_FIELDS = ("family", "dropout", "dtype", "init_std", "remat", "scan_layers", "attention")
 
 Params = dict[str, Any]
 
@@ -65,8 +68,26 @@ def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+def hf_model_type(cfg: ModelConfig) -> str:
+    """The transformers model type that holds a model of these features: gpt2, llama or qwen3."""
+    features = (cfg.positions, cfg.norm, cfg.mlp)
+    if features == ("learned", "layernorm", "gelu") and not cfg.qk_norm:
+        if cfg.n_kv_heads != cfg.n_heads or cfg.n_heads * cfg.head_dim != cfg.d_model:
+            raise ConfigError(
+                "a GPT-2 with grouped-query attention or head_dim * n_heads != d_model has no Hugging Face GPT-2 "
+                "form: use n_kv_heads=n_heads and head_dim=None"
+            )
+        return "gpt2"
+    if features == ("rope", "rmsnorm", "swiglu"):
+        return "qwen3" if cfg.qk_norm else "llama"
+    raise ConfigError(
+        f"no Hugging Face class holds positions={cfg.positions}, norm={cfg.norm}, mlp={cfg.mlp}, "
+        f"qk_norm={cfg.qk_norm}: export the features of the gpt2, llama or qwen3 family"
+    )
+
+
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """The ModelConfig of a transformers config.json (as a dict) of a GPT-2 or Llama model."""
+    """The ModelConfig of a transformers config.json (as a dict) of a GPT-2, Llama or Qwen3 model."""
     model_type = hf.get("model_type")
     if model_type == "gpt2":
         act = hf.get("activation_function", "gelu_new")
@@ -76,45 +97,44 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             raise ConfigError("this GPT-2 scales attention differently from 1/sqrt(head_dim), which jaxlm does not")
         d_model = hf["n_embd"]
         return ModelConfig(
-            family="gpt2", n_layers=hf["n_layer"], d_model=d_model, n_heads=hf["n_head"],
-            d_ff=hf.get("n_inner") or 4 * d_model, vocab_size=hf["vocab_size"], max_seq_len=hf["n_positions"],
-            norm_eps=hf.get("layer_norm_epsilon", 1e-5), bias=True, qkv_bias=True,
-            tie_embeddings=hf.get("tie_word_embeddings", True),
+            family="gpt2", positions="learned", norm="layernorm", mlp="gelu", qk_norm=False, n_layers=hf["n_layer"],
+            d_model=d_model, n_heads=hf["n_head"], d_ff=hf.get("n_inner") or 4 * d_model,
+            vocab_size=hf["vocab_size"], max_seq_len=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            bias=True, qkv_bias=True, tie_embeddings=hf.get("tie_word_embeddings", True),
         )
-    if model_type == "llama":
+    if model_type in ("llama", "qwen3"):
         if hf.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"Llama activation {hf['hidden_act']!r} is not supported: jaxlm's SwiGLU uses silu")
+            raise ConfigError(f"activation {hf['hidden_act']!r} is not supported: jaxlm's SwiGLU uses silu")
+        qwen3 = model_type == "qwen3"
+        if qwen3 and hf.get("use_sliding_window"):
+            raise ConfigError("this Qwen3 uses sliding-window attention, which jaxlm does not implement")
         d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
-        if hf.get("head_dim") not in (None, d_model // n_heads):
-            raise ConfigError(
-                f"head_dim={hf['head_dim']} differs from hidden_size / num_attention_heads, which jaxlm needs"
-            )
+        # Without a head_dim entry, transformers' Llama divides d_model by the heads and its Qwen3 takes 128.
+        head_dim = hf.get("head_dim") or (128 if qwen3 else None)
         attention_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
         return ModelConfig(
-            family="llama", n_layers=hf["num_hidden_layers"], d_model=d_model, n_heads=n_heads,
-            n_kv_heads=hf.get("num_key_value_heads") or n_heads, d_ff=hf["intermediate_size"],
+            family=model_type, positions="rope", norm="rmsnorm", mlp="swiglu", qk_norm=qwen3,
+            n_layers=hf["num_hidden_layers"], d_model=d_model, n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads, head_dim=head_dim, d_ff=hf["intermediate_size"],
             vocab_size=hf["vocab_size"], max_seq_len=hf["max_position_embeddings"],
             norm_eps=hf.get("rms_norm_eps", 1e-6),
             # jaxlm's `bias` covers the output projection and the MLP; missing ones are loaded as zeros.
             bias=attention_bias or mlp_bias, qkv_bias=attention_bias,
             tie_embeddings=hf.get("tie_word_embeddings", False), **_rope_fields(hf),
         )
-    raise ConfigError(f"model_type {model_type!r} is not supported: jaxlm reads gpt2 and llama checkpoints")
+    raise ConfigError(f"model_type {model_type!r} is not supported: jaxlm reads gpt2, llama and qwen3 checkpoints")
 
 
 def config_to_hf(cfg: ModelConfig, bos_id: int | None = None, eos_id: int | None = None) -> dict[str, Any]:
     """A transformers config.json (as a dict) for `cfg`, with jaxlm's own settings under "jaxlm"."""
+    model_type = hf_model_type(cfg)
     common = {
-        "architectures": [ARCHITECTURES[cfg.family]], "model_type": cfg.family, "vocab_size": cfg.vocab_size,
+        "architectures": [ARCHITECTURES[model_type]], "model_type": model_type, "vocab_size": cfg.vocab_size,
         "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std, "bos_token_id": bos_id,
         "eos_token_id": eos_id, "dtype": "float32", "use_cache": True,
         "jaxlm": {"bias": cfg.bias, "qkv_bias": cfg.qkv_bias, **{k: getattr(cfg, k) for k in _JAXLM_ONLY_FIELDS}},
     }
-    if cfg.family == "gpt2":
-        if cfg.n_kv_heads != cfg.n_heads:
-            raise ConfigError(
-                "a GPT-2 with grouped-query attention has no Hugging Face GPT-2 form: use n_kv_heads=n_heads"
-            )
+    if model_type == "gpt2":
         return {
             **common, "n_layer": cfg.n_layers, "n_embd": cfg.d_model, "n_head": cfg.n_heads, "n_inner": cfg.d_ff,
             "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len, "activation_function": "gelu_new",
@@ -131,15 +151,17 @@ def config_to_hf(cfg: ModelConfig, bos_id: int | None = None, eos_id: int | None
             "original_max_position_embeddings": cfg.rope_original_max_len,
         }
         rope = {**scaling, "rope_theta": cfg.rope_theta}
-    return {
+    hf = {
         **common, "num_hidden_layers": cfg.n_layers, "hidden_size": cfg.d_model,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
         "intermediate_size": cfg.d_ff, "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        "hidden_act": "silu", "attention_bias": cfg.qkv_bias or cfg.bias, "mlp_bias": cfg.bias,
-        "attention_dropout": 0.0, "pretraining_tp": 1,
+        "hidden_act": "silu", "attention_bias": cfg.qkv_bias or cfg.bias, "attention_dropout": 0.0,
         # transformers 5 reads rope_parameters; earlier versions read rope_theta and rope_scaling.
         "rope_parameters": rope, "rope_theta": cfg.rope_theta, "rope_scaling": scaling,
     }
+    if model_type == "qwen3":  # no MLP biases (params_to_hf checks that jaxlm's are zero), full attention only
+        return {**hf, "use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers}
+    return {**hf, "mlp_bias": cfg.bias, "pretraining_tp": 1}
 
 
 # ---------------------------------------------------------------------------------------------------- tensors
@@ -205,7 +227,7 @@ def _apply_jaxlm_settings(cfg: ModelConfig, hf: dict[str, Any], t: _Tensors) -> 
     saved = hf.get("jaxlm") or {}
     changes = {k: saved[k] for k in _JAXLM_ONLY_FIELDS if k in saved}
     L = cfg.n_layers
-    if cfg.family == "gpt2":
+    if hf_model_type(cfg) == "gpt2":
         qkv_names = [f"h.{i}.attn.c_attn.bias" for i in range(L)]
         other = ("ln_1", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
         other_names = [f"h.{i}.{p}.bias" for i in range(L) for p in other]
@@ -281,6 +303,7 @@ def _gpt2_layer_to_hf(layer: Params, cfg: ModelConfig, i: int) -> dict[str, np.n
 
 
 def _llama_layer_from_hf(take: Callable[..., np.ndarray], cfg: ModelConfig, i: int) -> Params:
+    """Layer i of a Llama or (with qk_norm) Qwen3 checkpoint."""
     D, H, K, E, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
     p = f"layers.{i}."
     attn: Params = {
@@ -296,6 +319,9 @@ def _llama_layer_from_hf(take: Callable[..., np.ndarray], cfg: ModelConfig, i: i
     if cfg.qkv_bias:
         for name, x, n in (("query", "q", H), ("key", "k", K), ("value", "v", K)):
             attn[name]["bias"] = take(f"{p}self_attn.{x}_proj.bias", (n * E,)).reshape(n, E)
+    if cfg.qk_norm:
+        attn["query_norm"] = {"scale": take(p + "self_attn.q_norm.weight", (E,))}
+        attn["key_norm"] = {"scale": take(p + "self_attn.k_norm.weight", (E,))}
     if cfg.bias:
         # HF Llama ties o_proj's bias to attention_bias and the MLP's to mlp_bias: the one it lacks is zero.
         attn["out"]["bias"] = take(p + "self_attn.o_proj.bias", (D,), missing_is_zero=True)
@@ -329,9 +355,15 @@ def _llama_layer_to_hf(layer: Params, cfg: ModelConfig, i: int) -> dict[str, np.
             out[f"{p}self_attn.{x}_proj.bias"] = bias.reshape(-1)
     if cfg.qkv_bias or cfg.bias:
         out[p + "self_attn.o_proj.bias"] = attn["out"].get("bias", np.zeros(D, np.float32))
+    if cfg.qk_norm:
+        out[p + "self_attn.q_norm.weight"] = attn["query_norm"]["scale"]
+        out[p + "self_attn.k_norm.weight"] = attn["key_norm"]["scale"]
     if cfg.bias:
         for name, x in (("gate", "gate"), ("up", "up"), ("proj", "down")):
-            out[f"{p}mlp.{x}_proj.bias"] = mlp[name]["bias"]
+            if hf_model_type(cfg) == "llama":
+                out[f"{p}mlp.{x}_proj.bias"] = mlp[name]["bias"]
+            elif np.any(mlp[name]["bias"]):  # Qwen3 has no MLP biases: zeros (as load_hf gives them) may go
+                raise ConfigError("Qwen3ForCausalLM has no MLP biases and this model's are not zero: set bias=False")
     return out
 
 
@@ -355,7 +387,7 @@ def params_from_hf(cfg: ModelConfig, tensors: dict[str, np.ndarray] | _Tensors) 
     """jaxlm params (float32 numpy, laid out for `cfg.scan_layers`) from the tensors of a checkpoint of `cfg`."""
     t = tensors if isinstance(tensors, _Tensors) else _Tensors(tensors)
     D, V = cfg.d_model, cfg.vocab_size
-    if cfg.family == "gpt2":
+    if hf_model_type(cfg) == "gpt2":
         layers = [_gpt2_layer_from_hf(t.take, cfg, i) for i in range(cfg.n_layers)]
         params: Params = {
             "embed": {"embedding": t.take("wte.weight", (V, D))},
@@ -383,7 +415,7 @@ def params_to_hf(cfg: ModelConfig, params: Params, dtype: str = "float32") -> di
     """The tensors of the transformers model for `cfg`, by their transformers names."""
     layers = _unstack(params, cfg)
     host = jax.tree.map(np.asarray, {k: v for k, v in params.items() if not k.startswith("block")})
-    if cfg.family == "gpt2":
+    if hf_model_type(cfg) == "gpt2":
         final = host["final_norm"]
         tensors = {
             "transformer.wte.weight": host["embed"]["embedding"],

@@ -95,7 +95,8 @@ def init_lora(cfg: ModelConfig, params: Params, spec: LoraSpec, rng: jax.Array) 
     if missing:
         present = sorted({k for k in TARGETS if any(p[-1] == k for p, _, _ in _adapted(params, TARGETS))})
         raise ConfigError(
-            f"LoRA target {missing[0]!r} has no matrix in this {cfg.family} model: choose from {', '.join(present)}"
+            f"LoRA target {missing[0]!r} has no matrix in this model (its MLP is {cfg.mlp}): choose from "
+            f"{', '.join(present)}"
         )
     lora: Params = {}
     for i, (path, kernel, stacked) in enumerate(modules):

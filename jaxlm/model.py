@@ -1,4 +1,4 @@
-"""The Transformer: one configurable decoder covering the GPT-2 and Llama families.
+"""The Transformer: one configurable decoder, built from the architecture features of a `ModelConfig`.
 
     tokens_BT -> embed (+ learned positions) -> n_layers x Block -> final norm -> logits_BTV
     Block:  x + Attention(norm(x)),  then  x + MLP(norm(x))        (pre-norm, residual dropout)
@@ -6,10 +6,17 @@
 For generation the same modules also fill and read a `KVCache`, the keys and values of every earlier token, so
 that each new token costs one position's work instead of a pass over the whole sequence.
 
-| ModelConfig.family | positions | norm | MLP | attention | output matrix |
-|---|---|---|---|---|---|
-| gpt2  | learned | LayerNorm (bias) | GELU (tanh), 4x | MHA | tied to the embedding |
-| llama | RoPE    | RMSNorm          | SwiGLU          | MHA or GQA | separate |
+The code reads the features; a family (`ModelConfig.family`) is only a preset of them:
+
+| feature | what it chooses | gpt2 | llama | qwen3 |
+|---|---|---|---|---|
+| positions | learned embedding added to the tokens, or RoPE on q and k | learned | rope | rope |
+| norm | LayerNorm (shift when `bias`) or RMSNorm | layernorm | rmsnorm | rmsnorm |
+| mlp | tanh GELU (2 matrices) or SwiGLU (3 matrices) | gelu, 4x | swiglu | swiglu |
+| qk_norm | RMSNorm over each head's queries and keys, before RoPE | no | no | yes |
+| bias, qkv_bias | biases on linear layers (and LayerNorm); on q, k, v | yes | no | no |
+| tie_embeddings | output matrix = token embedding | yes | no | yes (to 4B) |
+| n_kv_heads, head_dim | grouped-query attention; head width apart from d_model | MHA | MHA or GQA | GQA, 128 wide |
 
 Shapes carry their axes in their names: B batch, T time (query), S time (key), D model width, H query heads,
 K key/value heads, G = H // K, E head dim, F MLP width, V vocab, L layers.
@@ -48,12 +55,17 @@ def _ones(names: tuple[str, ...]):
 
 
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
-    if cfg.family == "gpt2":
+    if cfg.norm == "layernorm":
         return nn.LayerNorm(
             epsilon=cfg.norm_eps, use_bias=cfg.bias, dtype=jnp.float32, name=name,
             scale_init=_ones(("embed",)), bias_init=_zeros(("embed",)),
         )
     return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, name=name, scale_init=_ones(("embed",)))
+
+
+def head_norm(cfg: ModelConfig, name: str) -> nn.Module:
+    """RMSNorm over the last (head_dim) axis, one scale shared by all heads: `qk_norm`'s norm of q and k."""
+    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, name=name, scale_init=_ones(("head_dim",)))
 
 
 def rope_frequencies(cfg: ModelConfig) -> Array:
@@ -215,7 +227,11 @@ class Attention(nn.Module):
         q_BTHE = proj("query", cfg.n_heads, "heads")(x_ND).reshape(B, T, cfg.n_heads, cfg.head_dim)
         k_BTKE = proj("key", cfg.n_kv_heads, "kv_heads")(x_ND).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
         v_BTKE = proj("value", cfg.n_kv_heads, "kv_heads")(x_ND).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
-        if cfg.family == "llama":
+        if cfg.qk_norm:
+            # Each head's queries and keys scaled to unit RMS: the attention logits cannot grow with the weights.
+            q_BTHE = head_norm(cfg, "query_norm")(q_BTHE).astype(dtype)
+            k_BTKE = head_norm(cfg, "key_norm")(k_BTKE).astype(dtype)
+        if cfg.positions == "rope":
             inv_freq = rope_frequencies(cfg)
             q_BTHE, k_BTKE = apply_rope(q_BTHE, positions_BT, inv_freq), apply_rope(k_BTKE, positions_BT, inv_freq)
 
@@ -259,9 +275,9 @@ class MLP(nn.Module):
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)  # N = B*T tokens as one matrix, as in Attention
-        if cfg.family == "gpt2":
+        if cfg.mlp == "gelu":
             h_NF = nn.gelu(dense("fc", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_ND), approximate=True)
-        else:
+        else:  # swiglu
             gate_NF = dense("gate", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_ND)
             up_NF = dense("up", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_ND)
             h_NF = nn.silu(gate_NF) * up_NF
@@ -379,7 +395,7 @@ class Transformer(nn.Module):
             cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, name="embed", embedding_init=_param_init(cfg.init_std, ("vocab", "embed"))
         )
         x_BTD = embed(tokens_BT)
-        if cfg.family == "gpt2":
+        if cfg.positions == "learned":
             x_BTD = x_BTD + nn.Embed(
                 cfg.max_seq_len, cfg.d_model, name="pos_embed",
                 embedding_init=_param_init(cfg.init_std, ("seq", "embed")),

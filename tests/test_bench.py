@@ -93,8 +93,12 @@ def test_torch_without_pytorch_fails_before_compiling(monkeypatch):
             family="llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, vocab_size=50, max_seq_len=16,
             rope_scaling_factor=8.0, rope_original_max_len=8,
         ),
+        ModelConfig(
+            family="qwen3", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, head_dim=12, vocab_size=50,
+            max_seq_len=16, tie_embeddings=False,
+        ),
     ],
-    ids=["gpt2", "gpt2-nobias", "llama-gqa"],
+    ids=["gpt2", "gpt2-nobias", "llama-gqa", "qwen3"],
 )
 def test_torch_reference_computes_jaxlm_logits(cfg):
     """The reference must be the same model: with jaxlm's weights copied in, the same logits."""
@@ -115,6 +119,16 @@ def test_torch_reference_computes_jaxlm_logits(cfg):
     with torch.no_grad():
         got = model(torch.from_numpy(tokens.astype(np.int64))).numpy()
     np.testing.assert_allclose(got, expected, atol=5e-5, rtol=5e-5)
+
+
+def test_torch_reference_refuses_what_it_does_not_implement():
+    pytest.importorskip("torch")
+    from tools.bench import torch_reference
+
+    cfg = ModelConfig(n_layers=1, d_model=32, n_heads=4, vocab_size=50, max_seq_len=16)
+    object.__setattr__(cfg, "positions", "alibi")  # a feature value jaxlm might learn before the reference does
+    with pytest.raises(ConfigError, match="does not implement positions='alibi'"):
+        torch_reference.TorchTransformer(cfg)
 
 
 def test_profile_puts_each_operation_in_a_model_part(capsys):

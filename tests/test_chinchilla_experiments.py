@@ -29,7 +29,7 @@ def hand_flops_per_token(m: Experiment) -> float:
     c, T = m.model, m.data.seq_len
     d, h, k, e = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
     attention = d * h * e + 2 * d * k * e + h * e * d
-    mlp = (2 if c.family == "gpt2" else 3) * d * c.d_ff
+    mlp = (2 if c.mlp == "gelu" else 3) * d * c.d_ff
     weights = c.n_layers * (attention + mlp) + d * c.vocab_size
     return 6.0 * weights + 12.0 * c.n_layers * h * e * T
 
@@ -38,11 +38,13 @@ def hand_params(m: Experiment) -> int:
     """Parameter count from the shapes (GPT-2: LayerNorms with biases, tied; Llama: RMSNorm, no biases, untied)."""
     c = m.model
     d, f, V = c.d_model, c.d_ff, c.vocab_size
-    if c.family == "gpt2":
+    if c.positions == "learned":
+        assert (c.norm, c.mlp) == ("layernorm", "gelu")
         assert c.tie_embeddings and c.bias and c.n_kv_heads == c.n_heads
         block = (4 * d * d + 4 * d) + (2 * d * f + f + d) + 4 * d
         return V * d + c.max_seq_len * d + c.n_layers * block + 2 * d
-    assert not c.tie_embeddings and not c.bias
+    assert (c.positions, c.norm, c.mlp) == ("rope", "rmsnorm", "swiglu")
+    assert not c.tie_embeddings and not c.bias and not c.qk_norm
     kv = c.n_kv_heads * c.head_dim
     block = (2 * d * d + 2 * d * kv) + 3 * d * f + 2 * d
     return 2 * V * d + c.n_layers * block + d

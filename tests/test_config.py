@@ -1,6 +1,7 @@
 """Config validation and the command line's handling of bad input."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import sys
 import pytest
 
 from jaxlm.cli import parse
-from jaxlm.config import DataConfig, Experiment, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+from jaxlm.config import PRESETS, DataConfig, Experiment, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from jaxlm.errors import ConfigError, JaxlmError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +22,11 @@ INVALID = [
     (lambda: OptimConfig(lr=-1e-3), "lr must be positive"),
     (lambda: TrainConfig(steps=0), "steps must be positive"),
     (lambda: DataConfig(batch_size=0), "batch_size must be positive"),
-    (lambda: ModelConfig(family="gpt3"), "family='gpt3'"),
+    (lambda: ModelConfig(family="gpt3"), "ModelConfig.family='gpt3' is not one of gpt2, llama, qwen3"),
+    (lambda: ModelConfig(norm="batchnorm"), "ModelConfig.norm='batchnorm' is not one of layernorm, rmsnorm"),
+    (lambda: ModelConfig(family="llama", positions="alibi"), "ModelConfig.positions='alibi' is not one of learned, rope"),
+    (lambda: ModelConfig(mlp="relu"), "ModelConfig.mlp='relu' is not one of gelu, swiglu"),
+    (lambda: ModelConfig(family="qwen3", head_dim=7), "RoPE needs an even head_dim"),
     (lambda: OptimConfig(schedule="linear"), "schedule='linear'"),
     (lambda: ModelConfig(remat="some"), "remat"),
     (lambda: MeshConfig(data=-1, fsdp=-1), "at most one"),
@@ -40,8 +45,19 @@ def test_invalid_configs_raise_config_error(make, message):
 def test_family_defaults_resolve():
     gpt2 = ModelConfig(family="gpt2", d_model=64, n_heads=4)
     llama = ModelConfig(family="llama", d_model=64, n_heads=4)
+    qwen3 = ModelConfig(family="qwen3", d_model=64, n_heads=4, n_kv_heads=2, head_dim=32)
     assert (gpt2.d_ff, gpt2.n_kv_heads, gpt2.bias, gpt2.tie_embeddings) == (256, 4, True, True)
+    assert (gpt2.positions, gpt2.norm, gpt2.mlp, gpt2.qk_norm, gpt2.head_dim) == ("learned", "layernorm", "gelu", False, 16)
     assert (llama.d_ff, llama.bias, llama.tie_embeddings) == (256, False, False)
+    assert (llama.positions, llama.norm, llama.mlp, llama.qk_norm) == ("rope", "rmsnorm", "swiglu", False)
+    assert (qwen3.positions, qwen3.norm, qwen3.mlp, qwen3.qk_norm) == ("rope", "rmsnorm", "swiglu", True)
+    assert (qwen3.bias, qwen3.qkv_bias, qwen3.head_dim, qwen3.d_ff) == (False, False, 32, 256)
+    # A feature the config gives is kept; the rules that hang on it follow it (d_ff on the MLP).
+    gelu_llama = ModelConfig(family="llama", d_model=64, n_heads=4, mlp="gelu", qk_norm=True)
+    assert (gelu_llama.mlp, gelu_llama.d_ff, gelu_llama.qk_norm, gelu_llama.positions) == ("gelu", 256, True, "rope")
+    assert ModelConfig(family="llama", d_model=384, mlp="gelu").d_ff == 1536
+    assert ModelConfig(family="gpt2", d_model=384, mlp="swiglu").d_ff == 1024  # 8/3 x 384 rounded up to 256
+    assert gelu_llama.architecture == "llama (mlp=gelu, qk_norm=True)" and llama.architecture == "llama"
 
 
 def test_derived_fields_follow_overrides_unless_set():
@@ -54,14 +70,63 @@ def test_derived_fields_follow_overrides_unless_set():
     llama = cfg.replace(family="llama")
     assert (llama.bias, llama.tie_embeddings, llama.d_ff) == (False, False, 512)
     [exp] = parse(Experiment(model=cfg), ["--model.d-model", "192", "--model.n-heads", "6"])
-    assert (exp.model.d_ff, exp.model.n_kv_heads) == (768, 6)
+    assert (exp.model.d_ff, exp.model.n_kv_heads, exp.model.head_dim) == (768, 6, 32)
+    # Features follow the family unless set; head_dim follows d_model unless set (Qwen3's 128 is set).
+    qwen3 = cfg.replace(family="qwen3")
+    assert (qwen3.qk_norm, qwen3.norm, qwen3.tie_embeddings, qwen3.head_dim) == (True, "rmsnorm", True, 32)
+    assert cfg.replace(family="llama", norm="layernorm").norm == "layernorm"
+    assert cfg.replace(mlp="swiglu").d_ff == 512 and cfg.replace(mlp="swiglu", family="llama").mlp == "swiglu"
+    assert cfg.replace(family="llama", mlp="gelu").replace(family="gpt2").mlp == "gelu"  # no longer Llama's rule
+    wide = PRESETS["qwen3-0.6b"].replace(d_model=2048)
+    assert (wide.head_dim, wide.d_ff, wide.n_kv_heads, wide.qk_norm) == (128, 3072, 8, True)
+    [exp] = parse(Experiment(model=cfg), ["--model.family", "llama"])
+    assert exp.model == ModelConfig(family="llama", d_model=128, n_heads=4)
+    [exp] = parse(Experiment(model=cfg), ["--model.family", "qwen3", "--model.head-dim", "64", "--model.d-model", "256"])
+    assert (exp.model.qk_norm, exp.model.head_dim, exp.model.d_ff, exp.model.positions) == (True, 64, 768, "rope")
 
 
 def test_config_round_trips_through_json():
     exp = Experiment(name="x", model=ModelConfig(family="llama", n_kv_heads=2), optim=OptimConfig(schedule="wsd"))
-    import json
-
     assert Experiment.from_dict(json.loads(exp.to_json())) == exp
+
+
+# The model sections of config.json files written before ModelConfig named its features (family only).
+OLD_MODEL_JSON = {
+    "llama": {
+        "attention": "auto", "bias": False, "d_ff": 384, "d_model": 128, "dropout": 0.0, "dtype": "float32",
+        "family": "llama", "init_std": 0.02, "max_seq_len": 256, "n_heads": 4, "n_kv_heads": 2, "n_layers": 4,
+        "norm_eps": 1e-05, "qkv_bias": False, "remat": "auto", "rope_high_freq_factor": 4.0,
+        "rope_low_freq_factor": 1.0, "rope_original_max_len": 8192, "rope_scaling_factor": 0.0,
+        "rope_theta": 10000.0, "scan_layers": True, "tie_embeddings": False, "vocab_size": 2048,
+    },
+    "gpt2": {
+        "attention": "auto", "bias": True, "d_ff": 512, "d_model": 128, "dropout": 0.0, "dtype": "float32",
+        "family": "gpt2", "init_std": 0.02, "max_seq_len": 256, "n_heads": 4, "n_kv_heads": 4, "n_layers": 4,
+        "norm_eps": 1e-05, "qkv_bias": True, "remat": "auto", "rope_high_freq_factor": 4.0,
+        "rope_low_freq_factor": 1.0, "rope_original_max_len": 8192, "rope_scaling_factor": 0.0,
+        "rope_theta": 10000.0, "scan_layers": True, "tie_embeddings": True, "vocab_size": 2048,
+    },
+}
+
+
+@pytest.mark.parametrize("family", sorted(OLD_MODEL_JSON))
+def test_a_config_json_from_before_features_loads_and_resumes(family, tmp_path):
+    from jaxlm.checkpoint import write_or_check_config
+
+    model = ModelConfig(family=family, n_layers=4, d_model=128, n_heads=4, vocab_size=2048, max_seq_len=256,
+                        **(dict(n_kv_heads=2, d_ff=384) if family == "llama" else {}))
+    experiment = Experiment(
+        name="old", model=model, data=DataConfig(vocab_size=2048, seq_len=128), train=TrainConfig(out_dir=str(tmp_path))
+    )
+    old = {**experiment.to_dict(), "model": OLD_MODEL_JSON[family]}
+    assert Experiment.from_dict(old) == experiment
+    # A run directory of the old config resumes under the new code, and vice versa nothing else does.
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    assert write_or_check_config(experiment) is True
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with pytest.raises(JaxlmError, match="model.qk_norm: False -> True"):
+        write_or_check_config(dataclasses.replace(experiment, model=model.replace(qk_norm=True)))
 
 
 def test_overrides_apply_to_the_experiment_and_to_every_sweep_member():

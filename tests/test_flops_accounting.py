@@ -108,3 +108,21 @@ def test_six_n_total_and_nonembedding():
     block = 2 * d + 4 * d * d + 3 * d * 64
     assert six_n_flops_per_token(llama, nonembedding=True) == 6 * (2 * block + d)
     assert six_n_flops_per_token(llama) == 6 * (2 * block + d + 2 * vocab * d)
+
+
+def test_qwen3_counts_by_hand():
+    # Qwen3: queries and output n_heads * head_dim wide, keys and values n_kv_heads * head_dim, head_dim apart
+    # from d_model; an RMSNorm scale of head_dim for q and one for k per layer; SwiGLU; tied embeddings.
+    d, h, k, e, f, vocab = 32, 4, 2, 24, 48, 50
+    cfg = ModelConfig(family="qwen3", n_layers=2, d_model=d, n_heads=h, n_kv_heads=k, head_dim=e, d_ff=f,
+                      vocab_size=vocab)
+    attention = d * h * e + 2 * d * k * e + h * e * d
+    block = 2 * d + attention + 2 * e + 3 * d * f
+    assert six_n_flops_per_token(cfg, nonembedding=True) == 6 * (2 * block + d)
+    assert six_n_flops_per_token(cfg) == 6 * (2 * block + d + vocab * d)
+    s = 16
+    forward = 2 * (2 * s * d * e * (h + 2 * k) + 2 * s * s * e * h + 3 * h * s * s + 2 * s * s * e * h
+                   + 2 * s * e * h * d + 2 * s * 3 * d * f)
+    assert chinchilla_flops_per_token(cfg, s, include_embeddings=False) == pytest.approx(3 * forward / s)
+    # Kaplan's N is the blocks' matmul weights: with head_dim apart from d_model, d_attn = n_heads * head_dim.
+    assert kaplan_params(cfg) == 2 * (attention + 3 * d * f)

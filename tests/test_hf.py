@@ -8,10 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm.config import ModelConfig
+from jaxlm.config import PRESETS, ModelConfig
 from jaxlm.errors import ConfigError
+from jaxlm.flops import count_params
 from jaxlm.generate import generate
-from jaxlm.hf import load_hf, save_hf
+from jaxlm.hf import config_from_hf, load_hf, save_hf
 from jaxlm.model import forward
 from jaxlm.model import init_params as _init_params
 
@@ -40,6 +41,16 @@ def _llama(**kw):
     return transformers.LlamaConfig(**{**base, **kw})
 
 
+def _qwen3(**kw):
+    # head_dim 16, not hidden_size / heads = 8: the heads' width is independent of d_model.
+    base = dict(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=48, vocab_size=V, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=1e4,
+        bos_token_id=1, eos_token_id=EOS, pad_token_id=0,
+    )
+    return transformers.Qwen3Config(**{**base, **kw})
+
+
 HF_CONFIGS = {
     "gpt2-tied": lambda: _gpt2(),
     "gpt2-untied": lambda: _gpt2(tie_word_embeddings=False),
@@ -52,6 +63,9 @@ HF_CONFIGS = {
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
         },
     ),
+    "llama-head-dim": lambda: _llama(head_dim=16),
+    "qwen3-tied": lambda: _qwen3(tie_word_embeddings=True),
+    "qwen3-untied": lambda: _qwen3(tie_word_embeddings=False, num_key_value_heads=1),
 }
 
 
@@ -119,6 +133,7 @@ def test_save_then_transformers_and_load_hf_round_trip(hf_dir, tmp_path):
     cfg, params = load_hf(path)
     save_hf(cfg, params, str(tmp_path))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is type(model)
     np.testing.assert_allclose(_hf_logits(reloaded, TOKENS), _hf_logits(model, TOKENS), atol=1e-5, rtol=0)
     cfg2, params2 = load_hf(str(tmp_path))
     assert cfg2 == cfg
@@ -140,6 +155,11 @@ JAXLM_CONFIGS = {
         family="llama", n_layers=1, d_model=32, n_heads=2, vocab_size=V, max_seq_len=32, bias=True, qkv_bias=False,
         tie_embeddings=True, init_std=0.1, rope_scaling_factor=4.0, rope_original_max_len=16,
     ),
+    # Qwen3 with q, k, v biases (HF's attention_bias also gives o_proj one, written as zeros), untied.
+    "qwen3-qkv-bias": ModelConfig(
+        family="qwen3", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, head_dim=12, d_ff=48, vocab_size=V,
+        max_seq_len=32, qkv_bias=True, tie_embeddings=False, rope_theta=1e6, norm_eps=1e-6, init_std=0.1,
+    ),
 }
 
 
@@ -159,6 +179,48 @@ def test_export_of_jaxlm_models(name, tmp_path):
     cfg2, params2 = load_hf(str(tmp_path))
     assert cfg2 == cfg
     assert _same_params(params2, params)
+
+
+def test_exported_classes_follow_the_features(tmp_path):
+    params_of = lambda cfg: init_params(cfg, jax.random.key(0))  # noqa: E731
+    qwen3 = JAXLM_CONFIGS["qwen3-qkv-bias"]
+    save_hf(qwen3, params_of(qwen3), str(tmp_path / "qwen3"))
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "qwen3")).__name__ == "Qwen3ForCausalLM"
+    # A Llama family config with Qwen3's features is a Qwen3 (and comes back as the config that was saved).
+    like_qwen3 = ModelConfig(family="llama", n_layers=1, d_model=32, n_heads=4, d_ff=48, vocab_size=V, qk_norm=True)
+    save_hf(like_qwen3, params_of(like_qwen3), str(tmp_path / "like"))
+    assert json.loads((tmp_path / "like" / "config.json").read_text())["model_type"] == "qwen3"
+    assert load_hf(str(tmp_path / "like"))[0] == like_qwen3
+    # Features no transformers class holds are refused, not exported as something else.
+    for cfg, message in [
+        (ModelConfig(n_layers=1, d_model=32, vocab_size=V, positions="rope"), "no Hugging Face class holds"),
+        (ModelConfig(n_layers=1, d_model=32, vocab_size=V, qk_norm=True), "no Hugging Face class holds"),
+        (ModelConfig(n_layers=1, d_model=32, vocab_size=V, head_dim=16), "head_dim"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            save_hf(cfg, params_of(cfg), str(tmp_path / "refused"))
+    # Qwen3 has no MLP biases: zero ones may be left out, others may not.
+    biased = dataclasses.replace(like_qwen3, bias=True)
+    params = jax.tree.map(np.asarray, params_of(biased))
+    save_hf(biased, params, str(tmp_path / "zero-mlp-bias"))
+    params["blocks"]["mlp"]["up"]["bias"] = params["blocks"]["mlp"]["up"]["bias"] + 1.0
+    with pytest.raises(ConfigError, match="no MLP biases"):
+        save_hf(biased, params, str(tmp_path / "mlp-bias"))
+
+
+def test_qwen3_preset_has_the_shape_and_count_of_transformers_qwen3_0_6b():
+    # Qwen3-0.6B's published config.json, built into the transformers model on the meta device (no weights).
+    hf_config = transformers.Qwen3Config(
+        vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, attention_bias=False,
+    )
+    with torch.device("meta"):
+        model = transformers.Qwen3ForCausalLM(hf_config)
+    n = sum(p.numel() for p in model.parameters())  # the tied output matrix is counted once
+    assert n == 596_049_920
+    assert count_params(PRESETS["qwen3-0.6b"]) == n
+    assert config_from_hf(hf_config.to_dict()) == PRESETS["qwen3-0.6b"]
 
 
 def test_bfloat16_export(tmp_path):

@@ -132,5 +132,5 @@ def test_bad_specs_are_config_errors():
     with pytest.raises(ConfigError, match="rank"):
         lora.LoraSpec(rank=0)
     spec = lora.LoraSpec(targets=("gate",))
-    with pytest.raises(ConfigError, match="'gate' has no matrix in this gpt2 model"):
+    with pytest.raises(ConfigError, match="'gate' has no matrix in this model \\(its MLP is gelu\\)"):
         lora.init_lora(GPT2, init_params(GPT2, jax.random.key(0)), spec, jax.random.key(1))

@@ -16,8 +16,10 @@ from jaxlm.model import (
 
 def tiny(family: str, **kw) -> ModelConfig:
     base = dict(family=family, n_layers=2, d_model=32, n_heads=4, vocab_size=61, max_seq_len=24)
-    if family == "llama":
+    if family in ("llama", "qwen3"):
         base.update(n_kv_heads=2, d_ff=48, rope_theta=500.0)
+    if family == "qwen3":
+        base.update(head_dim=12)  # not d_model / n_heads = 8: the heads' width is independent of d_model
     base.update(kw)
     return ModelConfig(**base)
 
@@ -55,11 +57,11 @@ def np_forward(cfg: ModelConfig, params, tokens):
     B, T = tokens.shape
     H, K, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     x = p["embed"]["embedding"][tokens]
-    if cfg.family == "gpt2":
+    if cfg.positions == "learned":
         x = x + p["pos_embed"]["embedding"][np.arange(T)][None]
 
     def norm(x, q):
-        if cfg.family == "gpt2":
+        if cfg.norm == "layernorm":
             return np_layernorm(x, q["scale"], q.get("bias"), cfg.norm_eps)
         return np_rmsnorm(x, q["scale"], cfg.norm_eps)
 
@@ -75,7 +77,10 @@ def np_forward(cfg: ModelConfig, params, tokens):
             qh = dense(h[b], q["attn"]["query"], "td,dhe->the")
             kh = dense(h[b], q["attn"]["key"], "td,dke->tke")
             vh = dense(h[b], q["attn"]["value"], "td,dke->tke")
-            if cfg.family == "llama":
+            if cfg.qk_norm:
+                qh = np_rmsnorm(qh, q["attn"]["query_norm"]["scale"], cfg.norm_eps)
+                kh = np_rmsnorm(kh, q["attn"]["key_norm"]["scale"], cfg.norm_eps)
+            if cfg.positions == "rope":
                 qh, kh = np_rope(qh, np.arange(T), cfg.rope_theta), np_rope(kh, np.arange(T), cfg.rope_theta)
             for head in range(H):
                 kv = head // (H // K)
@@ -86,7 +91,7 @@ def np_forward(cfg: ModelConfig, params, tokens):
                 out[b, :, head] = w @ vh[:, kv]
         x = x + dense(out, q["attn"]["out"], "bthe,hed->btd")
         h = norm(x, q["mlp_norm"])
-        if cfg.family == "gpt2":
+        if cfg.mlp == "gelu":
             m = np_gelu_tanh(dense(h, q["mlp"]["fc"], "btd,df->btf"))
         else:
             g = dense(h, q["mlp"]["gate"], "btd,df->btf")
@@ -100,8 +105,9 @@ def np_forward(cfg: ModelConfig, params, tokens):
 
 @pytest.mark.parametrize(
     "cfg",
-    [tiny("gpt2"), tiny("gpt2", bias=False), tiny("llama"), tiny("llama", tie_embeddings=True, n_kv_heads=1)],
-    ids=["gpt2", "gpt2-nobias", "llama-gqa", "llama-mqa-tied"],
+    [tiny("gpt2"), tiny("gpt2", bias=False), tiny("llama"), tiny("llama", tie_embeddings=True, n_kv_heads=1),
+     tiny("qwen3"), tiny("qwen3", tie_embeddings=False), tiny("gpt2", positions="rope", mlp="swiglu", qk_norm=True)],
+    ids=["gpt2", "gpt2-nobias", "llama-gqa", "llama-mqa-tied", "qwen3-tied", "qwen3-untied", "gpt2-mixed-features"],
 )
 def test_forward_matches_numpy(cfg):
     params = init_params(cfg, jax.random.key(1))
@@ -116,7 +122,7 @@ def test_forward_matches_numpy(cfg):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3"])
 @pytest.mark.parametrize("attention", ["xla", "einsum", "blocked"])
 def test_causality_through_gradients(family, attention):
     cfg = tiny(family, attention=attention)
@@ -184,7 +190,8 @@ def test_auto_settings_resolve_for_the_backend():
 @pytest.mark.parametrize(
     "cfg",
     [tiny("gpt2"), tiny("gpt2", bias=False, tie_embeddings=False), tiny("llama"), tiny("llama", bias=True),
-     tiny("llama", qkv_bias=True, tie_embeddings=True), tiny("gpt2", scan_layers=False)],
+     tiny("llama", qkv_bias=True, tie_embeddings=True), tiny("gpt2", scan_layers=False), tiny("qwen3"),
+     tiny("qwen3", bias=True, tie_embeddings=False), tiny("llama", norm="layernorm", bias=True, qkv_bias=False)],
 )
 def test_count_params_matches_initialised_model(cfg):
     params = init_params(cfg, jax.random.key(0))
@@ -193,7 +200,7 @@ def test_count_params_matches_initialised_model(cfg):
 
 def test_presets_have_published_counts():
     published = {"gpt2-124m": 124_439_808, "gpt2-355m": 354_823_168, "llama2-7b": 6_738_415_616,
-                 "llama3.2-1b": 1_235_814_400}
+                 "llama3.2-1b": 1_235_814_400, "qwen3-0.6b": 596_049_920}  # tests/test_hf.py counts qwen3-0.6b too
     for name, n in published.items():
         assert count_params(PRESETS[name]) == n, name
     for name in ("gpt2-774m", "gpt2-1.5b", "llama3-8b"):

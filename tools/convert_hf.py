@@ -9,8 +9,8 @@ from it with `python -m tools.sample --run`, or start training from its weights 
 A model without tokenizer.model (GPT-2's tokenizer is not sentencepiece) needs `--tokenizer`: a .model file, or
 any DataConfig.tokenizer value, knowing that a tokenizer other than the model's own makes its weights meaningless.
 
---from-run writes a directory that transformers loads with `from_pretrained` (GPT2LMHeadModel or
-LlamaForCausalLM) from the run's latest checkpoint (or a checkpoints/<step> directory), with the run's
+--from-run writes a directory that transformers loads with `from_pretrained` (GPT2LMHeadModel, LlamaForCausalLM
+or Qwen3ForCausalLM, by the model's features) from the run's latest checkpoint (or a checkpoints/<step> directory), with the run's
 sentencepiece tokenizer as tokenizer.model and its bos and eos ids in config.json.
 Bad input prints one line on stderr and exits with status 2.
 """

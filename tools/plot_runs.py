@@ -38,7 +38,7 @@ def load_run(run_dir: str, x: str = "tokens") -> dict[str, Any]:
     val = [r["val_loss"] for r in evals]
     return {
         "label": os.path.basename(os.path.normpath(run_dir)),
-        "family": experiment.model.family,
+        "architecture": experiment.model.architecture,
         "params": flops.count_params(experiment.model),
         "steps": max([r["step"] for r in train + evals]),
         "planned_steps": experiment.train.steps,
@@ -58,10 +58,10 @@ def _fmt(value: float | None, spec: str) -> str:
 def print_table(runs: Sequence[dict[str, Any]]) -> None:
     from jaxlm.logging import print_grid
 
-    rows = [[r["label"], r["family"], f"{r['params']:,}", f"{r['steps']}/{r['planned_steps']}",
+    rows = [[r["label"], r["architecture"], f"{r['params']:,}", f"{r['steps']}/{r['planned_steps']}",
              f"{r['steps'] * r['tokens_per_step']:,}", _fmt(r["last_loss"], ".4f"), _fmt(r["last_val"], ".4f"),
              _fmt(r["best_val"], ".4f"), _fmt(r["tokens_per_sec"], ",.0f")] for r in runs]
-    print_grid(["run", "family", "params", "steps", "tokens", "train loss", "val loss", "best val", "tokens/s"], rows)
+    print_grid(["run", "architecture", "params", "steps", "tokens", "train loss", "val loss", "best val", "tokens/s"], rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,14 +34,10 @@ def _member_train(base: Experiment, name: str, steps: int):
     )
 
 
-def _family_d_ff(cfg: ModelConfig) -> int:
-    return ModelConfig(family=cfg.family, d_model=cfg.d_model, n_heads=cfg.n_heads).d_ff
-
-
 def reshape_model(base: ModelConfig, n_layers: int, d_model: int, head_dim: int) -> ModelConfig:
     """`base` with a new depth and width and heads of `head_dim`, built afresh so that derived fields resolve.
 
-    A default d_ff stays the family default; a custom one keeps its ratio to d_model. Grouped-query attention
+    A d_ff by rule (4 d_model for GELU, Llama's for SwiGLU) stays by rule; a custom one keeps its ratio to d_model. Grouped-query attention
     keeps (as near as the head count allows) its group size.
     """
     heads = d_model // head_dim
@@ -52,9 +48,9 @@ def reshape_model(base: ModelConfig, n_layers: int, d_model: int, head_dim: int)
             f"that is a multiple of {group * head_dim}"
         )
     kv = heads // group
-    d_ff = None if base.d_ff == _family_d_ff(base) else max(1, round(base.d_ff * d_model / base.d_model))
+    d_ff = None if base.d_ff == base.rule("d_ff") else max(1, round(base.d_ff * d_model / base.d_model))
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(ModelConfig)}
-    fields.update(n_layers=n_layers, d_model=d_model, n_heads=heads, n_kv_heads=kv, d_ff=d_ff)
+    fields.update(n_layers=n_layers, d_model=d_model, n_heads=heads, n_kv_heads=kv, head_dim=head_dim, d_ff=d_ff)
     return ModelConfig(**fields)
 
 

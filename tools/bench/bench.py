@@ -309,7 +309,7 @@ def bench_train(
     record.update({
         "benchmark": "train", "experiment": experiment.name, "date": _now(),
         "device": jax.devices()[0].device_kind, "device_count": jax.device_count(), "jax_version": jax.__version__,
-        "family": m.family, "n_layers": m.n_layers, "d_model": m.d_model, "n_heads": m.n_heads,
+        "architecture": m.architecture, "n_layers": m.n_layers, "d_model": m.d_model, "n_heads": m.n_heads,
         "vocab_size": m.vocab_size, "seq_len": d.seq_len, "batch_size": d.batch_size, "dtype": m.dtype,
         **_settings(experiment), "scan_layers": m.scan_layers,
         "grad_accum": experiment.train.grad_accum, "params": flops.count_params(m),
@@ -346,7 +346,7 @@ def print_train(record: dict[str, Any]) -> None:
     r = record
     spread = f"p10 {r['step_ms_p10']:.1f} / p90 {r['step_ms_p90']:.1f} / min {r['step_ms_min']:.1f} ms"
     rows = [
-        ("model", f"{r['family']} {r['n_layers']}L d{r['d_model']} h{r['n_heads']} V{r['vocab_size']} "
+        ("model", f"{r['architecture']} {r['n_layers']}L d{r['d_model']} h{r['n_heads']} V{r['vocab_size']} "
                   f"({r['params']:,} params, {r['dtype']}, remat {r['remat']}, scan {r['scan_layers']}, "
                   f"attention {r['attention']})"),
         ("batch", f"{r['batch_size']} x {r['seq_len']} tokens, grad_accum {r['grad_accum']}"),

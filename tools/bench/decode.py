@@ -72,7 +72,7 @@ def benchmark_decode(
     cached_tps = batch * (new_tokens - 1) / decode_s
     uncached_tps = batch * steps / uncached_s
     return {
-        "family": cfg.family,
+        "architecture": cfg.architecture,
         "n_layers": cfg.n_layers,
         "d_model": cfg.d_model,
         "vocab_size": cfg.vocab_size,

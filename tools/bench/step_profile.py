@@ -72,7 +72,7 @@ def hlo_instructions(hlo_text: str) -> dict[str, Instruction]:
 
 def part_of(path: str) -> str:
     """The model part an operation's source path belongs to (one of PARTS)."""
-    if "/attn/" in path:
+    if "/attn/" in path and "_norm/" not in path:  # qk_norm's query_norm and key_norm count as norms
         return "attention projections" if _PROJECTIONS.search(path) else "attention"
     if "/mlp/" in path:
         return "mlp"

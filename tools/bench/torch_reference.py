@@ -1,9 +1,10 @@
 """A PyTorch reference of jaxlm's Transformer and train step, for comparing step times in the same process.
 
 It is the loop a PyTorch user would otherwise write (nanoGPT style, eager mode): the same architecture and
-dimensions as `jaxlm.model.Transformer` for a `ModelConfig` (pre-norm blocks; GPT-2: learned positions,
-LayerNorm, tanh GELU, tied embeddings; Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention), causal
-`scaled_dot_product_attention`, AdamW with weight decay on matrices only, and global-norm clipping.
+dimensions as `jaxlm.model.Transformer` for a `ModelConfig`, read from its features (pre-norm blocks; learned
+positions or RoPE; LayerNorm or RMSNorm; tanh GELU or SwiGLU; q/k RMSNorm; grouped-query attention; tied or
+separate output matrix), causal `scaled_dot_product_attention`, AdamW with weight decay on matrices only, and
+global-norm clipping. A feature value it does not implement is a ConfigError, never a different model.
 It exists for benchmarks (`python -m tools.bench train --torch`); torch is not a dependency of jaxlm.
 """
 
@@ -17,6 +18,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from jaxlm.config import Experiment, ModelConfig
+from jaxlm.errors import ConfigError
+
+# The feature values this reference implements; jaxlm may know more.
+IMPLEMENTED = {"positions": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu")}
+
+
+def check_implemented(cfg: ModelConfig) -> None:
+    for name, values in IMPLEMENTED.items():
+        if getattr(cfg, name) not in values:
+            raise ConfigError(
+                f"the PyTorch reference does not implement {name}={getattr(cfg, name)!r} (only {', '.join(values)}): "
+                "compare without --torch"
+            )
 
 
 class _RMSNorm(nn.Module):
@@ -30,7 +44,7 @@ class _RMSNorm(nn.Module):
 
 
 def _norm(cfg: ModelConfig) -> nn.Module:
-    if cfg.family == "gpt2":
+    if cfg.norm == "layernorm":
         return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
     return _RMSNorm(cfg.d_model, cfg.norm_eps)
 
@@ -65,6 +79,8 @@ class _Attention(nn.Module):
         # One fused q|k|v matrix, as nanoGPT does: the same parameters as jaxlm's three projections.
         self.qkv = nn.Linear(cfg.d_model, (h + 2 * k) * e, bias=cfg.qkv_bias)
         self.out = nn.Linear(h * e, cfg.d_model, bias=cfg.bias)
+        self.q_norm = _RMSNorm(e, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = _RMSNorm(e, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, rope):
         cfg = self.cfg
@@ -74,6 +90,8 @@ class _Attention(nn.Module):
         q = q.view(B, T, h, e).transpose(1, 2)
         kk = kk.view(B, T, k, e).transpose(1, 2)
         v = v.view(B, T, k, e).transpose(1, 2)
+        if self.q_norm is not None:
+            q, kk = self.q_norm(q), self.k_norm(kk)
         if rope is not None:
             q, kk = _rotate(q, *rope), _rotate(kk, *rope)
         y = F.scaled_dot_product_attention(q, kk, v, is_causal=True, enable_gqa=h != k)
@@ -83,15 +101,15 @@ class _Attention(nn.Module):
 class _MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gpt2 = cfg.family == "gpt2"
-        if self.gpt2:
+        self.gelu = cfg.mlp == "gelu"
+        if self.gelu:
             self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         else:
             self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x):
-        if self.gpt2:
+        if self.gelu:
             return self.proj(F.gelu(self.fc(x), approximate="tanh"))
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.proj(F.silu(gate) * up)
@@ -113,9 +131,10 @@ class TorchTransformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        check_implemented(cfg)
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.family == "gpt2" else None
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
         self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = _norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -183,7 +202,10 @@ def load_jaxlm_params(model: TorchTransformer, params: dict) -> None:
         block.attn.out.weight.copy_(t(attn["out"]["kernel"]).reshape(-1, cfg.d_model).T)
         if block.attn.out.bias is not None:
             block.attn.out.bias.copy_(t(attn["out"]["bias"]))
-        if cfg.family == "gpt2":
+        if block.attn.q_norm is not None:
+            block.attn.q_norm.weight.copy_(t(attn["query_norm"]["scale"]))
+            block.attn.k_norm.weight.copy_(t(attn["key_norm"]["scale"]))
+        if block.mlp.gelu:
             block.mlp.fc.weight.copy_(t(mlp["fc"]["kernel"]).T)
             if block.mlp.fc.bias is not None:
                 block.mlp.fc.bias.copy_(t(mlp["fc"]["bias"]))
