@@ -181,7 +181,12 @@ def listdir(path: str | os.PathLike) -> list[str]:
         _forget_listings(path)
         if not _path(path).is_dir():  # gcsfs lists a file as itself
             raise FileNotFoundError(errno.ENOENT, "no such directory", path)
-        return sorted({p.name for p in _path(path).iterdir()})
+        if not _is_gcs(path):
+            return sorted({p.name for p in _path(path).iterdir()})
+        # The console and gcsfuse mark a folder with an empty object `dir/`, which gcsfs lists inside `dir`.
+        itself = path[len("gs://") :].rstrip("/")
+        entries = (entry.rstrip("/") for entry in _gcs().ls(path, detail=False))
+        return sorted({entry.rsplit("/", 1)[-1] for entry in entries if entry != itself})
 
 
 def makedirs(path: str | os.PathLike) -> None:

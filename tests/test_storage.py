@@ -178,6 +178,18 @@ def test_sees_what_other_clients_write(gcs):
     assert storage.getsize(storage.join(gcs, "a.txt")) == len("a, rewritten longer")
 
 
+def test_folder_placeholders(gcs):
+    """The Cloud Console and gcsfuse create a folder as an empty object named `folder/`: it is not in its own listing."""
+    from google.cloud import storage as gcs_client
+
+    bucket_name, prefix = gcs.removeprefix("gs://").split("/", 1)
+    bucket = gcs_client.Client().bucket(bucket_name)
+    bucket.blob(f"{prefix}/run/").upload_from_string(b"")
+    assert storage.isdir(storage.join(gcs, "run")) and storage.listdir(storage.join(gcs, "run")) == []
+    storage.write_text(storage.join(gcs, "run", "config.json"), "{}")
+    assert storage.listdir(storage.join(gcs, "run")) == ["config.json"] and storage.listdir(gcs) == ["run"]
+
+
 class _IteratorState:
     """A JSON-able state in grain's iterator-state handler, as jaxlm.checkpoint stores the data position."""
 
