@@ -16,6 +16,10 @@ class DataError(JaxlmError):
     """A corpus, tokenizer or data file that cannot be used."""
 
 
+class StorageError(JaxlmError):
+    """A path that cannot be used: a missing bucket, missing permissions or credentials, a full disk."""
+
+
 class CheckpointError(JaxlmError, RuntimeError):
     """A checkpoint that is missing, unreadable, or from another configuration."""
 

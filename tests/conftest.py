@@ -23,3 +23,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+
+# A local GCS API server for gs:// tests (fixtures `gcs_server`, `gcs`); importing it also keeps gcsfs from probing
+# the emulator over gRPC (see tests/gcs.py).
+from tests.gcs import gcs, gcs_server  # noqa: F401

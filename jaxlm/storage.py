@@ -1,0 +1,413 @@
+"""Paths that may be local or cloud URIs (`gs://bucket/run`), through etils.epath.
+
+Every path jaxlm reads or writes goes through these helpers, so a run directory, a corpus or a tokenizer may live
+on local disk or in a bucket. A URI is never handed to `os.path` (`os.path.abspath("gs://b/run")` is
+`$PWD/gs:/b/run`).
+
+What differs on Cloud Storage, and how these helpers deal with it:
+
+- There are no directories, only objects whose names share a prefix: `makedirs` checks that the bucket exists
+  and creates nothing (gcsfs would create a missing bucket); a directory exists once an object is under it.
+- A single object upload is atomic (readers see the old object or the new one), so `write_text_atomic` is a plain
+  upload there; locally it writes a temporary file and renames it.
+- Objects cannot be appended to: `append_line` uploads the line as a small object and composes the two server-side
+  (https://cloud.google.com/storage/docs/composite-objects), so appending costs the line, not the whole file. It
+  assumes one writer per file, as jaxlm's metrics files have (process 0).
+- gcsfs caches directory listings and object sizes per process, which goes stale when another process or client
+  (tensorstore, another host) writes: each helper forgets the cached listings of the path it is given first.
+- A write that raises uploads nothing: the old object, if any, stays.
+- A missing bucket, a permission error, and a full disk become a one-line `StorageError`; a missing file stays a
+  `FileNotFoundError`, as it is locally.
+
+etils reaches gs:// through gcsfs (fsspec) when TensorFlow is not installed, and through tf.io.gfile when it is.
+Credentials and endpoints are what the Google clients read themselves: application default credentials, and
+`STORAGE_EMULATOR_HOST` (gcsfs, google-cloud-storage) or `TENSORSTORE_GCS_HTTP_URL` (tensorstore, orbax's
+arrays) for a local GCS API server.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import io
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from typing import IO, Any
+
+from etils import epath
+
+from jaxlm.errors import StorageError
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_uri(path: str | os.PathLike) -> bool:
+    """Whether `path` is a URI such as `gs://bucket/dir` (rather than a local path)."""
+    return bool(_URI.match(os.fspath(path)))
+
+
+def _is_gcs(path: str) -> bool:
+    return path.startswith("gs://")
+
+
+def join(*parts: str | os.PathLike) -> str:
+    """Join path components like os.path.join; a URI is joined with '/' and keeps its `scheme://`.
+
+    As with os.path.join, a later URI or absolute local path starts the path again; an absolute local path after a
+    URI is an error rather than a silent jump to the local disk.
+    """
+    if not parts:
+        raise TypeError("join() needs at least one part")
+    texts = [os.fspath(p) for p in parts]
+    start = max((i for i, t in enumerate(texts) if is_uri(t)), default=None)
+    if start is None:
+        return os.path.join(*texts)
+    base, rest = texts[start], texts[start + 1 :]
+    for part in rest:
+        if part.startswith("/"):
+            raise ValueError(f"cannot join the absolute path {part!r} to the URI {base!r}")
+    return posixpath.join(base, *rest) if rest else base
+
+
+def abspath(path: str | os.PathLike) -> str:
+    """os.path.abspath for local paths; a URI is returned as it is."""
+    text = os.fspath(path)
+    return text if is_uri(text) else os.path.abspath(text)
+
+
+def _bucket(path: str) -> str:
+    return path[len("gs://") :].split("/", 1)[0]
+
+
+def _gcs() -> Any:
+    """The gcsfs filesystem etils uses for gs:// (fsspec returns one cached instance for the same arguments)."""
+    import fsspec
+
+    return fsspec.filesystem("gcs", finalize_on_close=True)
+
+
+def _forget_listings(path: str) -> None:
+    """Drop gcsfs's cached listings of `path` and its parents, so that others' writes are seen."""
+    if _is_gcs(path):
+        _gcs().invalidate_cache(path)
+
+
+def _forbidden(e: BaseException) -> bool:
+    if isinstance(e, PermissionError):
+        return True
+    code = getattr(e, "code", None)  # gcsfs HttpError, google.api_core exceptions
+    if code in (401, 403):
+        return True
+    text = str(e)
+    return type(e) is OSError and text.startswith(("Forbidden", "Unauthorized"))  # gcsfs: 403 -> OSError
+
+
+def _storage_error(path: str, action: str, e: BaseException) -> StorageError | None:
+    """The StorageError that `e` (raised while doing `action` on `path`) stands for, or None to let it pass."""
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    if _forbidden(e):
+        where = f"the bucket gs://{_bucket(path)}" if _is_gcs(path) else "it"
+        return StorageError(
+            f"permission denied to {action} {path} ({first_line}): give this machine's credentials access to "
+            f"{where}, or choose another path"
+        )
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageError(f"no space left to {action} {path}: free some space or choose another path")
+    if isinstance(e, FileNotFoundError) and _is_gcs(path):
+        try:
+            bucket_exists = _gcs().exists(_bucket(path))
+        except Exception as check:  # noqa: BLE001  (a bucket we may not even look at)
+            return _storage_error(path, action, check) if _forbidden(check) else None
+        if not bucket_exists:
+            return StorageError(
+                f"the bucket gs://{_bucket(path)} does not exist (cannot {action} {path}): create it "
+                f"(`gcloud storage buckets create gs://{_bucket(path)}`) or correct the path"
+            )
+    if type(e).__name__ == "DefaultCredentialsError":
+        return StorageError(
+            f"no Google Cloud credentials to {action} {path}: run `gcloud auth application-default login`, or run "
+            "on a VM whose service account may use the bucket"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def _errors(path: str, action: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception as e:
+        error = _storage_error(path, action, e)
+        if error is None:
+            raise
+        raise error from None
+
+
+def _path(path: str | os.PathLike) -> epath.Path:
+    return epath.Path(os.fspath(path))
+
+
+def exists(path: str | os.PathLike) -> bool:
+    path = os.fspath(path)
+    with _errors(path, "read"):
+        _forget_listings(path)
+        return _path(path).exists()
+
+
+def isdir(path: str | os.PathLike) -> bool:
+    """Whether `path` is a directory; on Cloud Storage, whether any object's name starts with `path/`."""
+    path = os.fspath(path)
+    with _errors(path, "read"):
+        _forget_listings(path)
+        return _path(path).is_dir()
+
+
+def isfile(path: str | os.PathLike) -> bool:
+    path = os.fspath(path)
+    with _errors(path, "read"):
+        _forget_listings(path)
+        return _path(path).is_file()
+
+
+def listdir(path: str | os.PathLike) -> list[str]:
+    """The names (not paths) in a directory, sorted; FileNotFoundError when there is none."""
+    path = os.fspath(path)
+    with _errors(path, "list"):
+        _forget_listings(path)
+        if not _path(path).is_dir():  # gcsfs lists a file as itself
+            raise FileNotFoundError(errno.ENOENT, "no such directory", path)
+        if not _is_gcs(path):
+            return sorted({p.name for p in _path(path).iterdir()})
+        # The console and gcsfuse mark a folder with an empty object `dir/`, which gcsfs lists inside `dir`.
+        itself = path[len("gs://") :].rstrip("/")
+        entries = (entry.rstrip("/") for entry in _gcs().ls(path, detail=False))
+        return sorted({entry.rsplit("/", 1)[-1] for entry in entries if entry != itself})
+
+
+def makedirs(path: str | os.PathLike) -> None:
+    """Create a local directory and its parents (existing ones are fine); on Cloud Storage, check the bucket.
+
+    Cloud Storage has no directories to create; gcsfs would create a missing bucket, which for a misspelt path is
+    the wrong thing to do.
+    """
+    path = os.fspath(path)
+    with _errors(path, "create"):
+        if _is_gcs(path):
+            if not _gcs().exists(_bucket(path)):
+                raise FileNotFoundError(errno.ENOENT, "no such bucket", path)
+        elif is_uri(path):
+            _path(path).mkdir(parents=True, exist_ok=True)
+        else:
+            os.makedirs(path, exist_ok=True)
+
+
+def open(path: str | os.PathLike, mode: str = "r") -> contextlib.AbstractContextManager[IO[Any]]:
+    """Open a file to read ('r', 'rb'), write ('w', 'wb') or, locally, append ('a', 'ab'); use it in a `with`.
+
+    Text is UTF-8. On Cloud Storage a written file is uploaded when the block ends, and nothing is uploaded when
+    the block raises (the old object, if any, stays); appending there is `append_line`.
+    """
+    if mode not in ("r", "rb", "w", "wb", "a", "ab"):
+        raise ValueError(f"storage.open mode is one of r, rb, w, wb, a, ab, not {mode!r}")
+    path = os.fspath(path)
+    if "a" in mode and is_uri(path):
+        raise ValueError(f"cannot append to {path}: objects in cloud storage are written whole; use append_line")
+    return _open(path, mode)
+
+
+@contextlib.contextmanager
+def _open(path: str, mode: str) -> Iterator[IO[Any]]:
+    with _errors(path, "read" if "r" in mode else "write"):
+        _forget_listings(path)
+        encoding = None if "b" in mode else "utf-8"
+        if not _is_gcs(path):
+            with (_path(path).open(mode) if is_uri(path) else builtins.open(path, mode, encoding=encoding)) as f:
+                yield f
+            return
+        raw = _gcs().open(path, mode[0] + "b")
+        f = raw if encoding is None else io.TextIOWrapper(raw, encoding=encoding)
+        if "r" in mode:
+            with f:
+                yield f
+            return
+        try:
+            yield f
+        except BaseException:
+            # Closing a gcsfs file uploads what was written: cancel the upload instead.
+            with contextlib.suppress(Exception):
+                if f is not raw:
+                    f.flush()
+                raw.discard()
+            raw.closed = True
+            f.close()
+            raise
+        f.close()
+        _forget_listings(path)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    with open(path, "r") as f:
+        return f.read()
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _temporary_name(path: str) -> str:
+    """A name beside `path` for a file that will replace it (the same file system, so the rename is atomic)."""
+    return f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace a file's content so that readers (and a crash) see the old content or the new, never a part.
+
+    Locally: a temporary file beside it, flushed to disk, then renamed over it. On Cloud Storage one upload
+    already is atomic.
+    """
+    path = os.fspath(path)
+    if is_uri(path):
+        write_text(path, text)
+        return
+    with _errors(path, "write"):
+        tmp = _temporary_name(path)
+        try:
+            with builtins.open(tmp, "x", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line (a newline is added) to a text file, creating it if needed.
+
+    On Cloud Storage the line is uploaded as a small object that is then composed onto the end of the file on the
+    server, so each append moves only the line. One writer per file: two processes appending at once can lose a
+    line.
+    """
+    path = os.fspath(path)
+    if "\n" in line:
+        raise ValueError(f"append_line takes a single line, not {line!r}")
+    data = (line + "\n").encode()
+    with _errors(path, "write"):
+        if not _is_gcs(path):
+            if is_uri(path):
+                raise NotImplementedError(f"append_line supports local paths and gs:// URIs, not {path}")
+            with builtins.open(path, "ab") as f:
+                f.write(data)
+            return
+        fs = _gcs()
+        fs.invalidate_cache(path)
+        if not fs.exists(path):
+            fs.pipe_file(path, data)
+            return
+        part = f"{path}.append-{uuid.uuid4().hex}"
+        fs.pipe_file(part, data)
+        try:
+            fs.merge(path, [path, part])
+        finally:
+            fs.rm_file(part)
+            fs.invalidate_cache(path)
+
+
+def getsize(path: str | os.PathLike) -> int:
+    """A file's size in bytes."""
+    path = os.fspath(path)
+    with _errors(path, "read"):
+        _forget_listings(path)
+        if not is_uri(path):
+            return os.path.getsize(path)
+        size = _path(path).stat().length
+        if size is None:
+            raise IsADirectoryError(errno.EISDIR, "a directory has no size", path)
+        return int(size)
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Delete a file (FileNotFoundError if there is none)."""
+    path = os.fspath(path)
+    with _errors(path, "delete"):
+        _forget_listings(path)
+        if is_uri(path):
+            if not _path(path).is_file():
+                raise FileNotFoundError(errno.ENOENT, "no such file", path)
+            _path(path).unlink()
+        else:
+            os.remove(path)
+        _forget_listings(path)
+
+
+def rmtree(path: str | os.PathLike, missing_ok: bool = False) -> None:
+    """Delete a directory and everything under it."""
+    path = os.fspath(path)
+    with _errors(path, "delete"):
+        _forget_listings(path)
+        if is_uri(path):
+            if not _path(path).is_dir():
+                if missing_ok:
+                    return
+                raise FileNotFoundError(errno.ENOENT, "no such directory", path)
+            _path(path).rmtree()
+        else:
+            try:
+                shutil.rmtree(path)
+            except FileNotFoundError:
+                if not missing_ok:
+                    raise
+        _forget_listings(path)
+
+
+@contextlib.contextmanager
+def local_copy(path: str | os.PathLike, mode: str = "r") -> Iterator[str]:
+    """A local filename for `path`, for libraries that only take one (sentencepiece's model file, say).
+
+    mode 'r': a local file with `path`'s content (a local path is given as it is; a URI is downloaded into a
+    temporary directory). mode 'w': a local file to write, which becomes `path` (renamed or uploaded) when the block
+    ends without an error; when it raises, `path` is left as it was.
+    """
+    if mode not in ("r", "w"):
+        raise ValueError(f"local_copy mode is 'r' or 'w', not {mode!r}")
+    path = os.fspath(path)
+    if not is_uri(path) and mode == "r":
+        yield path
+        return
+    if not is_uri(path):
+        tmp = _temporary_name(path)
+        try:
+            yield tmp
+            with _errors(path, "write"):
+                os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        return
+    with tempfile.TemporaryDirectory(prefix="jaxlm-") as tmp:
+        local = os.path.join(tmp, posixpath.basename(path.rstrip("/")) or "file")
+        if mode == "r":
+            with open(path, "rb") as src, builtins.open(local, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        yield local
+        if mode == "w":
+            with builtins.open(local, "rb") as src, open(path, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
