@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ import numpy as np
 
 from jaxlm.config import DataConfig, Experiment, ModelConfig
 from jaxlm.errors import ConfigError, DataError
-from jaxlm.model import forward
+from jaxlm.model import bits_per_byte, forward, token_loss_sums
 
 SPLITS = ("train", "validation")
 
@@ -68,10 +67,7 @@ def _token_losses(cfg: ModelConfig, params: Any, batch: dict[str, jax.Array]) ->
     logits_BTV = forward(
         cfg, params, batch["inputs"], positions_BT=batch.get("positions"), segment_ids_BT=batch.get("segment_ids")
     )
-    logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
-    nll_BT = -jnp.take_along_axis(logp_BTV, batch["targets"][..., None], axis=-1)[..., 0]
-    weights_BT = (batch["segment_ids"] > 0) if "segment_ids" in batch else jnp.ones_like(nll_BT, dtype=bool)
-    return jnp.sum(nll_BT * weights_BT), jnp.sum(weights_BT).astype(jnp.float32)
+    return token_loss_sums(logits_BTV, batch)
 
 
 def lm_metrics(
@@ -115,7 +111,7 @@ def lm_metrics(
     bytes_per_token = prepared.stats[pipeline_split]["bytes_per_token"]
     return {
         "source": data.source, "split": split, "batches": n, "tokens": int(count), "loss": loss,
-        "perplexity": math.exp(loss), "bits_per_byte": loss / math.log(2) / bytes_per_token,
+        "perplexity": math.exp(loss), "bits_per_byte": bits_per_byte(loss, bytes_per_token),
         "bytes_per_token": bytes_per_token,
     }
 
@@ -132,37 +128,26 @@ class ChoiceItem:
 
 def read_choices(path: str) -> list[ChoiceItem]:
     """Items of a JSONL file in the HellaSwag layout: `ctx` (str), `endings` (list of str), `label` (index)."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path} does not exist: give a .jsonl file with ctx, endings and label on each line")
+    from jaxlm.finetune.data import read_jsonl
+
     items = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object")
-            for key in ("ctx", "endings", "label"):
-                if key not in record:
-                    raise DataError(f"{where}: missing field {key!r} (each line needs ctx, endings and label)")
-            ctx, endings, label = record["ctx"], record["endings"], record["label"]
-            if not isinstance(ctx, str):
-                raise DataError(f"{where}: ctx must be a string")
-            if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) and e for e in endings):
-                raise DataError(f"{where}: endings must be a list of at least two non-empty strings")
-            try:
-                label = int(label)
-            except (TypeError, ValueError):
-                raise DataError(f"{where}: label {label!r} is not an index into endings") from None
-            if not 0 <= label < len(endings):
-                raise DataError(f"{where}: label {label} is outside the {len(endings)} endings")
-            items.append(ChoiceItem(ctx, tuple(endings), label))
-    if not items:
-        raise DataError(f"{path} holds no items")
+    for line_no, record in read_jsonl(path):
+        where = f"{path}:{line_no}"
+        for key in ("ctx", "endings", "label"):
+            if key not in record:
+                raise DataError(f"{where}: missing field {key!r} (each line needs ctx, endings and label)")
+        ctx, endings, label = record["ctx"], record["endings"], record["label"]
+        if not isinstance(ctx, str):
+            raise DataError(f"{where}: ctx must be a string")
+        if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) and e for e in endings):
+            raise DataError(f"{where}: endings must be a list of at least two non-empty strings")
+        try:
+            label = int(label)
+        except (TypeError, ValueError):
+            raise DataError(f"{where}: label {label!r} is not an index into endings") from None
+        if not 0 <= label < len(endings):
+            raise DataError(f"{where}: label {label} is outside the {len(endings)} endings")
+        items.append(ChoiceItem(ctx, tuple(endings), label))
     return items
 
 

@@ -13,7 +13,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxlm.config import Experiment
 from jaxlm.errors import CheckpointError
@@ -22,6 +21,7 @@ from jaxlm.finetune.config import CLASSIFIER_FILE, LABELS_FILE, FinetuneConfig, 
 from jaxlm.finetune.data import ClassifySplit, classify_epoch, encode_classify, fixed_batches, label_ids, read_table
 from jaxlm.finetune.rundir import load_tree, read_run, save_tree
 from jaxlm.finetune.task import FinetuneTask
+from jaxlm.model import token_loss_sums
 from jaxlm.train import fit
 
 
@@ -133,8 +133,9 @@ class Classification(FinetuneTask):
         )
 
     def loss(self, params, frozen, batch, rng):
-        losses = optax.softmax_cross_entropy_with_integer_labels(self._logits(params, frozen, batch, rng), batch["labels"])
-        return jnp.sum(losses), jnp.float32(losses.shape[0])
+        # The class is the one "next token" of each example: the token loss with a vocabulary of classes.
+        logits_B1C = self._logits(params, frozen, batch, rng)[:, None]
+        return token_loss_sums(logits_B1C, {"targets": batch["labels"][:, None]})
 
     def eval_batches(self):
         if "validation" not in self.splits:
@@ -146,10 +147,10 @@ class Classification(FinetuneTask):
 
     def eval_sums(self, params, frozen, batch):
         logits = self._logits(params, frozen, batch, None)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-        correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
         valid = batch["valid"]
-        return {"loss": jnp.sum(losses * valid), "correct": jnp.sum(correct * valid), "count": jnp.sum(valid)}
+        loss_sum, count = token_loss_sums(logits[:, None], {"targets": batch["labels"][:, None], "weights": valid[:, None]})
+        correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
+        return {"loss": loss_sum, "correct": jnp.sum(correct * valid), "count": count}
 
     def eval_row(self, sums):
         return {"val_loss": sums["loss"] / sums["count"], "val_accuracy": sums["correct"] / sums["count"]}
