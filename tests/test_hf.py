@@ -94,6 +94,7 @@ def test_logits_match_transformers(hf_dir):
         assert np.abs(np.asarray(forward(plain, params, TOKENS)) - got).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_greedy_generation_matches_transformers(hf_dir):
     path, model = hf_dir
     cfg, params = load_hf(path)
@@ -143,6 +144,7 @@ JAXLM_CONFIGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(JAXLM_CONFIGS))
 def test_export_of_jaxlm_models(name, tmp_path):
     cfg = JAXLM_CONFIGS[name]
@@ -161,6 +163,7 @@ def test_export_of_jaxlm_models(name, tmp_path):
     assert _same_params(params2, params)
 
 
+@pytest.mark.slow
 def test_bfloat16_export(tmp_path):
     cfg = JAXLM_CONFIGS["llama-qkv-bias-only"]
     params = init_params(cfg, jax.random.key(0))
@@ -196,6 +199,7 @@ def test_unusable_directories_are_clear_errors(tmp_path):
         load_hf(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_convert_tool_both_ways_and_sample_tool(tmp_path, capsys):
     from jaxlm.checkpoint import load_params
     from tools.convert_hf import from_run, to_jaxlm
