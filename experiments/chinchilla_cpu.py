@@ -9,8 +9,9 @@ embeddings included, as Hoffmann et al. 2022 do). Every member trains on D = C /
 batches of 16 x 128 under a cosine schedule as long as the run (peak 3e-3 for all, 5% warmup, 10x decay), and is
 scored by its final validation loss (nats per byte) on the same 64 x 16 x 128 held-out bytes.
 
-Cost: 2.15e13 training FLOPs and 56k steps in all; the smallest budget's members run 495 to 4,987 steps; the
-most any member reads is 2.5 epochs of the 10.9M training bytes (the smallest model of the largest budget).
+Cost: 2.15e13 training FLOPs and 56k steps in all, 37.5 minutes on two shared CPU cores; the smallest
+budget's members run 495 to 4,987 steps; the most any member reads is 2.5 epochs of the 10.9M training bytes
+(the smallest model of the largest budget).
 
 Run: `python -m experiments.chinchilla_cpu` trains every member under runs/chinchilla_cpu/<member>, skipping
 finished ones and resuming unfinished ones, then (on process 0, once every member is finished) fits and plots into
@@ -21,32 +22,10 @@ override that changes a member's compute (--data.batch-size, --data.seq-len, --t
 is refused with exit status 2 instead of silently leaving the IsoFLOP budgets; change BASE or BUDGETS here and the
 grid is rebuilt. `--train.out-dir D` moves the sweep to D/<member> (fits in D/fits); --name is refused.
 
-Found: a first grid centred on Chinchilla's D = 20 N (sizes 17k-500k, batches of 8) put every optimum below its
-smallest size: at 3e11 FLOPs validation loss rose from 2.39 (17k parameters, D/N = 156) to 2.79 (154k), at 1e12
-from 2.03 (25k, D/N = 230) to 2.36 (99k). Models this small, reading bytes, want hundreds of tokens per parameter,
-hence the centre at D = 300 N.
-
-The sweep as declared (2026-11-29) took 37.5 minutes from start to plots on 2 CPU cores that other jobs were also
-using (load average 10-12), 34.4 of them in the members' own runs (compiling, training, evaluating). Its members
-were then re-scored on validation rows as evaluation reads them now, sampled from the whole split (before, the 64
-batches were the rows of the few documents that open the split, off the whole split's loss by up to 0.25 nats and
-unevenly across members; now within 0.03 of it). Fits with 95% bootstrap intervals (200 resamples), from
-`python -m tools.fit_scaling docs/scaling/chinchilla_cpu_results.csv --bootstrap 200 --unfittable skip`
-(docs/scaling/chinchilla_cpu_fits.txt):
-
-  approach 2 (IsoFLOP parabolas)  a = 0.58 [0.41, 0.86]   b = 0.42 [0.14, 0.59]   (2 budgets)
-      N_opt = 8.9k [4.7k, 9.5k] at 3e11, 34k [23k, 41k] at 3e12; at 1e12 the smallest size was best
-      (N_opt 4.6k by the parabola, below the sizes tried): that budget is left out
-  approach 3 (parametric L(N, D)) a = 0.49 [0.17, 0.82]   b = 0.51 [0.18, 0.83]
-      L = 1.60 + 83 / N^0.60 + 2497 / D^0.58; compute-optimal D/N about 450 (D in bytes) from 1e11 to 1e13 FLOPs
-  approach 1 (envelope)           a = 0.33 [-0.00, 0.44]  b = 0.67 [0.56, 1.00]
-
-Approaches 2 and 3 agree with Chinchilla's a = b = 0.5 within intervals as wide as one decade of compute and
-three budgets allow. With the better-sampled losses the optima sit lower than the grid's centre (approach 3: D/N
-about 450, against the grid's 300), so the 1e12 optimum falls just below its smallest size: `main` fits with
-`unfittable="skip"`. A grid centred nearer D = 450 N should bracket every budget; it needs budgets from 3.9e11
-FLOPs up, as the smallest shape has 4k parameters. Approach 1 follows noise: it reads
-single-batch training losses (2,048 bytes each), which scatter by +-0.5 nats. Plots: docs/scaling/chinchilla_cpu_*.png.
+Found (2026-11-29): approach 3 gives a = 0.49 [0.17, 0.82] and a compute-optimal D/N of about 450 bytes per
+parameter; approach 2, a = 0.58 [0.41, 0.86] over 2 budgets (at 1e12 the optimum lies below the smallest size).
+The grid is centred at D = 300 N because a first grid at D = 20 N put every optimum below its smallest size.
+Fits, plots and discussion: docs/results.md, docs/scaling/.
 """
 
 from __future__ import annotations

@@ -4,13 +4,11 @@ What it tests: the whole path (corpus preparation, tokenizer training, packing, 
 checkpoints, sampling) on the embedded `pystdlib` corpus: a 2,048-token BPE tokenizer, a 1.09M-parameter GPT-2
 (4 layers, d_model 128, 4 heads), 600 steps of 32 x 128 tokens (2.46M tokens, about 0.6 epochs).
 
-Cost: 209-236 s of training on two CPU cores (10,653-11,981 tokens/s, MFU about 25% against the measured f32
-matmul peak; the train step alone: 318 ms, `python -m tools.bench train --experiment quickstart`). Preparing the
-corpus and tokenizer from a cold cache adds about 13 s.
+Cost: 3.5-4 minutes of training on two CPU cores (about 11k tokens/s, MFU about 25%); preparing the corpus
+and tokenizer from a cold cache adds about 13 s.
 
-Found (2026-11-29): validation loss 7.653 -> 4.594 nats per token (2.276 bits per byte; the whole validation
-split: 4.590), train loss 3.24: the validation split is 41 files the model never sees (files go to a split by a
-hash of their path). The samples have Python's shape (indentation, `def`, `else:`, comments) but not its sense.
+Found (2026-11-29): validation loss 7.653 -> 4.594 nats per token (2.276 bits per byte), train loss 3.24,
+on 41 held-out files; the samples have Python's shape but not its sense. Details: docs/results.md.
 """
 
 from jaxlm.cli import run

@@ -3,12 +3,10 @@
 Same corpus, tokenizer, batch and steps as `experiments.quickstart`; the model has the Llama layout (untied
 embeddings, no biases, 4 query heads sharing 2 key/value heads) at a similar parameter count.
 
-Cost: 209-239 s of training on two CPU cores (10,505-12,037 tokens/s, MFU about 27%), 218-252 s wall with the
-corpus and tokenizer cached.
+Cost: 3.5-4 minutes of training on two CPU cores, as the GPT-2 quickstart.
 
-Found (2026-11-29): validation loss 4.086 nats per token (2.025 bits per byte; the whole split: 4.083) after
-2.46M tokens, against the GPT-2 quickstart's 4.594 on the same data and budget; train loss 2.57 (2.53-2.57 over
-three runs whose kernels differed only in rounding).
+Found (2026-11-29): validation loss 4.086 nats per token (2.025 bits per byte) after 2.46M tokens,
+against the GPT-2 quickstart's 4.594 on the same data and budget. Details: docs/results.md.
 """
 
 import dataclasses

@@ -25,6 +25,7 @@ def _last_json(capsys) -> dict:
     return json.loads(lines[-1])
 
 
+@pytest.mark.slow
 def test_train_ends_with_json_of_the_run(capsys):
     bench.main(["train", *TINY, "--steps", "2", "--warmup", "1", "--peak-flops", "1e12"])
     record = _last_json(capsys)
@@ -37,6 +38,7 @@ def test_train_ends_with_json_of_the_run(capsys):
     assert record["compile_s"] > 0 and record["temp_bytes"] >= 0
 
 
+@pytest.mark.slow
 def test_train_with_torch_reports_the_ratio(capsys):
     pytest.importorskip("torch")
     bench.main(["train", *TINY, "--steps", "2", "--warmup", "0", "--peak-flops", "1e12", "--torch"])
@@ -45,6 +47,7 @@ def test_train_with_torch_reports_the_ratio(capsys):
     assert record["ratio_vs_torch"] == pytest.approx(record["tokens_per_sec"] / record["torch_tokens_per_sec"])
 
 
+@pytest.mark.slow
 def test_train_versus_times_each_variant_as_configured(capsys):
     bench.main(["train", *TINY, "--steps", "2", "--warmup", "0", "--peak-flops", "1e12",
                 "--versus", "--model.remat none --model.attention xla --data.batch-size 16"])
@@ -57,6 +60,7 @@ def test_train_versus_times_each_variant_as_configured(capsys):
     assert variant["tokens_per_sec"] == pytest.approx(16 * 16 / (variant["step_ms"] / 1e3))
 
 
+@pytest.mark.slow
 def test_compile_ends_with_json_per_depth_and_policy(capsys):
     bench.main(["compile", *TINY, "--depths", "2", "--remat", "full"])
     record = _last_json(capsys)
@@ -131,6 +135,7 @@ def test_torch_reference_refuses_what_it_does_not_implement():
         torch_reference.TorchTransformer(cfg)
 
 
+@pytest.mark.slow
 def test_profile_puts_each_operation_in_a_model_part(capsys):
     pytest.importorskip("torch")
     bench.main(["train", *TINY, "--steps", "1", "--warmup", "1", "--peak-flops", "1e12", "--torch", "--profile", "2"])
@@ -168,6 +173,7 @@ def test_operations_without_a_source_path_take_their_operands():
     assert step_profile.part_of(table["add.7"].path) == "optimizer"
 
 
+@pytest.mark.slow
 def test_checkpoint_bench_saves_as_each_mode_says(tmp_path, capsys):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -182,6 +188,7 @@ def test_checkpoint_bench_saves_as_each_mode_says(tmp_path, capsys):
     assert all(r["step_ms"] > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_its_code_path_on_tiny_shapes(tmp_path, capsys):
     from tools.bench import gpu_check
 

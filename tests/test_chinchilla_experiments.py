@@ -20,6 +20,8 @@ from jaxlm.cli import run_isoflop_sweep
 from jaxlm.scaling import ScalingError, budget_grid, check_budgets, member_flops, sweeps
 from jaxlm.train import abstract_train_state, make_train_step
 
+pytestmark = pytest.mark.slow  # every member of both sweeps, a sweep run, a C4 member's step lowered
+
 SWEEPS = {"cpu": chinchilla_cpu, "c4": chinchilla_c4}
 
 

@@ -437,6 +437,7 @@ def test_tfds_source_streams_packed_documents(tfds_corpus):
     np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["streamed", "pre-tokenized"])
 def test_batches_do_not_depend_on_workers_or_processes(mode, tfds_corpus, text_corpus):
     if mode == "streamed":

@@ -15,6 +15,8 @@ import pytest
 
 from jaxlm.checkpoint import load_params
 
+pytestmark = pytest.mark.slow  # real processes, killed and restarted
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 EXPERIMENT_MODULE = '''

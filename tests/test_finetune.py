@@ -96,6 +96,7 @@ def test_classifier_reads_the_last_real_token_and_ignores_padding():
 # --------------------------------------------------------------------------------------------- classification
 
 
+@pytest.mark.slow
 def test_classifier_learns_and_reports(tmp_path):
     train = write_csv(tmp_path / "train.csv", vowel_rows(96, 0))
     val = write_jsonl(tmp_path / "val.jsonl", [{"text": t, "label": label} for t, label in vowel_rows(32, 1)])
@@ -120,6 +121,7 @@ def test_classifier_learns_and_reports(tmp_path):
     assert ft_lib.train_finetune(experiment(tmp_path, steps=60), ft)["wall_s"] == summary["wall_s"]
 
 
+@pytest.mark.slow
 def test_train_last_k_moves_only_the_last_blocks(tmp_path):
     train = write_csv(tmp_path / "train.csv", vowel_rows(32, 0))
     ft = FinetuneConfig(task="classify", train_file=train, max_len=16, train_last_k=1)
@@ -299,6 +301,7 @@ def instruct_records(n, seed):
     return out
 
 
+@pytest.mark.slow
 def test_packing_keeps_examples_apart(tmp_path):
     """The response loss of packed rows equals that of one example per row: no example sees another."""
     path = write_jsonl(tmp_path / "i.jsonl", instruct_records(9, 0))
@@ -354,6 +357,7 @@ def test_instruct_truncation(tmp_path):
         ft_lib.read_instruct(path, TOK, dataclasses.replace(ft, truncate=False))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_instruct_run_lowers_response_loss_and_saves_a_language_model(tmp_path, lora_rank):
     train = write_jsonl(tmp_path / "train.jsonl", instruct_records(64, 0))
@@ -407,6 +411,7 @@ def test_user_prompt_follows_the_run_layout(tmp_path):
     assert ft_lib.run_layout(str(tmp_path)) == "alpaca"
 
 
+@pytest.mark.slow
 def test_instruct_last_k_saves_a_loadable_model_with_frozen_blocks(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", instruct_records(16, 0))
     ft = FinetuneConfig(task="instruct", train_file=train, max_len=96, train_last_k=1, samples=0)
@@ -432,6 +437,7 @@ def test_instruct_last_k_saves_a_loadable_model_with_frozen_blocks(tmp_path):
     assert summary["trainable_params"] == (4 * (32 * 32 + 32) + 4 * 32 + (32 * 128 + 128) + (128 * 32 + 32)) + 2 * 32
 
 
+@pytest.mark.slow
 def test_lora_classifier_stores_only_adapters_and_head(tmp_path):
     train = write_csv(tmp_path / "train.csv", vowel_rows(64, 0))
     test = write_csv(tmp_path / "test.csv", vowel_rows(24, 2))
@@ -447,6 +453,7 @@ def test_lora_classifier_stores_only_adapters_and_head(tmp_path):
     assert accuracy == pytest.approx(summary["test"]["accuracy"])
 
 
+@pytest.mark.slow
 def test_chat_sampling_warns_when_the_run_was_not_instruction_tuned(tmp_path, monkeypatch, capsys):
     from tools.sample import main as sample
 

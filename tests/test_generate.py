@@ -60,6 +60,7 @@ def test_cached_greedy_equals_full_forward_every_step(model, greedy):
     assert len({tuple(row) for row in greedy}) == len(PROMPTS)  # the rows really differ
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_and_seeded(model):
     cfg, params = model
     kwargs = dict(max_new_tokens=NEW, temperature=1.5, top_k=20, top_p=0.95)
@@ -70,6 +71,7 @@ def test_sampling_is_reproducible_and_seeded(model):
     assert first == generate_uncached(cfg, params, PROMPTS, seed=3, **kwargs)
 
 
+@pytest.mark.slow
 def test_top_k_1_is_greedy(model, greedy):
     cfg, params = model
     assert generate(cfg, params, PROMPTS, max_new_tokens=NEW, temperature=1.0, top_k=1, seed=7) == greedy
@@ -83,6 +85,7 @@ def test_stops_at_eos_per_row(model, greedy):
     assert len(expected[0]) <= 4
 
 
+@pytest.mark.slow
 def test_sharded_params_give_the_same_tokens(model, greedy):
     cfg, unsharded = model
     if len(jax.devices()) < 8:

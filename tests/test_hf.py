@@ -108,6 +108,7 @@ def test_logits_match_transformers(hf_dir):
         assert np.abs(np.asarray(forward(plain, params, TOKENS)) - got).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_greedy_generation_matches_transformers(hf_dir):
     path, model = hf_dir
     cfg, params = load_hf(path)
@@ -163,6 +164,7 @@ JAXLM_CONFIGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(JAXLM_CONFIGS))
 def test_export_of_jaxlm_models(name, tmp_path):
     cfg = JAXLM_CONFIGS[name]
@@ -223,6 +225,7 @@ def test_qwen3_preset_has_the_shape_and_count_of_transformers_qwen3_0_6b():
     assert config_from_hf(hf_config.to_dict()) == PRESETS["qwen3-0.6b"]
 
 
+@pytest.mark.slow
 def test_bfloat16_export(tmp_path):
     cfg = JAXLM_CONFIGS["llama-qkv-bias-only"]
     params = init_params(cfg, jax.random.key(0))
@@ -258,6 +261,7 @@ def test_unusable_directories_are_clear_errors(tmp_path):
         load_hf(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_convert_tool_both_ways_and_sample_tool(tmp_path, capsys):
     from jaxlm.checkpoint import load_params
     from tools.convert_hf import from_run, to_jaxlm

@@ -23,6 +23,7 @@ def tokens(seed=0, batch=2, length=12, vocab=64):
     return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (batch, length)), jnp.int32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "cfg,targets",
     [
@@ -68,6 +69,7 @@ def _trained_adapters(cfg, spec, steps=15):
     return params, adapters
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", [GPT2, LLAMA])
 def test_merged_weights_give_the_adapted_logits(cfg):
     spec = lora.LoraSpec(rank=4, alpha=8.0, targets=("query", "value", "out", "proj"))
@@ -116,6 +118,7 @@ def test_trainable_count_follows_the_formula():
     assert set(adapters) == {"block_0", "block_1"}  # unscanned layers keep their own adapters
 
 
+@pytest.mark.slow
 def test_dropout_acts_only_in_training():
     spec = lora.LoraSpec(rank=4, alpha=8.0, dropout=0.5, targets=("query", "value"))
     params, adapters = _trained_adapters(GPT2, lora.LoraSpec(rank=4, alpha=8.0, targets=("query", "value")), steps=5)

@@ -122,6 +122,7 @@ def test_forward_matches_numpy(cfg):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3"])
 @pytest.mark.parametrize("attention", ["xla", "einsum", "blocked"])
 def test_causality_through_gradients(family, attention):
@@ -187,6 +188,7 @@ def test_auto_settings_resolve_for_the_backend():
     assert (attention_impl(explicit, 1024), remat_policy(explicit)) == ("einsum", "none")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "cfg",
     [tiny("gpt2"), tiny("gpt2", bias=False, tie_embeddings=False), tiny("llama"), tiny("llama", bias=True),
@@ -208,6 +210,7 @@ def test_presets_have_published_counts():
         assert count_params(PRESETS[name]) == sum(math.prod(s.shape) for s in jax.tree.leaves(shapes))
 
 
+@pytest.mark.slow
 def test_scan_and_unrolled_layers_compute_the_same_function():
     scanned = tiny("llama")
     unrolled = tiny("llama", scan_layers=False)

@@ -514,6 +514,7 @@ def known_law_sweep(tmp_path, budgets=(3e13, 1e14, 3e14)):
     return str(tmp_path / "iso")
 
 
+@pytest.mark.slow
 def test_fit_scaling_tool_on_a_sweep(tmp_path, capsys):
     sweep = known_law_sweep(tmp_path)
     out = tmp_path / "fits"

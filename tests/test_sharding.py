@@ -104,6 +104,7 @@ def test_mesh_sizes_that_do_not_match_the_devices_are_refused():
         MeshConfig(data=-1, fsdp=-1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("mesh", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)], ids=lambda m: "x".join(map(str, m)))
 def test_sharded_training_matches_one_device(family, mesh):
@@ -182,6 +183,7 @@ def assert_sharded_as(x: jax.Array, expected) -> None:
     assert x.sharding.is_equivalent_to(expected, x.ndim), (x.sharding, expected)
 
 
+@pytest.mark.slow
 def test_a_train_step_keeps_the_shardings_and_splits_the_batch():
     experiment = tiny("gpt2", (2, 2, 2))
     mesh = mesh_of(experiment)
@@ -295,6 +297,7 @@ def test_every_process_of_a_run_records_the_same_config():
 # ------------------------------------------------------------------------------------ accumulation and remat
 
 
+@pytest.mark.slow
 def test_microbatch_accumulation_equals_one_large_batch():
     """k microbatches of b rows give the update of one batch of k*b rows, with padding spread unevenly."""
     k = 4
@@ -331,6 +334,7 @@ def test_microbatch_accumulation_equals_one_large_batch():
     assert len(set(counts)) > 1  # the microbatches really do hold different numbers of real tokens
 
 
+@pytest.mark.slow
 def test_remat_policies_give_the_same_loss_and_gradients():
     batch = {key: jnp.asarray(v) for key, v in token_batches(1, batch=4, seed=5)[0].items()}
     params = train.init_train_state(tiny("llama"), mesh_of(tiny("llama")))["params"]

@@ -41,7 +41,7 @@ def random_batch(seed, batch=8, seq=16, vocab=64):
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
 def test_training_lowers_the_loss(family):
     exp = tiny_experiment(family)
     mesh = single_device_mesh()
@@ -138,6 +138,7 @@ def read_rows(run_dir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_loop_writes_metrics_plot_samples_and_resumes_exactly(tmp_path, text_corpus):
     exp = loop_experiment(tmp_path, text_corpus)
     summary = train(exp)
@@ -170,6 +171,7 @@ def test_loop_writes_metrics_plot_samples_and_resumes_exactly(tmp_path, text_cor
     assert [r["val_loss"] for r in again if "val_loss" in r and r["step"] == 6] == [eval_rows[-1]["val_loss"]]
 
 
+@pytest.mark.slow
 def test_a_different_config_in_the_same_run_directory_is_refused(tmp_path, text_corpus):
     from jaxlm.errors import CheckpointError
 
@@ -181,6 +183,7 @@ def test_a_different_config_in_the_same_run_directory_is_refused(tmp_path, text_
         train(other)
 
 
+@pytest.mark.slow
 def test_a_start_that_failed_before_its_first_step_does_not_block_its_directory(tmp_path, text_corpus, capsys):
     from jaxlm.errors import CheckpointError, DataError
 

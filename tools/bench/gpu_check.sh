@@ -11,7 +11,7 @@
 # under a hard time limit (default 400 s; with set-up, under 8 minutes). Every figure is printed and written to $OUT.
 set -uo pipefail
 
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT="${OUT:-$PWD/gpu_check_out}"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-300}"   # no new run starts after this; each run takes up to about a minute
 LIMIT_S="${GPU_CHECK_LIMIT_S:-400}"     # hard stop for the Python part (the whole script stays under 8 minutes)
