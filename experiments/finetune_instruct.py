@@ -56,7 +56,7 @@ FINETUNE = FinetuneConfig(
     max_len=256,
     lora_rank=0,  # 8: adapters instead of full finetuning
     lora_alpha=16.0,
-    lora_targets=("query", "key", "value", "out", "fc", "proj"),
+    lora_targets=("query", "key", "value", "out", "gate", "up", "proj"),
     samples=4,
     sample_tokens=64,
 )

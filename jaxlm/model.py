@@ -340,7 +340,7 @@ def remat_policy(cfg: ModelConfig) -> str:
 def compiler_options() -> dict[str, Any]:
     """XLA options for compiling model code on the default backend (pass as `jax.jit(...,
     compiler_options=...)`). On CPU, XLA's own matmul kernels instead of its YNNPACK fusions: f32 matmuls of
-    the model's shapes run 10-15% faster, a 6-layer d384 train step 6% faster (README, Benchmarks)."""
+    the model's shapes run 10-15% faster, a 6-layer d384 train step 6% faster (docs/results.md)."""
     return {"xla_cpu_experimental_ynn_fusion_type": ""} if _on_cpu() else {}
 
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from experiments.quickstart import EXPERIMENT as GPT2
-from experiments.quickstart_llama import EXPERIMENT as LLAMA
+from experiments.quickstart import EXPERIMENT as LLAMA
+from experiments.quickstart_gpt2 import EXPERIMENT as GPT2
 from jaxlm.flops import flops_per_token
 from tools import plot_runs
 

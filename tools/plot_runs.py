@@ -1,6 +1,6 @@
 """Compare training runs: their loss curves on one plot, and a table of their figures.
 
-    python -m tools.plot_runs runs/quickstart runs/quickstart_llama [--x tokens|flops|step] [--out compare.png]
+    python -m tools.plot_runs runs/quickstart runs/quickstart_gpt2 [--x tokens|flops|step] [--out compare.png]
 
 Each argument is a run directory (its config.json and metrics.jsonl; finished or not). The plot draws each run's
 train loss as a thin line and its validation loss with markers, in one colour per run, against tokens seen, the

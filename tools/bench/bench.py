@@ -22,10 +22,10 @@ PyTorch step slows down far more than a JAX one (its threads wait for each other
 
 The two CPU comparison configs (GPT-2 style: no biases, GELU, tied embeddings, AdamW, clipping):
 
-    python -m tools.bench train --experiment quickstart --model.n-layers 6 --model.d-model 384 \\
+    python -m tools.bench train --experiment quickstart_gpt2 --model.n-layers 6 --model.d-model 384 \\
         --model.n-heads 6 --model.n-kv-heads 6 --model.d-ff 1536 --model.bias False --model.qkv-bias False \\
         --model.vocab-size 65 --data.tokenizer char --data.seq-len 256 --data.batch-size 8 --steps 5 --torch
-    python -m tools.bench train --experiment quickstart --model.n-layers 4 --model.d-model 128 \\
+    python -m tools.bench train --experiment quickstart_gpt2 --model.n-layers 4 --model.d-model 128 \\
         --model.n-heads 4 --model.n-kv-heads 4 --model.d-ff 512 --model.bias False --model.qkv-bias False \\
         --model.vocab-size 65 --data.tokenizer char --data.seq-len 64 --data.batch-size 12 --steps 20 --torch
 """
