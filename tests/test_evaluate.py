@@ -143,15 +143,13 @@ def test_lm_metrics_match_numpy(params, tmp_path):
 
 
 def test_tool_scores_a_saved_run(params, tmp_path, capsys):
-    from jaxlm.checkpoint import write_or_check_config
-    from jaxlm.finetune.instruct import _save_lm_checkpoint
-    from jaxlm.optim import make_optimizer
+    from jaxlm.checkpoint import save_params, write_or_check_config
     from tools.evaluate import main
 
     experiment = corpus_experiment(tmp_path)
     experiment = Experiment(**{**experiment.__dict__, "train": TrainConfig(steps=1, out_dir=str(tmp_path / "run"))})
     write_or_check_config(experiment)
-    _save_lm_checkpoint(experiment, params, make_optimizer(experiment.optim, 1).init({"model": params}))
+    save_params(experiment, params)
     path = tmp_path / "mc.jsonl"
     path.write_text(json.dumps({"ctx": "ab", "endings": ["cd", "ef", "gh"], "label": 2}) + "\n")
     out = tmp_path / "new" / "r.json"  # its directory is created

@@ -12,7 +12,7 @@ class ScalingError(JaxlmError, ValueError):
     """Scaling data that cannot be fitted, or a fit that failed."""
 
 
-def _positive_array(name: str, values, n: int | None = None) -> np.ndarray:
+def positive_array(name: str, values, n: int | None = None) -> np.ndarray:
     try:
         x = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError) as e:
@@ -28,7 +28,7 @@ def _positive_array(name: str, values, n: int | None = None) -> np.ndarray:
     return x
 
 
-def _summarise(samples: dict[str, np.ndarray], level: float) -> tuple[dict, dict]:
+def summarise(samples: dict[str, np.ndarray], level: float) -> tuple[dict, dict]:
     """Percentile intervals at `level` and standard deviations of bootstrap samples."""
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     intervals = {k: (float(np.percentile(v, lo)), float(np.percentile(v, hi))) for k, v in samples.items()}
@@ -36,14 +36,14 @@ def _summarise(samples: dict[str, np.ndarray], level: float) -> tuple[dict, dict
     return intervals, stderrs
 
 
-def _check_bootstrap(bootstrap: int, level: float) -> None:
+def check_bootstrap(bootstrap: int, level: float) -> None:
     if bootstrap < 0 or (0 < bootstrap < 2):
         raise ScalingError(f"bootstrap={bootstrap}: use 0 (no intervals) or at least 2 resamples")
     if not 0 < level < 1:
         raise ScalingError(f"level={level} must be in (0, 1), e.g. 0.95")
 
 
-def _too_many_failures(what: str, failed: int, total: int) -> None:
+def too_many_failures(what: str, failed: int, total: int) -> None:
     if failed * 2 > total:
         raise ScalingError(
             f"{what}: {failed} of {total} bootstrap resamples could not be fitted; add points (more sizes per "

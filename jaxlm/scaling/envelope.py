@@ -9,11 +9,11 @@ import numpy as np
 
 from jaxlm.scaling._common import (
     ScalingError,
-    _check_bootstrap,
-    _positive_array,
+    check_bootstrap,
+    positive_array,
     _power_law,
-    _summarise,
-    _too_many_failures,
+    summarise,
+    too_many_failures,
 )
 
 
@@ -60,8 +60,8 @@ def _checked_curve(i: int, curve: Curve) -> tuple[float, np.ndarray, np.ndarray]
     if not (np.isfinite(curve.N) and curve.N > 0):
         raise ScalingError(f"{label}: N = {curve.N!r} is not a positive number")
     try:
-        tokens = _positive_array("tokens", curve.tokens)
-        loss = _positive_array("loss", curve.loss, len(tokens))
+        tokens = positive_array("tokens", curve.tokens)
+        loss = positive_array("loss", curve.loss, len(tokens))
     except ScalingError as e:
         raise ScalingError(f"{label}: {e}") from None
     if len(tokens) < 2:
@@ -127,7 +127,7 @@ def fit_envelope(
         raise ScalingError(f"fit_envelope needs at least 2 training curves, got {len(curves)}")
     if n_points < 2:
         raise ScalingError(f"n_points={n_points} must be at least 2")
-    _check_bootstrap(bootstrap, level)
+    check_bootstrap(bootstrap, level)
     checked = [_checked_curve(i, c) for i, c in enumerate(curves)]
     core = _envelope_core(checked, n_points)
     samples: dict[str, np.ndarray] = {}
@@ -142,8 +142,8 @@ def fit_envelope(
                 failed += 1
                 continue
             draws.append([res["a"], res["b"], res["k_n"], res["k_d"]])
-        _too_many_failures("fit_envelope", failed, bootstrap)
+        too_many_failures("fit_envelope", failed, bootstrap)
         table = np.array(draws)
         samples = {name: table[:, i] for i, name in enumerate(["a", "b", "k_n", "k_d"])}
-        intervals, stderrs = _summarise(samples, level)
+        intervals, stderrs = summarise(samples, level)
     return EnvelopeFit(**core, samples=samples, intervals=intervals, stderrs=stderrs, bootstrap_failed=failed)

@@ -8,18 +8,18 @@ import numpy as np
 
 from jaxlm.scaling._common import (
     ScalingError,
-    _check_bootstrap,
-    _positive_array,
+    check_bootstrap,
+    positive_array,
     _power_law,
-    _summarise,
-    _too_many_failures,
+    summarise,
+    too_many_failures,
 )
 
 
 def group_budgets(C, rtol: float = 0.05) -> np.ndarray:
     """Label each point with its compute budget: sorted budgets within a factor (1 + rtol) of a group's first
     member share a label. Members of one sweep budget differ a little because steps are whole numbers."""
-    C = _positive_array("C", C)
+    C = positive_array("C", C)
     order = np.argsort(C, kind="stable")
     labels = np.empty(len(C), dtype=int)
     label, first = -1, 0.0
@@ -135,9 +135,9 @@ def fit_isoflop(
     three distinct sizes drawn) is left out of that resample's power law and counted in `bootstrap_dropped`; a
     resample left with fewer than two budgets counts in `bootstrap_failed`.
     """
-    loss = _positive_array("loss", loss)
-    N, C = _positive_array("N", N, len(loss)), _positive_array("C", C, len(loss))
-    _check_bootstrap(bootstrap, level)
+    loss = positive_array("loss", loss)
+    N, C = positive_array("N", N, len(loss)), positive_array("C", C, len(loss))
+    check_bootstrap(bootstrap, level)
     raw_labels = group_budgets(C, budget_rtol)
     results = _isoflop_optima(N, C, loss, raw_labels)
     kept = [g for g, r in enumerate(results) if not isinstance(r, ScalingError)]
@@ -172,11 +172,11 @@ def fit_isoflop(
             row_n_opt = np.full(len(kept), np.nan)
             row_n_opt[ok] = [res[g][1] for g in ok]
             draws.append([*_power_laws_of_optima([res[g][0] for g in ok], row_n_opt[ok]), *row_n_opt])
-        _too_many_failures("fit_isoflop", failed, bootstrap)
+        too_many_failures("fit_isoflop", failed, bootstrap)
         table = np.array(draws)
         names = ["a", "k_n", "b", "k_d"] + [f"n_opt[{i}]" for i in range(len(kept))]
         samples = {name: table[:, i][np.isfinite(table[:, i])] for i, name in enumerate(names)}
-        intervals, stderrs = _summarise({k: v for k, v in samples.items() if len(v) >= 2}, level)
+        intervals, stderrs = summarise({k: v for k, v in samples.items() if len(v) >= 2}, level)
     return IsoflopFit(
         budgets=budgets, n_opt=n_opt, d_opt=budgets / (6.0 * n_opt), loss_opt=loss_opt, parabolas=parabolas,
         labels=labels, a=a, k_n=k_n, b=b, k_d=k_d, skipped=tuple(str(e) for e in errors), samples=samples,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import minimize
 
-from jaxlm.scaling._common import ScalingError, _check_bootstrap, _positive_array, _summarise, _too_many_failures
+from jaxlm.scaling._common import ScalingError, check_bootstrap, positive_array, summarise, too_many_failures
 
 
 # Epoch AI's grid of initialisations: alpha, beta, e = log E, a = log A, b = log B.
@@ -250,14 +250,14 @@ def fit_parametric(
     is refitted from the full fit's best distinct end points, which gives percentile intervals at `level` and
     standard errors for E, A, B, alpha, beta and the exponents a, b.
     """
-    loss = _positive_array("loss", loss)
+    loss = positive_array("loss", loss)
     n = len(loss)
-    N, D = _positive_array("N", N, n), _positive_array("D", D, n)
+    N, D = positive_array("N", N, n), positive_array("D", D, n)
     if n <= 5:
         raise ScalingError(f"fit_parametric needs more points than its 5 parameters, got {n}")
     if not delta > 0:
         raise ScalingError(f"delta={delta} must be positive")
-    _check_bootstrap(bootstrap, level)
+    check_bootstrap(bootstrap, level)
     log_n, log_d, log_loss = np.log(N), np.log(D), np.log(loss)
     best, x, f, converged = _minimise_parametric(log_n, log_d, log_loss, None, delta, _initial_grid(), polish)
     if best is None:
@@ -299,10 +299,10 @@ def fit_parametric(
                 failed += 1
                 continue
             draws.append((np.exp(e_), np.exp(a_), np.exp(b_), al_, be_, be_ / (al_ + be_), al_ / (al_ + be_)))
-        _too_many_failures("fit_parametric", failed, bootstrap)
+        too_many_failures("fit_parametric", failed, bootstrap)
         table = np.array(draws)
         samples = {name: table[:, i] for i, name in enumerate(_NAMES)}
-        intervals, stderrs = _summarise(samples, level)
+        intervals, stderrs = summarise(samples, level)
     return ParametricFit(
         **{k: float(v) for k, v in fit.items()},
         objective=objective,
