@@ -602,7 +602,8 @@ def _shard_iterator(
     own = split == "train" and len(files) >= process_count > 1
     if own:
         files = files[process_index::process_count]
-        meta = {**meta, "processes": process_count}
+    # Own files make the rows depend on the process count: a state saved with another count is refused.
+    meta = {**meta, "processes": process_count if own else 1}
     local = prepared.shards.local_paths(files, data_config.resolved_cache_dir)
     maker = BatchMaker(
         local, prepared.stats[split]["token_dtype"], seed=seed, seq_len=data_config.seq_len,
