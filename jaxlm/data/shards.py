@@ -34,7 +34,7 @@ import numpy as np
 
 from jaxlm import storage
 from jaxlm.config import DataConfig
-from jaxlm.data.sources import SkipCounter, ShardFile, find_shards, read_documents, split_of, tokenizer_sample
+from jaxlm.data.sources import ShardFile, SkipCounter, find_shards, read_documents, split_of, tokenizer_sample
 from jaxlm.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer, train_sentencepiece
 from jaxlm.errors import DataError
 
