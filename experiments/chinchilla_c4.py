@@ -1,6 +1,6 @@
 """Chinchilla on C4: the IsoFLOP sweep of experiments.chinchilla_cpu at accelerator scale, declared, not yet run.
 
-What it tests: Hoffmann et al. 2022's approaches 1-3 on `tfds:c4/en:3.1.0` with Llama-family models (RoPE,
+What it tests: Hoffmann et al. 2022's approaches 1-3 on C4 (allenai/c4, en) with Llama-family models (RoPE,
 RMSNorm, SwiGLU, untied embeddings), over two decades of compute: 5 budgets (1e18, 3e18, 1e19, 3e19, 1e20
 FLOPs) x 7 sizes from centre / 3 to centre x 3 around Chinchilla's D = 20 N; 32M to 2.8B parameters, 4 to 37
 layers, width about 64 x depth in heads of 128. Sequences of 2,048 tokens, global batches of 256 (524k tokens),
@@ -12,10 +12,16 @@ Cost: 1.0e21 training FLOPs in all (35 members, each spending its budget): at 40
 No member reads more than 49B tokens, about a third of C4's training split (156B tokens by Dodge et al. 2021's
 count), so none repeats data.
 
-Prepare C4 once as ArrayRecord (`tfds build c4/en:3.1.0 --data_dir DIR --file_format array_record`), then
-`python -m experiments.chinchilla_c4 --data.tfds-data-dir DIR`; on several hosts, give each a slice
-(`--sweep.members 0:12`, ...). On TPUs add `--model.attention xla` (cuDNN is NVIDIA's). A data-parallel mesh
-holds 16 bytes per parameter on every chip (float32 weights, gradients and two Adam moments), 45 GB for the
+Data: allenai/c4's en shards (1,024 train and 8 validation .json.gz files, about 305 GB), local or in a bucket:
+`huggingface-cli download allenai/c4 --repo-type dataset --include 'en/*' --local-dir c4` (or `gsutil -m cp -r` /
+`gcloud storage cp -r` of a copy into gs://BUCKET/c4). C4's own validation files are the validation split. Give the
+folder on the command line, `--data.source 'shards:DIR/en/c4-train.*.json.gz' --data.val-source
+'DIR/en/c4-validation.*.json.gz'` (default DIR: ./c4), and prepare once on every host
+(`python -m tools.prepare_data --experiment chinchilla_c4 --data.source ... --data.data-dir gs://BUCKET/prepared`,
+with --process-index/--process-count across hosts): the tokenizer is trained and every file tokenized into token
+shards there, and every member reads them. Then `python -m experiments.chinchilla_c4` with the same --data flags;
+on several hosts, give each a slice (`--sweep.members 0:12`, ...). On TPUs add `--model.attention xla` (cuDNN is
+NVIDIA's). A data-parallel mesh holds 16 bytes per parameter on every chip (float32 weights, gradients and two Adam moments), 45 GB for the
 largest member: on chips with less memory, shard them with `--mesh.data 1 --mesh.fsdp -1`; `--train.grad-accum K`
 cuts activation memory. Overrides that change a member's compute are refused, as in experiments.chinchilla_cpu.
 Once every member is finished, process 0 fits and plots into runs/chinchilla_c4/fits.
@@ -47,7 +53,8 @@ BASE = Experiment(
         dtype="bfloat16", attention="cudnn", remat="attn_mlp",
     ),
     data=DataConfig(
-        source="tfds:c4/en:3.1.0", tokenizer="sentencepiece-bpe", vocab_size=32000, seq_len=2048, batch_size=256,
+        source="shards:c4/en/c4-train.*.json.gz", val_source="c4/en/c4-validation.*.json.gz",
+        tokenizer="sentencepiece-bpe", vocab_size=32000, seq_len=2048, batch_size=256,
         num_workers=16,
     ),
     optim=OptimConfig(lr=LR_AT_256, min_lr=LR_AT_256 / 10, schedule="cosine", weight_decay=0.1, grad_clip=1.0),

@@ -176,7 +176,9 @@ DERIVED_FIELDS = (
 class DataConfig:
     """The corpus, its tokenizer, and the batches the model sees."""
 
-    source: str = "pystdlib"  # pystdlib | text:<glob> | tfds:<name>[:<version>]
+    # pystdlib | text:<glob> | tfds:<name>[:<version>] | shards:<glob>[,<glob>...] (local or gs:// files of .jsonl,
+    # .jsonl.gz, .jsonl.zst, .json.gz JSON lines or .parquet; tokenized once into token shards under data_dir)
+    source: str = "pystdlib"
     tokenizer: str = "sentencepiece-bpe"  # sentencepiece-bpe | sentencepiece-unigram | byte | char | <path>.model
     vocab_size: int = 4096  # for trained tokenizers; byte and char tokenizers have their own size
     seq_len: int = 256
@@ -191,13 +193,33 @@ class DataConfig:
     document_mask: bool = False  # segment ids so attention never crosses a document boundary
     skip_bad_lines: bool = False
     tokenizer_sample_bytes: int = 20_000_000
+    # shards: sources only. The validation split's own files (<glob>[,<glob>...], e.g. C4's c4-validation.*);
+    # "": a stable hash of each document's text puts val_fraction of them in validation.
+    val_source: str = ""
+    data_dir: str = ""  # prepared token shards (local or gs://); "" means <cache_dir>/prepared
+    prepare_workers: int = 0  # processes tokenizing on each host; 0 means one per CPU core
 
     def __post_init__(self):
         _positive(self, "vocab_size", "seq_len", "batch_size", "tokenizer_sample_bytes")
         _require(0.0 < self.val_fraction < 1.0, f"DataConfig.val_fraction must be in (0, 1), got {self.val_fraction}")
         _require(self.num_workers >= 0, f"DataConfig.num_workers must be >= 0, got {self.num_workers}")
-        source_ok = self.source == "pystdlib" or self.source.startswith(("text:", "tfds:"))
-        _require(source_ok, f"DataConfig.source={self.source!r}: use pystdlib, text:<glob> or tfds:<name>[:<version>]")
+        source_ok = self.source == "pystdlib" or self.source.startswith(("text:", "tfds:", "shards:"))
+        _require(
+            source_ok,
+            f"DataConfig.source={self.source!r}: use pystdlib, text:<glob>, shards:<glob>[,<glob>...] or "
+            "tfds:<name>[:<version>]",
+        )
+        shards = self.source.startswith("shards:")
+        _require(
+            shards or not self.val_source,
+            f"DataConfig.val_source is for shards: sources, not {self.source!r}: leave it empty",
+        )
+        _require(
+            not shards or self.tokenizer != "char",
+            "DataConfig.tokenizer=char needs a pass over the whole corpus: use byte or sentencepiece-bpe with "
+            "shards: sources",
+        )
+        _require(self.prepare_workers >= 0, f"DataConfig.prepare_workers must be >= 0, got {self.prepare_workers}")
 
     @property
     def resolved_cache_dir(self) -> str:

@@ -294,6 +294,8 @@ def _prepare_once(experiment: Experiment):
 
     if jax.process_count() == 1:
         return prepare_data(experiment.data)
+    if experiment.data.source.startswith("shards:"):  # every process tokenizes its share of the files
+        return prepare_data(experiment.data, process_index=jax.process_index(), process_count=jax.process_count())
     from jax.experimental import multihost_utils
 
     prepared = prepare_data(experiment.data) if jax.process_index() == 0 else None

@@ -8,11 +8,15 @@ end-of-document token, a new shuffle per epoch) and the same iterator interface:
   from (seed, e), cut into rows (the tail of an epoch shorter than a row is dropped). Global batch k is rows
   [k B, (k + 1) B) of that endless row stream, and process p reads only its rows [p B_local, (p + 1) B_local).
   The iterator state is one batch index.
+- Sharded (`shards:` sources, jaxlm.data.shards): prepared once into token files per source file; batches as
+  for pre-tokenized corpora, except that when the train split has at least one file per process, process p packs
+  its own rows from its own files p, p + n, ... (so no host reads another's data), and the global batch then
+  depends on the number of processes (a saved state is refused by another count).
 - Streaming (TFDS catalog corpora, too large to tokenize up front): grain reads the split, shuffles it per epoch,
   tokenizes in worker processes (order preserved), and a packing iterator in the main process cuts rows, so every
   process packs the global batch and keeps its own rows. The state is grain's (JSON-serialisable).
 
-Either way the global batches depend only on the seed and the data, not on the number of workers or processes.
+Otherwise the global batches depend only on the seed and the data, not on the number of workers or processes.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 
 from jaxlm.config import DataConfig
 from jaxlm.data.corpora import Corpus, open_corpus, record_text, record_text_counting
+from jaxlm.data.shards import ShardSet, prepare_shards, token_dtype
 from jaxlm.data.tokenizer import Tokenizer, TokenizerSpec, build_tokenizer, make_cache_dir, tokenizer_key
 from jaxlm.errors import DataError
 
@@ -44,10 +49,11 @@ class Prepared:
 
     tokenizer: Tokenizer
     stats: dict[str, Any]
-    corpus: Corpus
+    corpus: Corpus | None  # None for shards: sources
     tokens_dir: str
     fingerprint: str  # corpus and tokenizer; a checkpointed iterator state must match it
     streaming: bool  # True: tokenize while reading; False: read the pre-tokenized files
+    shards: ShardSet | None = None  # shards: sources
 
     @property
     def vocab_size(self) -> int:
@@ -56,10 +62,6 @@ class Prepared:
     def token_files(self, split: str) -> tuple[str, str]:
         base = os.path.join(self.tokens_dir, split)
         return f"{base}.tokens.bin", f"{base}.offsets.npy"
-
-
-def _token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
 
 
 def _streams(data_config: DataConfig) -> bool:
@@ -86,7 +88,7 @@ def _threads() -> int:
 def _tokenize_split(corpus: Corpus, split: str, tokenizer: Tokenizer, tokens_path: str, offsets_path: str) -> dict:
     """Writes the tokens of every document of a split to a flat file, with document offsets; returns statistics."""
     src = corpus.source_of(split)
-    dtype = _token_dtype(tokenizer.vocab_size)
+    dtype = token_dtype(tokenizer.vocab_size)
     lengths: list[int] = []
     nbytes = ntokens = bad_bytes = failures = 0
     tmp_tokens = f"{tokens_path}.tmp{os.getpid()}"
@@ -144,7 +146,7 @@ def _sample_split(corpus: Corpus, split: str, tokenizer: Tokenizer, sample_bytes
     return stats
 
 
-def _print_stats(source: str, stats: dict[str, Any]) -> None:
+def print_stats(source: str, stats: dict[str, Any]) -> None:
     print(f"corpus {source}: tokenizer {stats['tokenizer']} (vocab {stats['vocab_size']})")
     for split in SPLITS:
         s = stats[split]
@@ -162,8 +164,13 @@ def _print_stats(source: str, stats: dict[str, Any]) -> None:
     print("  " + "; ".join(extra))
 
 
-def prepare_data(data_config: DataConfig) -> Prepared:
-    """Builds (once) the corpus, the tokenizer and the token files; loads them from the cache afterwards."""
+def prepare_data(data_config: DataConfig, process_index: int = 0, process_count: int = 1) -> Prepared:
+    """Builds (once) the corpus, the tokenizer and the token files; loads them from the cache afterwards.
+
+    Sharded sources are tokenized by every process of a run together (process_index of process_count), each
+    taking its share of the files; the other sources are built by the process that calls first."""
+    if data_config.source.startswith("shards:"):
+        return _prepare_sharded(data_config, process_index, process_count)
     corpus = open_corpus(data_config)
     cache_dir = data_config.resolved_cache_dir
     spec = TokenizerSpec(
@@ -207,7 +214,20 @@ def prepare_data(data_config: DataConfig) -> Prepared:
             json.dump(stats, f, indent=2)
         os.replace(tmp, stats_path)
         prepared.stats = stats
-        _print_stats(data_config.source, stats)
+        print_stats(data_config.source, stats)
+    for split in SPLITS:
+        _check_one_batch(data_config, prepared, split)
+    return prepared
+
+
+def _prepare_sharded(data_config: DataConfig, process_index: int, process_count: int) -> Prepared:
+    shard_set = prepare_shards(data_config, process_index, process_count)
+    stats = shard_set.manifest["stats"]
+    if shard_set.built:
+        print_stats(data_config.source, stats)
+    prepared = Prepared(
+        shard_set.tokenizer, stats, None, shard_set.directory, shard_set.fingerprint, False, shards=shard_set
+    )
     for split in SPLITS:
         _check_one_batch(data_config, prepared, split)
     return prepared
@@ -256,31 +276,50 @@ class BatchMaker:
     """Global batch index -> this process's rows (picklable for grain workers)."""
 
     def __init__(
-        self, tokens_path: str, offsets_path: str, dtype: str, *, seed: int, seq_len: int, batch_size: int,
+        self, files: list[tuple[str, str]], dtype: str, *, seed: int, seq_len: int, batch_size: int,
         process_index: int, process_count: int, eos_id: int, document_mask: bool, shuffle_rows: bool = False,
     ):
-        self.tokens_path, self.offsets_path, self.dtype = tokens_path, offsets_path, dtype
+        """`files`: (tokens, offsets) paths, read as one stream of documents in this order."""
+        self.files, self.dtype = list(files), dtype
         self.shuffle_rows = shuffle_rows
         self.seed, self.seq_len, self.batch_size = seed, seq_len, batch_size
         self.local_batch = batch_size // process_count
         self.first_row = process_index * self.local_batch
         self.eos_id, self.document_mask = eos_id, document_mask
-        self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._arrays: tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray] | None = None
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        tokens, offsets, _ = self._load()
-        self.rows_per_epoch = int((tokens.size + offsets.size - 1) // (seq_len + 1))
+        _, offsets, _, bases = self._load()
+        self.rows_per_epoch = int((bases[-1] + offsets.size - 1) // (seq_len + 1))
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_arrays"], state["_epochs"] = None, {}
         return state
 
-    def _load(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _load(self) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+        """The token files (memory-mapped), document offsets into their concatenation, document lengths, and
+        where each file starts in the concatenation."""
         if self._arrays is None:
-            tokens = np.memmap(self.tokens_path, dtype=self.dtype, mode="r")
-            offsets = np.load(self.offsets_path)
-            self._arrays = (tokens, offsets, np.diff(offsets))
+            tokens, offsets = [], []
+            for tokens_path, offsets_path in self.files:
+                size = os.path.getsize(tokens_path)
+                tokens.append(np.memmap(tokens_path, dtype=self.dtype, mode="r") if size else np.zeros(0, self.dtype))
+                offsets.append(np.load(offsets_path))
+            bases = np.concatenate([[0], np.cumsum([t.size for t in tokens])]).astype(np.int64)
+            starts = np.concatenate([o[:-1] + b for o, b in zip(offsets, bases)] + [bases[-1:]]).astype(np.int64)
+            self._arrays = (tokens, starts, np.diff(starts), bases)
         return self._arrays
+
+    def _gather(self, idx: np.ndarray) -> np.ndarray:
+        tokens, _, _, bases = self._load()
+        if len(tokens) == 1:
+            return tokens[0][idx]
+        out = np.empty(idx.shape, self.dtype)
+        which = np.searchsorted(bases, idx, side="right") - 1
+        for f in np.unique(which):
+            sel = which == f
+            out[sel] = tokens[f][idx[sel] - bases[f]]
+        return out
 
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """The document order of an epoch, where each document (with its end token) ends in the stream, and with
@@ -302,7 +341,7 @@ class BatchMaker:
         return (batch_index * self.batch_size) // self.rows_per_epoch
 
     def __call__(self, batch_index: int) -> dict[str, np.ndarray]:
-        tokens, offsets, lengths = self._load()
+        _, offsets, lengths, _ = self._load()
         width = self.seq_len + 1
         rows = batch_index * self.batch_size + self.first_row + np.arange(self.local_batch)
         out = np.empty((self.local_batch, width), np.int32)
@@ -319,7 +358,7 @@ class BatchMaker:
             within = pos - (ends[k] - lengths[doc] - 1)
             is_eos = within == lengths[doc]
             idx = offsets[doc] + np.minimum(within, lengths[doc] - 1)
-            out[sel] = np.where(is_eos, self.eos_id, tokens[idx])
+            out[sel] = np.where(is_eos, self.eos_id, self._gather(idx))
             slot[sel] = k + epoch * lengths.size
         return _split_rows(out, slot if self.document_mask else None)
 
@@ -537,15 +576,46 @@ def make_iterator(
         )
     _check_one_batch(data_config, prepared, split)
     meta = {"fingerprint": prepared.fingerprint, "split": split, "seed": seed}
+    if prepared.shards is not None:
+        return _shard_iterator(data_config, prepared, split, seed, process_index, process_count, epochs, shuffle_rows,
+                               meta)
     if prepared.streaming:
         ds = _stream_dataset(data_config, prepared, split, seed, process_index, process_count, epochs)
         rows = _rows_per_epoch(prepared, split, data_config.seq_len)
         return StreamBatchIterator(ds, meta, data_config.num_workers, rows)
-    tokens_path, offsets_path = prepared.token_files(split)
     maker = BatchMaker(
-        tokens_path, offsets_path, prepared.stats[split]["token_dtype"], seed=seed, seq_len=data_config.seq_len,
+        [prepared.token_files(split)], prepared.stats[split]["token_dtype"], seed=seed, seq_len=data_config.seq_len,
         batch_size=data_config.batch_size, process_index=process_index, process_count=process_count,
         eos_id=prepared.tokenizer.eos_id, document_mask=data_config.document_mask, shuffle_rows=shuffle_rows,
     )
     stop = sys.maxsize if epochs is None else (epochs * maker.rows_per_epoch) // data_config.batch_size
+    return TokenBatchIterator(maker, meta, stop, data_config.num_workers)
+
+
+def _shard_iterator(
+    data_config: DataConfig, prepared: Prepared, split: str, seed: int, process_index: int, process_count: int,
+    epochs: int | None, shuffle_rows: bool, meta: dict[str, Any],
+) -> TokenBatchIterator:
+    """Batches of a sharded corpus: this process's own files when there is one per process (train), else every
+    file and this process's rows of the global batch (validation, small corpora)."""
+    files = prepared.shards.files(split)
+    own = split == "train" and len(files) >= process_count > 1
+    if own:
+        files = files[process_index::process_count]
+    # Own files make the rows depend on the process count: a state saved with another count is refused.
+    meta = {**meta, "processes": process_count if own else 1}
+    local = prepared.shards.local_paths(files, data_config.resolved_cache_dir)
+    maker = BatchMaker(
+        local, prepared.stats[split]["token_dtype"], seed=seed, seq_len=data_config.seq_len,
+        batch_size=data_config.batch_size // process_count if own else data_config.batch_size,
+        process_index=0 if own else process_index, process_count=1 if own else process_count,
+        eos_id=prepared.tokenizer.eos_id, document_mask=data_config.document_mask, shuffle_rows=shuffle_rows,
+    )
+    if maker.rows_per_epoch < maker.batch_size:
+        raise DataError(
+            f"process {process_index}'s {len(files)} {split} files hold {maker.rows_per_epoch} rows of "
+            f"seq_len+1={data_config.seq_len + 1} tokens, fewer than its batch of {maker.batch_size}: use fewer "
+            "processes or more files, or lower --data.batch-size or --data.seq-len"
+        )
+    stop = sys.maxsize if epochs is None else (epochs * maker.rows_per_epoch) // maker.batch_size
     return TokenBatchIterator(maker, meta, stop, data_config.num_workers)

@@ -135,13 +135,19 @@ def _chunks(texts: Iterable[str], sample_bytes: int) -> Iterator[str]:
         buf: list[str] = []
         size = 0
         for line in text.splitlines(keepends=True):
-            while len(line) > _CHUNK_BYTES // 4:  # a very long line: cut it (chars <= 4 bytes each)
-                head, line = line[: _CHUNK_BYTES // 4], line[_CHUNK_BYTES // 4 :]
+            step = _CHUNK_BYTES // 4  # chars <= 4 bytes each
+            if len(line) > step:  # a very long line: cut it, by index (slicing off the rest each time is quadratic)
                 if buf:
                     yield "".join(buf)
                     buf, size = [], 0
-                yield head
-                total += len(head.encode("utf-8"))
+                pieces = (len(line) - 1) // step  # whole pieces before the last, which joins the buffer
+                for start in range(0, pieces * step, step):
+                    head = line[start : start + step]
+                    yield head
+                    total += len(head.encode("utf-8"))
+                    if total >= sample_bytes:
+                        return
+                line = line[pieces * step :]
             nbytes = len(line.encode("utf-8"))
             if size + nbytes > _CHUNK_BYTES and buf:
                 yield "".join(buf)

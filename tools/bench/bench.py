@@ -38,6 +38,7 @@ import datetime
 import importlib
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -45,7 +46,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from jaxlm.config import PRESETS, REMAT_POLICIES, Experiment
+from jaxlm.config import PRESETS, REMAT_POLICIES, DataConfig, Experiment
 from jaxlm.errors import ConfigError, JaxlmError
 from jaxlm.logging import print_grid
 
@@ -458,6 +459,70 @@ def bench_data(
     return rows
 
 
+def _synthetic_c4(folder: str, files: int, mb_per_file: float) -> int:
+    """C4-layout .json.gz shards of text whose 30,000 made-up words follow Zipf's law, as a language's do;
+    returns the bytes of text written."""
+    import gzip
+    import json
+
+    rng = np.random.default_rng(0)
+    letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
+    lengths = rng.integers(1, 11, 30_000)
+    words = np.array(["".join(rng.choice(letters, n, p=None)) for n in lengths])
+    zipf = 1.0 / np.arange(1, words.size + 1)
+    zipf /= zipf.sum()
+    total = 0
+    os.makedirs(os.path.join(folder, "en"), exist_ok=True)
+    for i in range(files):
+        lines, size = [], 0
+        while size < mb_per_file * 1e6:
+            text = " ".join(rng.choice(words, int(rng.integers(100, 800)), p=zipf)) + "."
+            lines.append(json.dumps({"text": text, "timestamp": "2019-04-25T12:57:54Z", "url": "https://x.org"}))
+            size += len(text)
+        total += size
+        with gzip.open(os.path.join(folder, "en", f"c4-train.{i:05d}-of-01024.json.gz"), "wt") as f:
+            f.write("\n".join(lines) + "\n")
+    return total
+
+
+def bench_prepare(workers: Sequence[int], files: int, mb_per_file: float, vocab_size: int) -> list[dict[str, Any]]:
+    """Preparation of C4-layout shards (sentencepiece BPE, trained once beforehand): text MB/s with each number
+    of worker processes, and loader tokens/s at 256 x 2048 rows for one process."""
+    import tempfile
+
+    from jaxlm.data import prepare_data
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="jaxlm-bench-data-") as tmp:
+        text_bytes = _synthetic_c4(tmp, files, mb_per_file)
+        base = DataConfig(source=f"shards:{tmp}/en/*.json.gz", val_fraction=0.1, vocab_size=vocab_size,
+                          tokenizer_sample_bytes=2_000_000, cache_dir=os.path.join(tmp, "cache"), seq_len=2048,
+                          batch_size=256)
+        base = dataclasses.replace(base, data_dir=os.path.join(tmp, "prepared"), prepare_workers=max(workers))
+        prepared = prepare_data(base)  # untimed: trains the tokenizer, which every timed run then reuses
+        for n in workers:
+            shutil.rmtree(prepared.tokens_dir)
+            start = time.perf_counter()
+            prepared = prepare_data(dataclasses.replace(base, prepare_workers=n))
+            seconds = time.perf_counter() - start
+            rows.append({"workers": n, "text_mb": text_bytes / 1e6, "seconds": seconds,
+                         "mb_per_sec": text_bytes / 1e6 / seconds,
+                         "mb_per_sec_per_worker": text_bytes / 1e6 / seconds / n})
+        loader = loader_tokens_per_sec(base, prepared, seconds=5.0)
+        rows.append({"loader_rows": "256x2048", "loader_tokens_per_sec": loader})
+    return rows
+
+
+def print_prepare(rows: list[dict[str, Any]]) -> None:
+    print("shard preparation (C4-layout .json.gz, sentencepiece BPE) and the loader")
+    grid = [[r["workers"], f"{r['text_mb']:.0f}", f"{r['seconds']:.1f}", f"{r['mb_per_sec']:.2f}",
+             f"{r['mb_per_sec_per_worker']:.2f}"] for r in rows if "workers" in r]
+    print_grid(["workers", "text MB", "seconds", "MB/s", "MB/s per worker"], grid)
+    for r in rows:
+        if "loader_rows" in r:
+            print(f"loader, {r['loader_rows']} rows per process: {r['loader_tokens_per_sec']:,.0f} tokens/s")
+
+
 def print_data(rows: list[dict[str, Any]]) -> None:
     print("input pipeline vs train step (tokens/s, one process)")
     grid = []
@@ -596,6 +661,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train-steps", type=int, default=5, help="timed train steps for the experiment (0: skip)")
     p.add_argument("--gpt2-train-steps", type=int, default=1,
                    help="timed train steps of GPT-2 124M at 8x1024 (slow on a CPU; 0: skip)")
+    p.add_argument("--prepare-workers", type=int, nargs="+", default=[1, os.cpu_count() or 1],
+                   help="worker processes for the shard-preparation figures (default: 1 and every core)")
+    p.add_argument("--prepare-files", type=int, default=4, help="synthetic C4 files to prepare (default 4)")
+    p.add_argument("--prepare-mb", type=float, default=8.0, help="MB of text per file (default 8)")
 
     p = command("compile", help="compile time and memory by depth and remat policy")
     p.add_argument("--depths", type=int, nargs="+", default=[2, 8, 24])
@@ -635,7 +704,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         elif args.command == "data":
             rows = bench_data(experiment, args.seconds, args.train_steps, args.gpt2_train_steps)
             print_data(rows)
-            record = {"benchmark": "data", "experiment": experiment.name, "date": _now(), "rows": rows}
+            prepare = bench_prepare(args.prepare_workers, args.prepare_files, args.prepare_mb,
+                                    experiment.data.vocab_size)
+            print_prepare(prepare)
+            record = {"benchmark": "data", "experiment": experiment.name, "date": _now(), "rows": rows,
+                      "prepare": prepare}
         elif args.command == "checkpoint":
             rows = bench_checkpoint(experiment, args.steps, args.every, args.rounds)
             print_checkpoint(rows, args.every)
