@@ -130,6 +130,8 @@ def read_choices(path: str) -> list[ChoiceItem]:
     """Items of a JSONL file in the HellaSwag layout: `ctx` (str), `endings` (list of str), `label` (index)."""
     from jaxlm.finetune.data import read_jsonl
 
+    if not os.path.isfile(path):
+        raise DataError(f"{path} does not exist: give a .jsonl file with ctx, endings and label on each line")
     items = []
     for line_no, record in read_jsonl(path):
         where = f"{path}:{line_no}"
