@@ -28,7 +28,6 @@ import textwrap
 from experiments.quickstart import EXPERIMENT as QUICKSTART
 from jaxlm.config import Experiment, OptimConfig, TrainConfig
 from jaxlm.data.corpora import STDLIB_SKIP_DIRS, stable_fraction, stdlib_files
-from jaxlm.errors import CheckpointError
 from jaxlm.finetune import FinetuneConfig, run_finetune
 
 DATA_DIR = os.path.join("runs", "data", "docstrings")
@@ -120,9 +119,8 @@ def build_files(val_fraction: float) -> None:
 
 
 def prepare(experiment: Experiment, finetune: FinetuneConfig) -> None:
-    init = experiment.train.init_from
-    if init == QUICKSTART.run_dir and not os.path.isdir(os.path.join(init, "checkpoints")):
-        raise CheckpointError(f"{init} has no checkpoint: run `python -m experiments.quickstart` first")
+    """The data files, when the run reads this experiment's own (a missing `runs/quickstart` is reported by the
+    run itself: train it first with `python -m experiments.quickstart`)."""
     if finetune.train_file == FILES["train"]:
         build_files(QUICKSTART.data.val_fraction)
 

@@ -51,7 +51,25 @@ def too_many_failures(what: str, failed: int, total: int) -> None:
         )
 
 
-def _power_law(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+def power_law(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """Least squares of log y = log k + p log x; returns (p, k)."""
     p, logk = np.polyfit(np.log(x), np.log(y), 1)
     return float(p), float(np.exp(logk))
+
+
+class ComputeOptimal:
+    """N_opt = k_n C^a and D_opt = k_d C^b: what approaches 1 and 2 fit (their fits hold `a`, `b`, `k_n`, `k_d`)."""
+
+    a: float
+    b: float
+    k_n: float
+    k_d: float
+
+    def n_opt_at(self, C):
+        return self.k_n * np.asarray(C, dtype=np.float64) ** self.a
+
+    def d_opt_at(self, C):
+        return self.k_d * np.asarray(C, dtype=np.float64) ** self.b
+
+    def values(self) -> dict[str, float]:
+        return {"a": self.a, "b": self.b, "k_n": self.k_n, "k_d": self.k_d}

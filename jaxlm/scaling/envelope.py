@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from jaxlm.scaling._common import (
+    ComputeOptimal,
     ScalingError,
     check_bootstrap,
     positive_array,
-    _power_law,
+    power_law,
     summarise,
     too_many_failures,
 )
@@ -28,7 +29,7 @@ class Curve:
 
 
 @dataclass(frozen=True, eq=False)
-class EnvelopeFit:
+class EnvelopeFit(ComputeOptimal):
     """The minimum-loss envelope over curves at each compute C = 6ND (which run attains it, N_opt, D_opt), and
     the power laws N_opt = k_n C^a, D_opt = k_d C^b fitted to it."""
 
@@ -44,15 +45,6 @@ class EnvelopeFit:
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
     stderrs: dict[str, float] = field(default_factory=dict)
     bootstrap_failed: int = 0
-
-    def n_opt_at(self, C):
-        return self.k_n * np.asarray(C, dtype=np.float64) ** self.a
-
-    def d_opt_at(self, C):
-        return self.k_d * np.asarray(C, dtype=np.float64) ** self.b
-
-    def values(self) -> dict[str, float]:
-        return {"a": self.a, "b": self.b, "k_n": self.k_n, "k_d": self.k_d}
 
 
 def _checked_curve(i: int, curve: Curve) -> tuple[float, np.ndarray, np.ndarray]:
@@ -109,8 +101,8 @@ def _envelope_core(curves, n_points):
         )
     grid, best, best_n = grid[interior], best[interior], best_n[interior]
     d_opt = grid / (6 * best_n)
-    a, k_n = _power_law(grid, best_n)
-    b, k_d = _power_law(grid, d_opt)
+    a, k_n = power_law(grid, best_n)
+    b, k_d = power_law(grid, d_opt)
     return dict(C=grid, n_opt=best_n, d_opt=d_opt, loss=best, a=a, k_n=k_n, b=b, k_d=k_d)
 
 

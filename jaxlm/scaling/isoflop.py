@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from jaxlm.scaling._common import (
+    ComputeOptimal,
     ScalingError,
     check_bootstrap,
     positive_array,
-    _power_law,
+    power_law,
     summarise,
     too_many_failures,
 )
@@ -31,7 +32,7 @@ def group_budgets(C, rtol: float = 0.05) -> np.ndarray:
 
 
 @dataclass(frozen=True, eq=False)
-class IsoflopFit:
+class IsoflopFit(ComputeOptimal):
     """Per-budget parabolas loss = p[0] x^2 + p[1] x + p[2] in x = ln N, their optima, and N_opt = k_n C^a,
     D_opt = k_d C^b with D = C / (6N). `skipped` lists budgets left out (only with skip_unfittable=True)."""
 
@@ -51,15 +52,6 @@ class IsoflopFit:
     stderrs: dict[str, float] = field(default_factory=dict)
     bootstrap_failed: int = 0
     bootstrap_dropped: int = 0  # (resample, budget) pairs left out of a resample's power law
-
-    def n_opt_at(self, C):
-        return self.k_n * np.asarray(C, dtype=np.float64) ** self.a
-
-    def d_opt_at(self, C):
-        return self.k_d * np.asarray(C, dtype=np.float64) ** self.b
-
-    def values(self) -> dict[str, float]:
-        return {"a": self.a, "b": self.b, "k_n": self.k_n, "k_d": self.k_d}
 
 
 def _budget_optimum(
@@ -110,8 +102,8 @@ def _isoflop_optima(N, C, loss, labels, tried=None):
 
 def _power_laws_of_optima(budgets, n_opt):
     budgets, n_opt = np.asarray(budgets), np.asarray(n_opt)
-    a, k_n = _power_law(budgets, n_opt)
-    b, k_d = _power_law(budgets, budgets / (6.0 * n_opt))
+    a, k_n = power_law(budgets, n_opt)
+    b, k_d = power_law(budgets, budgets / (6.0 * n_opt))
     return a, k_n, b, k_d
 
 
