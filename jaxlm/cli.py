@@ -18,6 +18,7 @@ from typing import Annotated, Any, Callable, Mapping, Sequence
 
 import tyro
 
+from jaxlm import storage
 from jaxlm.config import Experiment, ModelConfig
 from jaxlm.errors import JaxlmError
 
@@ -127,9 +128,28 @@ def parse(
     out_dir = changes.get("train", {}).pop("out_dir", None)
     selected = [_apply(members[i], changes) for i in _members(command.sweep.members, len(members))]
     if out_dir is not None:  # the sweep's directory: each member keeps a directory of its own inside it
-        selected = [dataclasses.replace(m, train=dataclasses.replace(m.train, out_dir=os.path.join(out_dir, m.name)))
+        selected = [dataclasses.replace(m, train=dataclasses.replace(m.train, out_dir=storage.join(out_dir, m.name)))
                     for m in selected]
     return selected
+
+
+def common_dir(paths: Sequence[str]) -> str:
+    """The longest directory that holds every path (local paths or URIs such as gs://bucket/sweep/member)."""
+    if not any(storage.is_uri(p) for p in paths):
+        return os.path.commonpath(paths)
+    common: list[str] = []
+    for parts in zip(*(p.rstrip("/").split("/") for p in paths)):
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    return "/".join(common)
+
+
+def _relative(path: str, start: str) -> str:
+    prefix = start.rstrip("/") + "/"
+    if path.startswith(prefix):
+        return path[len(prefix):]
+    return storage.basename(path) if storage.is_uri(path) or storage.is_uri(start) else os.path.relpath(path, start)
 
 
 def program_name() -> str | None:
@@ -210,10 +230,10 @@ def run_isoflop_sweep(
 
     import jax
 
-    declared_dir = os.path.commonpath([m.run_dir for m in sweep])
-    sweep_dir = os.path.commonpath([m.run_dir for m in everyone])
+    declared_dir = common_dir([m.run_dir for m in sweep])
+    sweep_dir = common_dir([m.run_dir for m in everyone])
     if sweep_dir != declared_dir:
-        fits_dir = os.path.join(sweep_dir, os.path.relpath(fits_dir, declared_dir))
+        fits_dir = storage.join(sweep_dir, _relative(fits_dir, declared_dir))
     sweep = everyone
     options: dict = {"bootstrap": bootstrap, **({"unfittable": unfittable} if unfittable else {})}
     fit_command = f"python -m tools.fit_scaling {sweep_dir} --out {fits_dir} --bootstrap {bootstrap}"

@@ -16,7 +16,6 @@ the task for its outputs (samples, plots, reports) and writes summary.json.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from collections.abc import Iterable, Iterator
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from tqdm import tqdm
 
-from jaxlm import flops, sharding
+from jaxlm import flops, sharding, storage
 from jaxlm.checkpoint import Checkpoints, load_params, write_or_check_config
 from jaxlm.config import Experiment
 from jaxlm.errors import CheckpointError, ConfigError, NonFiniteError
@@ -266,7 +265,9 @@ class Pretraining:
 
     def finish(self, params, frozen, summary):
         if self.experiment.train.samples:
-            write_samples(self.experiment, params, self.prepared, os.path.join(self.experiment.run_dir, "samples.txt"))
+            write_samples(
+                self.experiment, params, self.prepared, storage.join(self.experiment.run_dir, "samples.txt")
+            )
         return {"params": flops.count_params(self.experiment.model)}
 
 
@@ -316,7 +317,7 @@ def write_samples(experiment: Experiment, params: Params, prepared, path: str) -
         experiment.model, params, prompt_ids, max_new_tokens=min(experiment.train.sample_tokens, budget),
         temperature=0.8, top_k=40, seed=experiment.train.seed, eos_id=tokenizer.eos_id,
     )
-    with open(path, "w") as f:
+    with storage.open(path, "w") as f:
         for i, (prompt, ids, out) in enumerate(zip(prompts, prompt_ids, outputs)):
             # Decoding prompt and continuation together keeps sentencepiece's word-initial spaces.
             f.write(f"--- sample {i}, prompt {prompt!r}\n{tokenizer.decode(ids[1:] + list(out))}\n\n")
@@ -429,12 +430,11 @@ def fit(task: Task, devices: list | None = None) -> dict[str, Any]:
         run_dir, experiment.train.keep_checkpoints, experiment.train.keep_best, experiment.train.async_checkpoints
     )
     latest = checkpoints.latest_step()
-    summary_path = os.path.join(run_dir, SUMMARY_FILE)
-    if latest is not None and latest >= experiment.train.steps and os.path.exists(summary_path):
+    summary_path = storage.join(run_dir, SUMMARY_FILE)
+    if latest is not None and latest >= experiment.train.steps and storage.exists(summary_path):
         checkpoints.close()
         print(f"{run_dir} is finished (step {latest}); delete it or use a new --train.out-dir to run again")
-        with open(summary_path) as f:
-            return json.load(f)
+        return json.loads(storage.read_text(summary_path))
 
     boxed_state, boxed_frozen = _boxed_state(task)
     state_sharding, frozen_sharding = task_shardings(task, mesh)
@@ -570,11 +570,8 @@ def fit(task: Task, devices: list | None = None) -> dict[str, Any]:
 
 def _write_summary(experiment: Experiment, summary: dict[str, Any]) -> None:
     run_dir = experiment.run_dir
-    tmp = os.path.join(run_dir, SUMMARY_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(tmp, os.path.join(run_dir, SUMMARY_FILE))
-    plot_losses(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "loss.png"), experiment.name)
+    storage.write_text_atomic(storage.join(run_dir, SUMMARY_FILE), json.dumps(summary, indent=2))
+    plot_losses(storage.join(run_dir, "metrics.jsonl"), storage.join(run_dir, "loss.png"), experiment.name)
     figures = [f"loss {summary['train_loss']:.4f}"]
     for key, label, spec in (("val_loss", "val loss", ".4f"), ("val_bpb", "val bpb", ".4f"),
                              ("val_accuracy", "val accuracy", ".4f"), ("tokens", "tokens", ",")):
