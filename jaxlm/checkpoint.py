@@ -121,8 +121,8 @@ def read_config(run_dir: str) -> Experiment | None:
 # other values of these.
 BOOKKEEPING = {
     "model": {"remat", "attention"},
-    "train": {"out_dir", "log_every", "eval_every", "eval_steps", "ckpt_every", "keep_checkpoints", "keep_best",
-              "async_checkpoints", "samples", "sample_tokens"},
+    "train": {"out_dir", "log_every", "eval_every", "eval_steps", "ckpt_every", "ckpt_every_minutes",
+              "keep_checkpoints", "keep_best", "async_checkpoints", "samples", "sample_tokens"},
     "data": {"num_workers", "cache_dir"},
 }
 

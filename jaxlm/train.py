@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from tqdm import tqdm
 
@@ -369,14 +370,31 @@ def token_losses(experiment: Experiment, params: Params, batch: Batch, rng: jax.
 # ------------------------------------------------------------------------------------------------------- the loop
 
 
-class _SigtermFlag:
-    """Set by SIGTERM; the loop checks it between steps so the step in flight finishes and is saved."""
+class _Preemption:
+    """Whether SIGTERM has come, asked between steps so that the step in flight finishes and is saved.
+
+    One process: a handler sets a flag. Several: every process must save the same step, yet the signal may reach
+    only some of them, or reach them at different steps. jax.distributed.initialize starts a preemption sync
+    manager whose notifier catches SIGTERM and tells the coordination service, which names a step that every
+    process has yet to reach; `reached_preemption_sync_point(step)` is true at that step in every process. No
+    Python handler is installed then (it would replace the notifier's).
+    """
 
     def __init__(self):
         self.raised = False
         self._previous = None
+        self.collective = jax.process_count() > 1
+
+    def reached(self, step: int) -> bool:
+        if self.collective:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.raised
 
     def __enter__(self):
+        if self.collective:
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread: leave signals alone
@@ -389,6 +407,32 @@ class _SigtermFlag:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+class TimedSaves:
+    """`--train.ckpt-every-minutes`: whether that long has passed since the last save, by process 0's clock.
+
+    With several processes, process 0's answer is broadcast at every step, so that all of them save the same step
+    (a collective each step: only while the option is on). `clock` gives seconds; tests pass their own.
+    """
+
+    def __init__(self, minutes: float, clock=time.monotonic):
+        self.interval_s = minutes * 60.0
+        self.clock = clock
+        self.last = clock()
+
+    def due(self) -> bool:
+        if not self.interval_s:
+            return False
+        due = self.clock() - self.last >= self.interval_s
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+        return due
+
+    def saved(self) -> None:
+        self.last = self.clock()
 
 
 def _evaluate(task: Task, eval_fn, params: Params, frozen: Params, mesh) -> dict[str, float] | None:
@@ -524,35 +568,43 @@ def fit(task: Task, devices: list | None = None) -> dict[str, Any]:
             bar.set_postfix(postfix)
             window_start, window_steps = now, 0
 
-    with _SigtermFlag() as sigterm, tqdm(
-        total=steps, initial=start_step, desc=experiment.name, disable=not primary, dynamic_ncols=True
-    ) as bar:
-        for step in range(start_step + 1, steps + 1):
-            batch = sharding.global_batch(next(train_iter), mesh)
-            state, metrics = train_step(state, frozen, batch)
-            if pending is not None:
-                read(*pending)
-            pending = (step, metrics)
-            bar.update(1)
-            if step % experiment.train.eval_every == 0 or step == steps:
-                read(*pending)
-                pending = None
-                last_eval = eval_row(step) or last_eval
-            if step % experiment.train.ckpt_every == 0 or step == steps or sigterm.raised:
+    timed_saves = TimedSaves(experiment.train.ckpt_every_minutes)
+    try:
+        with _Preemption() as preemption, tqdm(
+            total=steps, initial=start_step, desc=experiment.name, disable=not primary, dynamic_ncols=True
+        ) as bar:
+            for step in range(start_step + 1, steps + 1):
+                batch = sharding.global_batch(next(train_iter), mesh)
+                state, metrics = train_step(state, frozen, batch)
                 if pending is not None:
                     read(*pending)
+                pending = (step, metrics)
+                bar.update(1)
+                if step % experiment.train.eval_every == 0 or step == steps:
+                    read(*pending)
                     pending = None
-                at_step = last_eval is not None and last_eval["step"] == step
-                checkpoints.save(step, state, train_iter.get_state(), metrics={"val_loss": last_eval["val_loss"]} if at_step else None)
-            if sigterm.raised:
-                checkpoints.wait()
-                checkpoints.close()
-                raise Preempted(f"SIGTERM: saved a checkpoint at step {step} in {run_dir}; rerun the same command to resume")
-        if pending is not None:
-            read(*pending)
-    train_iter.close()
-    checkpoints.wait()
-    checkpoints.close()
+                    last_eval = eval_row(step) or last_eval
+                preempted = preemption.reached(step)
+                timed = timed_saves.due()  # every step: with several processes it is a collective
+                if step % experiment.train.ckpt_every == 0 or step == steps or preempted or timed:
+                    if pending is not None:
+                        read(*pending)
+                        pending = None
+                    at_step = last_eval is not None and last_eval["step"] == step
+                    metrics_row = {"val_loss": last_eval["val_loss"]} if at_step else None
+                    checkpoints.save(step, state, train_iter.get_state(), metrics=metrics_row)
+                    timed_saves.saved()
+                if preempted:
+                    checkpoints.wait()
+                    raise Preempted(
+                        f"SIGTERM: saved a checkpoint at step {step} in {run_dir}; rerun the same command to resume"
+                    )
+            if pending is not None:
+                read(*pending)
+        checkpoints.wait()
+    finally:  # also after an error, so that a sweep's next member starts clean
+        train_iter.close()
+        checkpoints.close()
 
     summary: dict[str, Any] = {"name": experiment.name, "steps": steps, "train_loss": last_row.get("loss")}
     if tokens_per_step is not None:
