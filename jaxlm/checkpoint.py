@@ -24,6 +24,7 @@ from jaxlm.model import init_params
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+COMMIT_MARKER = "commit_success.txt"  # orbax's mark of a complete save where directories cannot be renamed
 
 
 class _IteratorState:
@@ -73,6 +74,14 @@ class Checkpoints:
         latest = self.manager.latest_step()
         steps = [int(n) for n in storage.listdir(self.directory) if n.isdigit()] if storage.isdir(self.directory) else []
         unknown = sorted(set(steps) - set(self.manager.all_steps()))
+        if unknown and storage.is_uri(self.directory):
+            # Object stores have no rename: a save cut short leaves its step directory without orbax's commit
+            # marker (what a temporary directory is locally). It holds nothing to keep.
+            torn = [s for s in unknown if not storage.exists(storage.join(self.directory, str(s), COMMIT_MARKER))]
+            if jax.process_index() == 0:
+                for s in torn:
+                    storage.rmtree(storage.join(self.directory, str(s)), missing_ok=True)
+            unknown = sorted(set(unknown) - set(torn))
         if unknown:
             raise CheckpointError(
                 f"{self.directory}/{unknown[-1]} is not a complete checkpoint: delete it to resume from "
