@@ -15,6 +15,8 @@ import pytest
 
 from jaxlm import storage
 from jaxlm.checkpoint import load_params
+from jaxlm.scaling import collect_results, read_csv, write_csv
+from tests.test_scaling import EPOCH_CSV
 from tests.test_fault_tolerance import finish, launch, losses, workspace, write_experiment  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,6 +61,11 @@ def logged_step(run_dir):
 def bucket_losses(run_dir):
     rows = [json.loads(line) for line in storage.read_text(storage.join(run_dir, "metrics.jsonl")).splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def read_csv_local(rows, tmp_path):
+    write_csv(rows, str(tmp_path / "results.csv"))
+    return read_csv(str(tmp_path / "results.csv"))
 
 
 def assert_no_local_gs_folder(*folders):
@@ -109,12 +116,19 @@ def test_a_sweep_runs_and_is_fitted_in_a_bucket(workspace, gcs, tmp_path):
     code, _, err = finish(start([str(script), "--train.out-dir", sweep_dir], tmp_path))
     assert code == 0, err[-3000:]
     assert set(storage.listdir(sweep_dir)) >= {"d16", "d32"}
+    rows = collect_results(sweep_dir)  # both members, read back from the bucket
+    assert [r["name"] for r in rows] == ["d16", "d32"] and rows[0]["N"] < rows[1]["N"]
+    write_csv(rows, f"{sweep_dir}/results.csv")
+    assert read_csv(f"{sweep_dir}/results.csv") == read_csv_local(rows, tmp_path)
+    # Two tiny members bracket no optimum; the fit itself runs on Epoch AI's Chinchilla table, from the bucket.
+    table = f"{gcs}/chinchilla.csv"
+    storage.write_bytes(table, EPOCH_CSV.read_bytes())
     fits = f"{sweep_dir}/fits"
-    code, out, err = finish(start(["-m", "tools.fit_scaling", sweep_dir, "--out", fits, "--approaches", "1",
+    code, out, err = finish(start(["-m", "tools.fit_scaling", table, "--out", fits, "--approaches", "2,3",
                                    "--bootstrap", "0"], tmp_path))
     assert code == 0, err[-3000:]
-    assert {"fits.json", "envelope.png", "results.csv"} <= set(storage.listdir(fits))
-    assert "approach1" in json.loads(storage.read_text(f"{fits}/fits.json"))
+    assert {"fits.json", "isoflop.png", "optimal.png", "parametric.png"} <= set(storage.listdir(fits))
+    assert {"approach2", "approach3"} <= set(json.loads(storage.read_text(f"{fits}/fits.json")))
     code, out, err = finish(start(["-m", "tools.plot_runs", f"{sweep_dir}/d16", f"{sweep_dir}/d32", "--out",
                                    f"{sweep_dir}/compared.png"], tmp_path))
     assert code == 0 and storage.isfile(f"{sweep_dir}/compared.png"), err[-3000:]
