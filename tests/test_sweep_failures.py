@@ -42,6 +42,7 @@ def run_exit(sweep, argv):
     return exit_info.value.code
 
 
+@pytest.mark.slow
 def test_a_failing_member_is_recorded_retried_and_rerun_with_other_settings(sweep, tmp_path, capsys):
     out = ["--train.out-dir", str(tmp_path / "sweep")]
     assert run_exit(sweep, out) == 1  # the sweep went on past the failure, then reported it
@@ -87,6 +88,7 @@ def test_bad_sweep_flags_are_one_line(sweep, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "error: --sweep.retries -1: use 0 or more"
 
 
+@pytest.mark.slow
 def test_an_isoflop_sweep_fits_its_finished_members_and_names_the_failed(sweep, tmp_path, capsys):
     from jaxlm.cli import run_isoflop_sweep
     from jaxlm.scaling import member_flops
