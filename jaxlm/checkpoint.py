@@ -10,7 +10,6 @@ process killed mid-save leaves the previous checkpoint as the latest.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import grain
@@ -18,12 +17,14 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from jaxlm import storage
 from jaxlm.config import Experiment
 from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.model import init_params
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+COMMIT_MARKER = "commit_success.txt"  # orbax's mark of a complete save where directories cannot be renamed
 
 
 class _IteratorState:
@@ -51,9 +52,10 @@ class Checkpoints:
     """Save and restore a run's train state and data position; keep the latest N (and optionally the best)."""
 
     def __init__(self, run_dir: str, keep: int = 3, keep_best: bool = False, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(run_dir, CHECKPOINT_DIR))
-        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+        self.directory = storage.join(storage.abspath(run_dir), CHECKPOINT_DIR)
+        if storage.isfile(self.directory):
             raise CheckpointError(f"{self.directory} is not a directory: move it away and rerun")
+        storage.makedirs(self.directory)  # a missing bucket is one StorageError line, not orbax's traceback
         policy: Any = pp.LatestN(n=keep)
         if keep_best:
             best = pp.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1, keep_checkpoints_without_metrics=False)
@@ -70,8 +72,16 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         """The newest complete checkpoint; a step directory orbax does not recognise is an error, not a fresh start."""
         latest = self.manager.latest_step()
-        steps = [int(n) for n in os.listdir(self.directory) if n.isdigit()] if os.path.isdir(self.directory) else []
+        steps = [int(n) for n in storage.listdir(self.directory) if n.isdigit()] if storage.isdir(self.directory) else []
         unknown = sorted(set(steps) - set(self.manager.all_steps()))
+        if unknown and storage.is_uri(self.directory):
+            # Object stores have no rename: a save cut short leaves its step directory without orbax's commit
+            # marker (what a temporary directory is locally). It holds nothing to keep.
+            torn = [s for s in unknown if not storage.exists(storage.join(self.directory, str(s), COMMIT_MARKER))]
+            if jax.process_index() == 0:
+                for s in torn:
+                    storage.rmtree(storage.join(self.directory, str(s)), missing_ok=True)
+            unknown = sorted(set(unknown) - set(torn))
         if unknown:
             raise CheckpointError(
                 f"{self.directory}/{unknown[-1]} is not a complete checkpoint: delete it to resume from "
@@ -107,12 +117,11 @@ class Checkpoints:
 
 
 def read_config(run_dir: str) -> Experiment | None:
-    path = os.path.join(run_dir, CONFIG_FILE)
-    if not os.path.exists(path):
+    path = storage.join(run_dir, CONFIG_FILE)
+    if not storage.exists(path):
         return None
     try:
-        with open(path) as f:
-            return Experiment.from_dict(json.load(f))
+        return Experiment.from_dict(json.loads(storage.read_text(path)))
     except (json.JSONDecodeError, TypeError, ConfigError) as e:
         raise CheckpointError(f"{path} is not a jaxlm config ({_one_line(e)}): point to a jaxlm run directory") from None
 
@@ -121,8 +130,8 @@ def read_config(run_dir: str) -> Experiment | None:
 # other values of these.
 BOOKKEEPING = {
     "model": {"remat", "attention"},
-    "train": {"out_dir", "log_every", "eval_every", "eval_steps", "ckpt_every", "keep_checkpoints", "keep_best",
-              "async_checkpoints", "samples", "sample_tokens"},
+    "train": {"out_dir", "log_every", "eval_every", "eval_steps", "ckpt_every", "ckpt_every_minutes",
+              "keep_checkpoints", "keep_best", "async_checkpoints", "samples", "sample_tokens"},
     "data": {"num_workers", "cache_dir"},
 }
 
@@ -137,12 +146,12 @@ def _computation(d: dict[str, Any]) -> dict[str, Any]:
 
 def _holds_results(run_dir: str) -> bool:
     """Whether a run directory holds anything a run produced: a checkpoint, logged metrics or a summary."""
-    checkpoints = os.path.join(run_dir, CHECKPOINT_DIR)
-    if os.path.isdir(checkpoints) and os.listdir(checkpoints):
+    checkpoints = storage.join(run_dir, CHECKPOINT_DIR)
+    if storage.isdir(checkpoints) and storage.listdir(checkpoints):
         return True
     return any(
-        os.path.isfile(path) and os.path.getsize(path) > 0
-        for path in (os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "summary.json"))
+        storage.isfile(path) and storage.getsize(path) > 0
+        for path in (storage.join(run_dir, "metrics.jsonl"), storage.join(run_dir, "summary.json"))
     )
 
 
@@ -172,26 +181,23 @@ def write_or_check_config(experiment: Experiment) -> bool:
             )
     if jax.process_index() == 0:
         try:
-            os.makedirs(run_dir, exist_ok=True)
+            storage.makedirs(run_dir)
         except OSError as e:
             raise CheckpointError(
                 f"cannot create the run directory {run_dir} ({e.strerror}): choose another --train.out-dir"
             ) from None
-        tmp = os.path.join(run_dir, CONFIG_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(experiment.to_json())
-        os.replace(tmp, os.path.join(run_dir, CONFIG_FILE))
+        storage.write_text_atomic(storage.join(run_dir, CONFIG_FILE), experiment.to_json())
     return existing is not None
 
 
 def resolve_checkpoint(path: str) -> tuple[str, int | None]:
     """A run directory or a checkpoint step directory -> (run directory, step or None for the latest)."""
-    path = os.path.abspath(path)
-    if os.path.exists(os.path.join(path, CONFIG_FILE)):
+    path = storage.abspath(path).rstrip("/")
+    if storage.exists(storage.join(path, CONFIG_FILE)):
         return path, None
-    parent = os.path.dirname(path)
-    if os.path.basename(parent) == CHECKPOINT_DIR and os.path.basename(path).isdigit():
-        return os.path.dirname(parent), int(os.path.basename(path))
+    parent = storage.dirname(path)
+    if storage.basename(parent) == CHECKPOINT_DIR and storage.basename(path).isdigit():
+        return storage.dirname(parent), int(storage.basename(path))
     raise CheckpointError(f"{path} is neither a jaxlm run directory (with {CONFIG_FILE}) nor a checkpoint step directory")
 
 
@@ -212,7 +218,7 @@ def load_params(path: str) -> tuple[Experiment, Any]:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shapes = jax.eval_shape(lambda: init_params(experiment.model, jax.random.key(0), seq_len=1))
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), shapes)
-    item = os.path.join(run_dir, CHECKPOINT_DIR, str(step), "state")
+    item = storage.join(run_dir, CHECKPOINT_DIR, str(step), "state")
     try:
         target = {"params": abstract}
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)

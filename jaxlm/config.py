@@ -263,6 +263,7 @@ class TrainConfig:
     eval_every: int = 200
     eval_steps: int = 10  # batches per evaluation: the same rows each time, drawn from all over the validation split
     ckpt_every: int = 500
+    ckpt_every_minutes: float = 0.0  # also save when this long has passed since the last save (0: off)
     log_every: int = 10
     seed: int = 0
     grad_accum: int = 1  # microbatches per step
@@ -279,6 +280,10 @@ class TrainConfig:
         _positive(self, "steps", "eval_every", "eval_steps", "ckpt_every", "log_every", "grad_accum")
         _positive(self, "keep_checkpoints", "max_nonfinite", "sample_tokens")
         _require(self.samples >= 0, f"TrainConfig.samples must be >= 0, got {self.samples}")
+        _require(
+            self.ckpt_every_minutes >= 0,
+            f"TrainConfig.ckpt_every_minutes must be >= 0 (0 disables), got {self.ckpt_every_minutes}",
+        )
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,12 @@ after its checkpoint (they belong to the part of the run that was lost), rewriti
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 
+from jaxlm import storage
 from jaxlm.errors import DataError
 
 METRICS_FILE = "metrics.jsonl"
@@ -22,10 +22,10 @@ METRICS_FILE = "metrics.jsonl"
 def read_metrics(path: str, *, drop_torn_tail: bool = False) -> list[dict[str, Any]]:
     """The rows of a metrics file ([] if it does not exist). A damaged line is a `DataError` naming it; with
     `drop_torn_tail` a damaged last line (what a crash in the middle of a write leaves) is dropped instead."""
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    text = storage.read_bytes(path).decode("utf-8", errors="replace")
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     rows = []
     for i, (number, line) in enumerate(lines):
         try:
@@ -44,19 +44,15 @@ class MetricsWriter:
     """Appends rows to `<run_dir>/metrics.jsonl` (process 0 only), after dropping rows beyond `resume_step`."""
 
     def __init__(self, run_dir: str, resume_step: int = 0):
-        self.path = os.path.join(run_dir, METRICS_FILE)
+        self.path = storage.join(run_dir, METRICS_FILE)
         self.primary = jax.process_index() == 0
-        if self.primary and os.path.exists(self.path):
+        if self.primary and storage.exists(self.path):
             kept = [r for r in read_metrics(self.path, drop_torn_tail=True) if r["step"] <= resume_step]
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(json.dumps(row) + "\n" for row in kept)
-            os.replace(tmp, self.path)
+            storage.write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
 
     def write(self, row: dict[str, Any]) -> None:
         if self.primary:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            storage.append_line(self.path, json.dumps(row))
 
 
 def format_grid(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -110,5 +106,6 @@ def plot_curves(runs: Sequence[dict[str, Any]], png_path: str, xlabel: str, titl
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
+    with storage.local_copy(png_path, "w") as local:  # matplotlib writes local files only
+        fig.savefig(local, dpi=110, format="png")
     plt.close(fig)

@@ -82,6 +82,22 @@ def abspath(path: str | os.PathLike) -> str:
     return text if is_uri(text) else os.path.abspath(text)
 
 
+def dirname(path: str | os.PathLike) -> str:
+    """os.path.dirname for local paths; for a URI, the part before its last '/' (never above `scheme://bucket`)."""
+    text = os.fspath(path)
+    if not is_uri(text):
+        return os.path.dirname(text)
+    scheme, rest = text.split("://", 1)
+    rest = rest.rstrip("/")
+    return f"{scheme}://{posixpath.dirname(rest)}" if "/" in rest else text
+
+
+def basename(path: str | os.PathLike) -> str:
+    """os.path.basename for local paths; for a URI, the part after its last '/' (a trailing '/' ignored)."""
+    text = os.fspath(path)
+    return posixpath.basename(text.rstrip("/")) if is_uri(text) else os.path.basename(text)
+
+
 def _bucket(path: str) -> str:
     return path[len("gs://") :].split("/", 1)[0]
 

@@ -16,7 +16,6 @@ the task for its outputs (samples, plots, reports) and writes summary.json.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from collections.abc import Iterable, Iterator
@@ -25,10 +24,11 @@ from typing import Any, Protocol
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from tqdm import tqdm
 
-from jaxlm import flops, sharding
+from jaxlm import flops, sharding, storage
 from jaxlm.checkpoint import Checkpoints, load_params, write_or_check_config
 from jaxlm.config import Experiment
 from jaxlm.errors import CheckpointError, ConfigError, NonFiniteError
@@ -266,7 +266,9 @@ class Pretraining:
 
     def finish(self, params, frozen, summary):
         if self.experiment.train.samples:
-            write_samples(self.experiment, params, self.prepared, os.path.join(self.experiment.run_dir, "samples.txt"))
+            write_samples(
+                self.experiment, params, self.prepared, storage.join(self.experiment.run_dir, "samples.txt")
+            )
         return {"params": flops.count_params(self.experiment.model)}
 
 
@@ -318,7 +320,7 @@ def write_samples(experiment: Experiment, params: Params, prepared, path: str) -
         experiment.model, params, prompt_ids, max_new_tokens=min(experiment.train.sample_tokens, budget),
         temperature=0.8, top_k=40, seed=experiment.train.seed, eos_id=tokenizer.eos_id,
     )
-    with open(path, "w") as f:
+    with storage.open(path, "w") as f:
         for i, (prompt, ids, out) in enumerate(zip(prompts, prompt_ids, outputs)):
             # Decoding prompt and continuation together keeps sentencepiece's word-initial spaces.
             f.write(f"--- sample {i}, prompt {prompt!r}\n{tokenizer.decode(ids[1:] + list(out))}\n\n")
@@ -370,14 +372,31 @@ def token_losses(experiment: Experiment, params: Params, batch: Batch, rng: jax.
 # ------------------------------------------------------------------------------------------------------- the loop
 
 
-class _SigtermFlag:
-    """Set by SIGTERM; the loop checks it between steps so the step in flight finishes and is saved."""
+class _Preemption:
+    """Whether SIGTERM has come, asked between steps so that the step in flight finishes and is saved.
+
+    One process: a handler sets a flag. Several: every process must save the same step, yet the signal may reach
+    only some of them, or reach them at different steps. jax.distributed.initialize starts a preemption sync
+    manager whose notifier catches SIGTERM and tells the coordination service, which names a step that every
+    process has yet to reach; `reached_preemption_sync_point(step)` is true at that step in every process. No
+    Python handler is installed then (it would replace the notifier's).
+    """
 
     def __init__(self):
         self.raised = False
         self._previous = None
+        self.collective = jax.process_count() > 1
+
+    def reached(self, step: int) -> bool:
+        if self.collective:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.raised
 
     def __enter__(self):
+        if self.collective:
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread: leave signals alone
@@ -390,6 +409,32 @@ class _SigtermFlag:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+class TimedSaves:
+    """`--train.ckpt-every-minutes`: whether that long has passed since the last save, by process 0's clock.
+
+    With several processes, process 0's answer is broadcast at every step, so that all of them save the same step
+    (a collective each step: only while the option is on). `clock` gives seconds; tests pass their own.
+    """
+
+    def __init__(self, minutes: float, clock=time.monotonic):
+        self.interval_s = minutes * 60.0
+        self.clock = clock
+        self.last = clock()
+
+    def due(self) -> bool:
+        if not self.interval_s:
+            return False
+        due = self.clock() - self.last >= self.interval_s
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+        return due
+
+    def saved(self) -> None:
+        self.last = self.clock()
 
 
 def _evaluate(task: Task, eval_fn, params: Params, frozen: Params, mesh) -> dict[str, float] | None:
@@ -431,12 +476,11 @@ def fit(task: Task, devices: list | None = None) -> dict[str, Any]:
         run_dir, experiment.train.keep_checkpoints, experiment.train.keep_best, experiment.train.async_checkpoints
     )
     latest = checkpoints.latest_step()
-    summary_path = os.path.join(run_dir, SUMMARY_FILE)
-    if latest is not None and latest >= experiment.train.steps and os.path.exists(summary_path):
+    summary_path = storage.join(run_dir, SUMMARY_FILE)
+    if latest is not None and latest >= experiment.train.steps and storage.exists(summary_path):
         checkpoints.close()
         print(f"{run_dir} is finished (step {latest}); delete it or use a new --train.out-dir to run again")
-        with open(summary_path) as f:
-            return json.load(f)
+        return json.loads(storage.read_text(summary_path))
 
     boxed_state, boxed_frozen = _boxed_state(task)
     state_sharding, frozen_sharding = task_shardings(task, mesh)
@@ -526,35 +570,43 @@ def fit(task: Task, devices: list | None = None) -> dict[str, Any]:
             bar.set_postfix(postfix)
             window_start, window_steps = now, 0
 
-    with _SigtermFlag() as sigterm, tqdm(
-        total=steps, initial=start_step, desc=experiment.name, disable=not primary, dynamic_ncols=True
-    ) as bar:
-        for step in range(start_step + 1, steps + 1):
-            batch = sharding.global_batch(next(train_iter), mesh)
-            state, metrics = train_step(state, frozen, batch)
-            if pending is not None:
-                read(*pending)
-            pending = (step, metrics)
-            bar.update(1)
-            if step % experiment.train.eval_every == 0 or step == steps:
-                read(*pending)
-                pending = None
-                last_eval = eval_row(step) or last_eval
-            if step % experiment.train.ckpt_every == 0 or step == steps or sigterm.raised:
+    timed_saves = TimedSaves(experiment.train.ckpt_every_minutes)
+    try:
+        with _Preemption() as preemption, tqdm(
+            total=steps, initial=start_step, desc=experiment.name, disable=not primary, dynamic_ncols=True
+        ) as bar:
+            for step in range(start_step + 1, steps + 1):
+                batch = sharding.global_batch(next(train_iter), mesh)
+                state, metrics = train_step(state, frozen, batch)
                 if pending is not None:
                     read(*pending)
+                pending = (step, metrics)
+                bar.update(1)
+                if step % experiment.train.eval_every == 0 or step == steps:
+                    read(*pending)
                     pending = None
-                at_step = last_eval is not None and last_eval["step"] == step
-                checkpoints.save(step, state, train_iter.get_state(), metrics={"val_loss": last_eval["val_loss"]} if at_step else None)
-            if sigterm.raised:
-                checkpoints.wait()
-                checkpoints.close()
-                raise Preempted(f"SIGTERM: saved a checkpoint at step {step} in {run_dir}; rerun the same command to resume")
-        if pending is not None:
-            read(*pending)
-    train_iter.close()
-    checkpoints.wait()
-    checkpoints.close()
+                    last_eval = eval_row(step) or last_eval
+                preempted = preemption.reached(step)
+                timed = timed_saves.due()  # every step: with several processes it is a collective
+                if step % experiment.train.ckpt_every == 0 or step == steps or preempted or timed:
+                    if pending is not None:
+                        read(*pending)
+                        pending = None
+                    at_step = last_eval is not None and last_eval["step"] == step
+                    metrics_row = {"val_loss": last_eval["val_loss"]} if at_step else None
+                    checkpoints.save(step, state, train_iter.get_state(), metrics=metrics_row)
+                    timed_saves.saved()
+                if preempted:
+                    checkpoints.wait()
+                    raise Preempted(
+                        f"SIGTERM: saved a checkpoint at step {step} in {run_dir}; rerun the same command to resume"
+                    )
+            if pending is not None:
+                read(*pending)
+        checkpoints.wait()
+    finally:  # also after an error, so that a sweep's next member starts clean
+        train_iter.close()
+        checkpoints.close()
 
     summary: dict[str, Any] = {"name": experiment.name, "steps": steps, "train_loss": last_row.get("loss")}
     if tokens_per_step is not None:
@@ -572,11 +624,8 @@ def fit(task: Task, devices: list | None = None) -> dict[str, Any]:
 
 def _write_summary(experiment: Experiment, summary: dict[str, Any]) -> None:
     run_dir = experiment.run_dir
-    tmp = os.path.join(run_dir, SUMMARY_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(tmp, os.path.join(run_dir, SUMMARY_FILE))
-    plot_losses(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "loss.png"), experiment.name)
+    storage.write_text_atomic(storage.join(run_dir, SUMMARY_FILE), json.dumps(summary, indent=2))
+    plot_losses(storage.join(run_dir, "metrics.jsonl"), storage.join(run_dir, "loss.png"), experiment.name)
     figures = [f"loss {summary['train_loss']:.4f}"]
     for key, label, spec in (("val_loss", "val loss", ".4f"), ("val_bpb", "val bpb", ".4f"),
                              ("val_accuracy", "val accuracy", ".4f"), ("tokens", "tokens", ",")):

@@ -1,8 +1,9 @@
 """A local GCS API server for tests of gs:// paths: gcp-storage-emulator, started once per test session.
 
-`gcs_server` starts it; `gcs` points every Google client in this process at it for one test and gives that test a
-fresh prefix, `gs://<bucket>/<test name>-<random>`. What each client needs, as environment variables (which also
-reach the processes a test starts):
+`gcs_server` starts it (through tests/_gcs_emulator.py, which adds the generation headers tensorstore reads);
+`gcs` points every Google client in this process at it for one test and gives that test a fresh prefix,
+`gs://<bucket>/<test name>-<random>`. What each client needs, as environment variables (which also reach the
+processes a test starts):
 
 - gcsfs (etils.epath's gs:// backend) and google-cloud-storage (orbax deletes old checkpoints with it):
   STORAGE_EMULATOR_HOST; gcsfs also needs anonymous credentials (FSSPEC_GCS_TOKEN=anon, read when fsspec is
@@ -70,8 +71,8 @@ def gcs_server(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("gcs") / "emulator.log"
     with open(log_path, "w") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port),
-             "--default-bucket", BUCKET, "--in-memory"],
+            [sys.executable, os.path.join(os.path.dirname(__file__), "_gcs_emulator.py"), "start", "--host",
+             "127.0.0.1", "--port", str(port), "--default-bucket", BUCKET, "--in-memory"],
             stdout=log, stderr=subprocess.STDOUT,
         )
     try:

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 
+from jaxlm import storage
 from jaxlm.errors import ConfigError, JaxlmError
 
 USAGE_ERROR = 2
@@ -35,7 +35,7 @@ def to_jaxlm(hf_dir: str, out: str, tokenizer: str = "") -> str:
     from jaxlm.hf import load_hf
 
     cfg, params = load_hf(hf_dir)
-    out = os.path.abspath(out)
+    out = storage.abspath(out).rstrip("/")
     own_spm = os.path.join(hf_dir, "tokenizer.model")
     tokenizer = tokenizer or (own_spm if os.path.isfile(own_spm) else "")
     if not tokenizer:
@@ -44,15 +44,15 @@ def to_jaxlm(hf_dir: str, out: str, tokenizer: str = "") -> str:
             "tokenizer), or sample from the directory as it is with `python -m tools.sample --hf`"
         )
     if tokenizer.endswith(".model"):
-        if not os.path.isfile(tokenizer):
+        if not storage.isfile(tokenizer):
             raise ConfigError(f"--tokenizer {tokenizer} does not exist: give the path of a sentencepiece .model file")
-        os.makedirs(out, exist_ok=True)
-        copied = os.path.join(out, "tokenizer.model")
-        if os.path.abspath(tokenizer) != copied:
-            shutil.copyfile(tokenizer, copied)
+        storage.makedirs(out)
+        copied = storage.join(out, "tokenizer.model")
+        if storage.abspath(tokenizer) != copied:
+            storage.write_bytes(copied, storage.read_bytes(tokenizer))
         tokenizer = copied
     experiment = Experiment(
-        name=os.path.basename(out) or "imported",
+        name=storage.basename(out) or "imported",
         model=cfg,
         data=DataConfig(tokenizer=tokenizer, vocab_size=cfg.vocab_size, seq_len=min(256, cfg.max_seq_len)),
         train=TrainConfig(out_dir=out),
@@ -98,6 +98,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def check_out(out: str) -> None:
     """--out must be a directory that can be created, or one that exists: checked before any conversion starts."""
+    if storage.is_uri(out):
+        storage.makedirs(out)  # a missing bucket or a missing permission: one line now
+        return
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out} is a file, not a directory: give a new path or an existing directory")
     existing = os.path.abspath(out)

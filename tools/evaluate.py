@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import tyro
 
+from jaxlm import storage
 from jaxlm.errors import ConfigError, JaxlmError
 
 
@@ -37,6 +38,9 @@ class Args:
 
 def prepare_out(out: str) -> None:
     """Create the folder of --out (as the other tools do) before evaluating, so a bad path fails at once."""
+    if storage.is_uri(out):
+        storage.makedirs(out)  # a missing bucket or a missing permission: one line now
+        return
     if os.path.isdir(out):
         raise ConfigError(f"--out {out} is a directory: give the path of the JSON file to write")
     folder = os.path.dirname(os.path.abspath(out))
@@ -83,8 +87,7 @@ def evaluate(args: Args) -> dict:
     result["run"] = args.run
     print(json.dumps(result, indent=2))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        storage.write_text_atomic(args.out, json.dumps(result, indent=2))
     return result
 
 

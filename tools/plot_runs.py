@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from jaxlm import storage
 from jaxlm.errors import JaxlmError
 
 USAGE_ERROR = 2
@@ -37,7 +38,7 @@ def load_run(run_dir: str, x: str = "tokens") -> dict[str, Any]:
     speeds = [r["tokens_per_sec"] for r in train if r.get("tokens_per_sec")]
     val = [r["val_loss"] for r in evals]
     return {
-        "label": os.path.basename(os.path.normpath(run_dir)),
+        "label": storage.basename(run_dir if storage.is_uri(run_dir) else os.path.normpath(run_dir)),
         "architecture": experiment.model.architecture,
         "params": flops.count_params(experiment.model),
         "steps": max([r["step"] for r in train + evals]),
@@ -75,11 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         for run_dir in args.runs:
-            if not os.path.isdir(run_dir):
+            if not storage.isdir(run_dir):
                 raise JaxlmError(f"{run_dir} is not a directory: give run directories such as runs/quickstart")
         runs = [load_run(run_dir, args.x) for run_dir in args.runs]
-        if os.path.dirname(args.out):
-            os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        if storage.dirname(args.out):
+            storage.makedirs(storage.dirname(args.out))
         plot_curves(runs, args.out, xlabel=AXES[args.x], log_x=args.x == "flops")
     except JaxlmError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import lora as lora_lib
+from jaxlm import storage
 from jaxlm.config import Experiment, ModelConfig
 from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.finetune.config import HF_WEIGHTS, Params
@@ -99,7 +100,7 @@ def response_losses(cfg, params: Params, batch, lora: Params | None = None, lora
 
 
 def is_hf_dir(path: str) -> bool:
-    return any(os.path.isfile(os.path.join(path, name)) for name in HF_WEIGHTS)
+    return any(storage.isfile(storage.join(path, name)) for name in HF_WEIGHTS)
 
 
 def load_base(experiment: Experiment) -> tuple[Experiment, Params]:
@@ -109,7 +110,7 @@ def load_base(experiment: Experiment) -> tuple[Experiment, Params]:
     if not path:
         fresh = jax.jit(lambda key: init_params(experiment.model, key))
         return experiment, fresh(jax.random.key(experiment.train.seed))
-    if os.path.isdir(path) and is_hf_dir(path):
+    if not storage.is_uri(path) and os.path.isdir(path) and is_hf_dir(path):  # Hugging Face weights: local
         from jaxlm.hf import load_hf
 
         cfg, params = load_hf(path)
@@ -117,7 +118,7 @@ def load_base(experiment: Experiment) -> tuple[Experiment, Params]:
         return dataclasses.replace(experiment, model=cfg), params
     from jaxlm.checkpoint import load_params
 
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise CheckpointError(f"init_from {path} does not exist: train that run first, or fix --train.init-from")
     source, params = load_params(path)
     mine, theirs = _tokenizer_identity(experiment.data), _tokenizer_identity(source.data)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm import storage
 from jaxlm.config import Experiment
 from jaxlm.errors import CheckpointError
 from jaxlm.finetune.backbone import classifier_logits, full_backbone, load_base, load_tokenizer
@@ -86,7 +86,7 @@ class Classification(FinetuneTask):
             if path:
                 self.splits[name] = encode_classify(read_table(path, columns), path, tokenizer, ft, self.labels)
         if jax.process_index() == 0:
-            with open(os.path.join(self.experiment.run_dir, LABELS_FILE), "w") as f:
+            with storage.open(storage.join(self.experiment.run_dir, LABELS_FILE), "w") as f:
                 json.dump({"labels": self.labels}, f, indent=2)
             for name, data in self.splits.items():
                 counts = np.bincount(data.labels, minlength=len(self.labels))
@@ -177,12 +177,12 @@ class Classification(FinetuneTask):
                 matrix = confusion_matrix(data.labels, predictions, len(labels))
                 table = format_confusion(matrix, labels)
                 print(f"confusion matrix ({name}):\n{table}")
-                with open(os.path.join(run_dir, "confusion.txt"), "w") as f:
+                with storage.open(storage.join(run_dir, "confusion.txt"), "w") as f:
                     f.write(f"{name} split\n{table}\n")
-                with open(os.path.join(run_dir, "confusion.json"), "w") as f:
+                with storage.open(storage.join(run_dir, "confusion.json"), "w") as f:
                     json.dump({"split": name, "labels": labels, "matrix": matrix.tolist()}, f, indent=2)
         saved = params if self.ft.lora is not None else {**params, "model": full_backbone(params, frozen)}
-        save_tree(os.path.join(run_dir, CLASSIFIER_FILE), saved)
+        save_tree(storage.join(run_dir, CLASSIFIER_FILE), saved)
         return out
 
 
@@ -214,11 +214,10 @@ def load_classifier(run_dir: str) -> Classifier:
     experiment, ft = read_run(run_dir)
     if ft is None or ft.task != "classify":
         raise CheckpointError(f"{run_dir} is not a classification run")
-    trainable = load_tree(os.path.join(run_dir, CLASSIFIER_FILE))
+    trainable = load_tree(storage.join(run_dir, CLASSIFIER_FILE))
     frozen: Params = {}
     if ft.lora is not None:
         _, base = load_base(experiment)
         frozen = {"model": {k: v for k, v in base.items() if k != "lm_head"}}
-    with open(os.path.join(run_dir, LABELS_FILE)) as f:
-        labels = json.load(f)["labels"]
+    labels = json.loads(storage.read_text(storage.join(run_dir, LABELS_FILE)))["labels"]
     return Classifier(experiment, ft, trainable, frozen, labels, load_tokenizer(experiment))

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
 
 from jaxlm import lora as lora_lib
+from jaxlm import storage
 from jaxlm.config import Experiment
 from jaxlm.errors import CheckpointError
 from jaxlm.finetune.backbone import load_base, response_losses
@@ -122,7 +122,7 @@ class InstructionTuning(FinetuneTask):
             "trainable_params": self.count_trainable(),
             "train_loss": evaluate_split(model, adapters, self.splits["train"]),
         }
-        first = next((r for r in read_metrics(os.path.join(run_dir, METRICS_FILE)) if "val_loss" in r), None)
+        first = next((r for r in read_metrics(storage.join(run_dir, METRICS_FILE)) if "val_loss" in r), None)
         if "validation" in self.splits and first is not None and first["step"] == 0:
             out["validation_loss_before"] = first["val_loss"]
         for name in ("validation", "test"):
@@ -133,11 +133,11 @@ class InstructionTuning(FinetuneTask):
                       + (f"{before:.4f} before, " if before is not None else "")
                       + f"{out[f'{name}_loss_after']:.4f} after")
         if ft.lora is not None:
-            save_tree(os.path.join(run_dir, ADAPTERS_FILE), adapters)
+            save_tree(storage.join(run_dir, ADAPTERS_FILE), adapters)
             model = lora_lib.merge(model, adapters, ft.lora)
         source = self.splits.get("validation", self.splits["train"])
         out["samples"] = write_samples(
-            self.experiment, model, self.tokenizer, source, ft, os.path.join(run_dir, "samples.txt")
+            self.experiment, model, self.tokenizer, source, ft, storage.join(run_dir, "samples.txt")
         )
         return out
 
@@ -162,7 +162,7 @@ def write_samples(
             continue
         new = generate(cfg, params, [ids], max_new_tokens=budget, temperature=0.0, eos_id=tokenizer.eos_id)[0]
         out.append({"prompt": "".join(t for t, _ in prompt), "reference": reference, "answer": tokenizer.decode(new)})
-    with open(path, "w") as f:
+    with storage.open(path, "w") as f:
         for s in out:
             f.write(f"--- prompt\n{s['prompt']}\n--- reference\n{s['reference']}\n--- answer\n{s['answer']}\n\n")
     return out
@@ -173,7 +173,7 @@ def load_lm(path: str) -> tuple[Experiment, Params]:
     assistant, or a LoRA one (its adapters folded into the base weights it was trained on)."""
     from jaxlm.checkpoint import load_params
 
-    if not os.path.isdir(path) or not os.path.exists(os.path.join(path, FINETUNE_FILE)):
+    if not storage.isdir(path) or not storage.exists(storage.join(path, FINETUNE_FILE)):
         return load_params(path)
     experiment, ft = read_run(path)
     if ft.task == "classify":
@@ -181,15 +181,14 @@ def load_lm(path: str) -> tuple[Experiment, Params]:
     if ft.lora is None:
         return load_params(path)
     experiment, base = load_base(experiment)
-    return experiment, lora_lib.merge(base, load_tree(os.path.join(path, ADAPTERS_FILE)), ft.lora)
+    return experiment, lora_lib.merge(base, load_tree(storage.join(path, ADAPTERS_FILE)), ft.lora)
 
 
 def run_layout(path: str) -> str:
     """The prompt layout ('alpaca' or 'chat') an instruction-tuned run learned; 'chat' for any other run."""
-    summary_path = os.path.join(path, "summary.json")
-    if os.path.exists(summary_path):
-        with open(summary_path) as f:
-            layouts = json.load(f).get("layouts") or ["chat"]
+    summary_path = storage.join(path, "summary.json")
+    if storage.exists(summary_path):
+        layouts = json.loads(storage.read_text(summary_path)).get("layouts") or ["chat"]
         return layouts[0]
     return "chat"
 
@@ -197,12 +196,11 @@ def run_layout(path: str) -> str:
 def instruction_tuned(path: str) -> bool:
     """Whether `path` is an instruction-tuned run, or a checkpoints/<step> directory of one: its finetune.json
     says task instruct. A pretraining run has none (its prompts were never wrapped in a template)."""
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    run_dir = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else path
+    path = storage.abspath(path).rstrip("/")
+    parent = storage.dirname(path)
+    run_dir = storage.dirname(parent) if storage.basename(parent) == "checkpoints" else path
     try:
-        with open(os.path.join(run_dir, FINETUNE_FILE)) as f:
-            return json.load(f).get("task", "classify") == "instruct"
+        return json.loads(storage.read_text(storage.join(run_dir, FINETUNE_FILE))).get("task", "classify") == "instruct"
     except (OSError, ValueError, AttributeError):
         return False
 

@@ -4,13 +4,13 @@ summary."""
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from jaxlm import storage
 from jaxlm.config import Experiment
 from jaxlm.errors import CheckpointError
 from jaxlm.finetune.config import FINETUNE_FILE, FinetuneConfig, Params
@@ -21,11 +21,10 @@ from jaxlm.finetune.config import FINETUNE_FILE, FinetuneConfig, Params
 
 def write_or_check_finetune(run_dir: str, ft: FinetuneConfig) -> None:
     """Write finetune.json into the run directory, or refuse one that holds a finetuning run of another config."""
-    path = os.path.join(run_dir, FINETUNE_FILE)
+    path = storage.join(run_dir, FINETUNE_FILE)
     mine = json.loads(json.dumps(ft.to_dict()))
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    if storage.exists(path):
+        old = json.loads(storage.read_text(path))
         if old != mine:
             changed = [k for k in mine if old.get(k) != mine[k]]
             raise CheckpointError(
@@ -33,10 +32,8 @@ def write_or_check_finetune(run_dir: str, ft: FinetuneConfig) -> None:
                 "use a new --train.out-dir, or delete the old run directory"
             )
     elif jax.process_index() == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(mine, f, indent=2)
-        os.replace(path + ".tmp", path)
+        storage.makedirs(run_dir)
+        storage.write_text_atomic(path, json.dumps(mine, indent=2))
 
 
 def _flatten(tree: Params) -> dict[str, np.ndarray]:
@@ -56,15 +53,15 @@ def _unflatten(flat: dict[str, np.ndarray]) -> Params:
 
 
 def save_tree(path: str, tree: Params) -> None:
-    tmp = path + ".tmp"
-    save_file(_flatten(tree), tmp)
-    os.replace(tmp, path)
+    with storage.local_copy(path, "w") as local:  # safetensors writes local files only
+        save_file(_flatten(tree), local)
 
 
 def load_tree(path: str) -> Params:
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise CheckpointError(f"{path} does not exist: is this a finished finetuning run?")
-    return _unflatten(load_file(path))
+    with storage.local_copy(path) as local:
+        return _unflatten(load_file(local))
 
 
 def read_run(path: str) -> tuple[Experiment, FinetuneConfig | None]:
@@ -73,8 +70,7 @@ def read_run(path: str) -> tuple[Experiment, FinetuneConfig | None]:
     experiment = read_config(path)
     if experiment is None:
         raise CheckpointError(f"{path} is not a jaxlm run directory (no config.json)")
-    ft_path = os.path.join(path, FINETUNE_FILE)
-    if not os.path.exists(ft_path):
+    ft_path = storage.join(path, FINETUNE_FILE)
+    if not storage.exists(ft_path):
         return experiment, None
-    with open(ft_path) as f:
-        return experiment, FinetuneConfig.from_dict(json.load(f))
+    return experiment, FinetuneConfig.from_dict(json.loads(storage.read_text(ft_path)))

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import time
 from collections.abc import Iterable
 
 import numpy as np
 
+from jaxlm import storage
 from jaxlm.scaling._common import ScalingError
 from jaxlm.scaling.envelope import fit_envelope
 from jaxlm.scaling.isoflop import fit_isoflop
@@ -28,6 +30,8 @@ EPOCH_CREDIT = "data: Besiroglu et al. 2024 (Epoch AI), extracted from Hoffmann 
 
 def default_out_dir(source: str) -> str:
     """Where `fit_and_plot` writes when no directory is given: <source without extension>_fits."""
+    if storage.is_uri(source):
+        return posixpath.splitext(source.rstrip("/"))[0] + "_fits"
     return os.path.splitext(os.path.normpath(source))[0] + "_fits"
 
 
@@ -73,29 +77,28 @@ def fit_and_plot(
     if not fits:
         raise ScalingError("nothing was fitted: approach 1 needs a sweep directory's training curves")
     out = out or default_out_dir(source)
-    os.makedirs(out, exist_ok=True)
+    storage.makedirs(out)
     import matplotlib
 
     matplotlib.use("Agg")
     written = []
     credit = EPOCH_CREDIT if epoch else ""
     if "2" in fits:
-        _plot_isoflop(fits["2"], N, losses, os.path.join(out, "isoflop.png"), credit)
+        _plot_isoflop(fits["2"], N, losses, storage.join(out, "isoflop.png"), credit)
         written.append("isoflop.png")
     if fits:
-        _plot_optimal(fits, C, os.path.join(out, "optimal.png"), credit)
+        _plot_optimal(fits, C, storage.join(out, "optimal.png"), credit)
         written.append("optimal.png")
     if "3" in fits:
-        _plot_parametric(fits["3"], N, C, losses, os.path.join(out, "parametric.png"), credit)
+        _plot_parametric(fits["3"], N, C, losses, storage.join(out, "parametric.png"), credit)
         written.append("parametric.png")
     if "1" in fits:
-        _plot_envelope(fits["1"], curves, os.path.join(out, "envelope.png"))
+        _plot_envelope(fits["1"], curves, storage.join(out, "envelope.png"))
         written.append("envelope.png")
-    if os.path.isdir(source):
-        write_csv(rows, os.path.join(out, "results.csv"))
+    if storage.isdir(source):
+        write_csv(rows, storage.join(out, "results.csv"))
         written.append("results.csv")
-    with open(os.path.join(out, "fits.json"), "w") as f:
-        json.dump(_to_json(fits), f, indent=2)
+    storage.write_text_atomic(storage.join(out, "fits.json"), json.dumps(_to_json(fits), indent=2))
     written.append("fits.json")
     print(f"wrote {', '.join(written)} to {out}")
     return fits
@@ -103,7 +106,7 @@ def fit_and_plot(
 
 def _load(source, loss, drop_highest, allow_unfinished):
     """(rows, loss column, curves or None, is_epoch_layout)."""
-    if os.path.isdir(source):
+    if storage.isdir(source):
         rows = collect_results(source, allow_unfinished=allow_unfinished)
         curves = collect_curves(source, allow_unfinished=False)
         epoch = False
@@ -212,7 +215,8 @@ def _finish(fig, path, credit):
     if credit:
         fig.text(0.99, 0.005, credit, ha="right", va="bottom", fontsize=7, color="0.4")
     fig.tight_layout(rect=(0, 0.02, 1, 1) if credit else None)
-    fig.savefig(path, dpi=120)
+    with storage.local_copy(path, "w") as local:  # matplotlib writes local files only
+        fig.savefig(local, dpi=120, format="png")
 
 
 def _label_with_interval(fit, name, value):

@@ -4,13 +4,14 @@ jaxlm's or Epoch AI's CSV layout (`write_csv`, `read_csv`)."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 from collections.abc import Sequence
 
 import numpy as np
 
+from jaxlm import storage
 from jaxlm.config import Experiment
 from jaxlm.flops import count_nonembedding_params, count_params, flops_per_token
 from jaxlm.logging import read_metrics
@@ -25,25 +26,24 @@ EPOCH_COLUMNS = ("Model Size", "Training FLOP", "loss")
 def read_run(run_dir: str) -> tuple[Experiment, list[dict], list[dict]]:
     """A run directory's experiment (config.json), and its logged train rows and evaluations (metrics.jsonl), each
     by step; a step logged twice (a run resumed past it) keeps its last row."""
-    config_path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(config_path):
+    config_path = storage.join(run_dir, "config.json")
+    if not storage.exists(config_path):
         raise ScalingError(f"{run_dir} has no config.json: give the directory of a jaxlm run (such as runs/quickstart)")
-    with open(config_path) as f:
-        try:
-            experiment = Experiment.from_dict(json.load(f))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise ScalingError(f"{run_dir}/config.json is not a jaxlm config ({e})") from None
-    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    try:
+        experiment = Experiment.from_dict(json.loads(storage.read_text(config_path)))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ScalingError(f"{run_dir}/config.json is not a jaxlm config ({e})") from None
+    rows = read_metrics(storage.join(run_dir, "metrics.jsonl"))
     train = {r["step"]: r for r in rows if "loss" in r and "tokens" in r}
     evals = {r["step"]: r for r in rows if "val_loss" in r}
     return experiment, [train[k] for k in sorted(train)], [evals[k] for k in sorted(evals)]
 
 
 def _run_dirs(sweep_dir: str) -> list[str]:
-    if not os.path.isdir(sweep_dir):
+    if not storage.isdir(sweep_dir):
         raise ScalingError(f"{sweep_dir} is not a directory: give a sweep's run directory or a results CSV")
-    names = sorted(os.listdir(sweep_dir))
-    dirs = [os.path.join(sweep_dir, d) for d in names if os.path.exists(os.path.join(sweep_dir, d, "config.json"))]
+    names = storage.listdir(sweep_dir)
+    dirs = [storage.join(sweep_dir, d) for d in names if storage.exists(storage.join(sweep_dir, d, "config.json"))]
     if not dirs:
         raise ScalingError(f"{sweep_dir} holds no run directories (subdirectories with config.json)")
     return dirs
@@ -123,26 +123,26 @@ def write_csv(rows: Sequence[dict], path: str) -> None:
     missing = [c for c in COLUMNS if rows and c not in rows[0]]
     if missing:
         raise ScalingError(f"results rows lack column(s) {', '.join(missing)}")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (repr(float(row[k])) if k != "name" else row[k]) for k in COLUMNS})
+    storage.makedirs(storage.dirname(storage.abspath(path)))
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (repr(float(row[k])) if k != "name" else row[k]) for k in COLUMNS})
+    storage.write_text_atomic(path, text.getvalue())
 
 
 def read_csv(path: str) -> list[dict]:
     """Read a results table: jaxlm's layout (`COLUMNS`), or Epoch AI's Chinchilla data (`Model Size`, `Training
     FLOP`, `loss`; there D = C / 6N and the single loss column is `loss`). Missing columns or values that are not
     positive numbers raise, naming the column and line."""
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise ScalingError(f"{path} does not exist: give a results CSV or a sweep's run directory")
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise ScalingError(f"{path} is not a file: give a results CSV or a sweep's run directory")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        raw = list(reader)
+    reader = csv.DictReader(io.StringIO(storage.read_text(path), newline=""))
+    header = reader.fieldnames or []
+    raw = list(reader)
     epoch = all(c in header for c in EPOCH_COLUMNS) and "N" not in header
     needed = EPOCH_COLUMNS if epoch else COLUMNS
     missing = [c for c in needed if c not in header]

@@ -16,6 +16,7 @@ from types import MappingProxyType
 
 import numpy as np
 
+from jaxlm import storage
 from jaxlm.config import Experiment, ModelConfig
 from jaxlm.errors import ConfigError
 from jaxlm.flops import count_params, flops_per_token
@@ -28,7 +29,7 @@ def _member_train(base: Experiment, name: str, steps: int):
     return dataclasses.replace(
         base.train,
         steps=steps,
-        out_dir=os.path.join(base.run_dir, name),
+        out_dir=storage.join(base.run_dir, name),
         eval_every=min(base.train.eval_every, steps),
         log_every=min(base.train.log_every, steps),
     )
@@ -219,7 +220,7 @@ def check_budgets(members: Sequence[Experiment], budget_of: Mapping[str, float],
 
 def all_finished(members: Sequence[Experiment]) -> bool:
     """Whether every member's run has finished (its run directory holds summary.json)."""
-    return all(os.path.exists(os.path.join(m.run_dir, "summary.json")) for m in members)
+    return all(storage.exists(storage.join(m.run_dir, "summary.json")) for m in members)
 
 
 def wsd_branches(

@@ -577,13 +577,27 @@ CHECKPOINT_MODES = ("none", "async", "blocking")
 def bench_checkpoint(experiment: Experiment, steps: int, every: int, rounds: int) -> list[dict[str, Any]]:
     """The real training loop on the experiment's data, without intermediate checkpoints, with asynchronous saves
     every `every` steps, and with blocking ones; the three alternate for `rounds` rounds, each run in a fresh
-    temporary directory. A run's ms/step is the loop's own throughput figure (its first step, which compiles,
+    temporary directory (a fresh prefix under `--train.out-dir` when that is a gs:// URI, removed afterwards).
+    A run's ms/step is the loop's own throughput figure (its first step, which compiles,
     left out), so a save counts with the steps around it."""
     import contextlib
     import io
     import tempfile
+    import uuid
 
-    from jaxlm import train
+    from jaxlm import storage, train
+
+    @contextlib.contextmanager
+    def fresh_dir():
+        if not storage.is_uri(experiment.train.out_dir):
+            with tempfile.TemporaryDirectory() as local:
+                yield local
+            return
+        remote = storage.join(experiment.train.out_dir, f"bench-{uuid.uuid4().hex[:8]}")
+        try:
+            yield remote
+        finally:
+            storage.rmtree(remote, missing_ok=True)
 
     if steps < 2 or not 1 <= every < steps or rounds < 1:
         raise ConfigError(
@@ -593,7 +607,7 @@ def bench_checkpoint(experiment: Experiment, steps: int, every: int, rounds: int
     rows = []
     for round_ in range(rounds):
         for mode in CHECKPOINT_MODES:
-            with tempfile.TemporaryDirectory() as out_dir:
+            with fresh_dir() as out_dir:
                 settings = dataclasses.replace(
                     experiment.train, out_dir=out_dir, steps=steps, ckpt_every=steps if mode == "none" else every,
                     async_checkpoints=mode != "blocking", keep_checkpoints=steps, keep_best=False,
@@ -601,7 +615,7 @@ def bench_checkpoint(experiment: Experiment, steps: int, every: int, rounds: int
                 )
                 with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                     summary = train.train(dataclasses.replace(experiment, train=settings))
-                saved = [n for n in os.listdir(os.path.join(out_dir, "checkpoints")) if n.isdigit()]
+                saved = [n for n in storage.listdir(storage.join(out_dir, "checkpoints")) if n.isdigit()]
             row = {"round": round_, "mode": mode, "checkpoints": len(saved),
                    "step_ms": 1e3 * tokens_per_step / summary["tokens_per_sec"]}
             rows.append(row)
