@@ -10,6 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxlm.scaling
+import jaxlm.train
+
 from experiments import chinchilla_c4, chinchilla_cpu
 from jaxlm import sharding
 from jaxlm.cli import parse
@@ -143,18 +146,19 @@ def test_sweep_runs_a_slice_and_fits_only_when_all_are_finished(tmp_path, monkey
     sweep, budget_of = tiny_sweep(tmp_path)
     trained, fitted = [], []
 
-    def fake_run(members, argv=None):
-        for m in members:
-            os.makedirs(m.run_dir, exist_ok=True)
-            open(os.path.join(m.run_dir, "summary.json"), "w").close()
-            trained.append(m.name)
+    def fake_train(member):  # the members' training is tested elsewhere: here, which members run and when fits
+        os.makedirs(member.run_dir, exist_ok=True)
+        with open(os.path.join(member.run_dir, "summary.json"), "w") as f:
+            f.write("{}")
+        trained.append(member.name)
+        return {}
 
     def fake_fit(source, out, **options):
         fitted.append((source, out, options))
         return {}
 
-    monkeypatch.setattr(sweeps, "run", fake_run)
-    monkeypatch.setattr(sweeps, "fit_and_plot", fake_fit)
+    monkeypatch.setattr(jaxlm.train, "train", fake_train)
+    monkeypatch.setattr(jaxlm.scaling, "fit_and_plot", fake_fit)
     fits = str(tmp_path / "sweep" / "fits")
     command = f"python -m tools.fit_scaling {tmp_path / 'sweep'} --out {fits} --bootstrap 7"
     run_isoflop_sweep(sweep, budget_of, fits, bootstrap=7, argv=["--sweep.members", "1:3"])
@@ -169,17 +173,17 @@ def test_sweep_runs_a_slice_and_fits_only_when_all_are_finished(tmp_path, monkey
     def failing_fit(source, out, **options):
         raise ScalingError("budget C=3e+11 has 2 model size(s)")
 
-    monkeypatch.setattr(sweeps, "fit_and_plot", failing_fit)
+    monkeypatch.setattr(jaxlm.scaling, "fit_and_plot", failing_fit)
     with pytest.raises(SystemExit) as exit_info:
         run_isoflop_sweep(sweep, budget_of, fits, bootstrap=7, argv=["--sweep.members", "0"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "error: budget C=3e+11 has 2 model size(s)\n"
 
     # --train.out-dir moves the whole sweep, and its fits with it.
-    monkeypatch.setattr(sweeps, "fit_and_plot", fake_fit)
+    monkeypatch.setattr(jaxlm.scaling, "fit_and_plot", fake_fit)
     moved = tmp_path / "moved"
     run_isoflop_sweep(sweep, budget_of, fits, bootstrap=7, argv=["--train.out-dir", str(moved)])
-    assert sorted(os.listdir(moved)) == sorted(m.name for m in sweep)
+    assert sorted(os.listdir(moved)) == sorted([m.name for m in sweep] + ["sweep_status.json"])
     assert fitted[-1] == (str(moved), str(moved / "fits"), {"bootstrap": 7})
 
 
