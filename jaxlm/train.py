@@ -359,9 +359,13 @@ def make_train_step(experiment: Experiment, mesh: jax.sharding.Mesh | None = Non
 
 
 def jit_train_step(experiment: Experiment, mesh: jax.sharding.Mesh):
-    """The pretraining step jitted over `mesh`, as (state, batch) -> (state, metrics)."""
-    step = jit_step(Pretraining(experiment), mesh)
-    return lambda state, batch: step(state, {}, batch)
+    """The pretraining step jitted over `mesh`, as (state, batch) -> (state, metrics): state donated, shardings
+    pinned, the backend's compiler options (what `fit` runs, for tools that lower and time it themselves)."""
+    state_sharding = state_shardings(experiment, mesh)
+    return jax.jit(
+        make_train_step(experiment, mesh), in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+        out_shardings=(state_sharding, None), donate_argnums=0, compiler_options=compiler_options(),
+    )
 
 
 def token_losses(experiment: Experiment, params: Params, batch: Batch, rng: jax.Array | None):

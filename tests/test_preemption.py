@@ -96,6 +96,7 @@ def test_timed_saves_follow_the_clock():
     assert not TimedSaves(0.0, clock=lambda: now[0]).due()  # off
 
 
+@pytest.mark.slow
 def test_a_run_saves_by_the_clock_between_its_step_checkpoints(workspace):
     script = write_experiment(workspace, "timed", steps=16, ckpt_every=1000)
     plain, timed = workspace / "untimed", workspace / "timed"
