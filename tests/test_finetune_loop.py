@@ -181,6 +181,7 @@ def test_an_instruction_tuning_run_killed_twice_resumes_as_the_same_run(tmp_path
     assert summary["steps"] == 16 and summary["validation_loss_after"] < summary["validation_loss_before"]
 
 
+@pytest.mark.slow
 def test_a_finished_finetune_is_not_run_again(tmp_path, files):
     exp = experiment(tmp_path / "done", steps=2, mesh=MeshConfig(data=1))
     first = fit(InstructionTuning(exp, files["instruct"]), devices=jax.devices()[:1])

@@ -129,6 +129,7 @@ def test_greedy_generation_matches_transformers(hf_dir):
     assert len(stopped[0]) <= 7
 
 
+@pytest.mark.slow
 def test_save_then_transformers_and_load_hf_round_trip(hf_dir, tmp_path):
     path, model = hf_dir
     cfg, params = load_hf(path)
@@ -183,6 +184,7 @@ def test_export_of_jaxlm_models(name, tmp_path):
     assert _same_params(params2, params)
 
 
+@pytest.mark.slow
 def test_exported_classes_follow_the_features(tmp_path):
     params_of = lambda cfg: init_params(cfg, jax.random.key(0))  # noqa: E731
     qwen3 = JAXLM_CONFIGS["qwen3-qkv-bias"]
