@@ -467,14 +467,14 @@ def train(experiment: Experiment) -> dict[str, Any]:
 def fit(task: Task, devices: list | None = None) -> dict[str, Any]:
     """Run (or resume) a task to its last step over `devices` (default: every device of every process); returns
     the summary written to summary.json."""
+    sharding.initialize_distributed(task.experiment.mesh)
+    task.setup()  # may complete the experiment: a finetuning run's model is that of its Hugging Face start
     experiment = task.experiment
-    sharding.initialize_distributed(experiment.mesh)
     mesh = sharding.make_mesh(experiment.mesh, devices)
     sharding.check_fits(experiment, mesh)
     run_dir = experiment.run_dir
     primary = jax.process_index() == 0
     write_or_check_config(sharding.run_config(experiment))
-    task.setup()
 
     checkpoints = Checkpoints(
         run_dir, experiment.train.keep_checkpoints, experiment.train.keep_best, experiment.train.async_checkpoints
