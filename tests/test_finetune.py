@@ -237,7 +237,7 @@ def test_init_from_a_hugging_face_directory(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # A run from it records and trains the Hugging Face model, and its checkpoint is that model's.
     train = write_jsonl(tmp_path / "train.jsonl", instruct_records(16, 0))
-    ft = FinetuneConfig(task="instruct", train_file=train, max_len=48, samples=0)
+    ft = FinetuneConfig(task="instruct", train_file=train, max_len=64, samples=0)
     ft_lib.train_finetune(dataclasses.replace(exp, train=dataclasses.replace(exp.train, steps=2)), ft)
     run_exp, run_params = ft_lib.load_lm(str(tmp_path / "ft"))
     assert run_exp.model == dataclasses.replace(llama, remat=exp.model.remat)
