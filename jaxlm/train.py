@@ -468,9 +468,10 @@ def fit(task: Task, devices: list | None = None) -> dict[str, Any]:
     """Run (or resume) a task to its last step over `devices` (default: every device of every process); returns
     the summary written to summary.json."""
     sharding.initialize_distributed(task.experiment.mesh)
+    mesh = sharding.make_mesh(task.experiment.mesh, devices)
+    sharding.check_fits(task.experiment, mesh)  # a bad mesh is refused before any data work
     task.setup()  # may complete the experiment: a finetuning run's model is that of its Hugging Face start
     experiment = task.experiment
-    mesh = sharding.make_mesh(experiment.mesh, devices)
     sharding.check_fits(experiment, mesh)
     run_dir = experiment.run_dir
     primary = jax.process_index() == 0
