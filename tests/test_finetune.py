@@ -68,6 +68,7 @@ def _hidden_and_logits(params, x):
     return ft_lib.apply_model(MODEL, params, x, hidden=True), forward(MODEL, params, x)
 
 
+@pytest.mark.slow
 def test_hidden_states_are_the_output_projection_input():
     x = jnp.asarray(np.random.default_rng(0).integers(0, 260, (2, 10)), jnp.int32)
     params = init_params(MODEL, jax.random.key(0))
@@ -224,6 +225,7 @@ def test_init_from_a_run_checks_model_and_tokenizer(tmp_path):
         ft_lib.load_base(experiment(tmp_path, name="x", init_from=str(tmp_path / "missing")))
 
 
+@pytest.mark.slow
 def test_init_from_a_hugging_face_directory(tmp_path):
     from jaxlm.hf import save_hf
 

@@ -104,6 +104,7 @@ def test_adapted_projection_matches_numpy_low_rank_update():
     )
 
 
+@pytest.mark.slow
 def test_trainable_count_follows_the_formula():
     r = 4
     # GPT-2: D = 32, F = 4 D = 128, 2 layers; q, k, v, out are D x D; fc D x F; proj F x D.

@@ -105,8 +105,10 @@ def np_forward(cfg: ModelConfig, params, tokens):
 
 @pytest.mark.parametrize(
     "cfg",
-    [tiny("gpt2"), tiny("gpt2", bias=False), tiny("llama"), tiny("llama", tie_embeddings=True, n_kv_heads=1),
-     tiny("qwen3"), tiny("qwen3", tie_embeddings=False), tiny("gpt2", positions="rope", mlp="swiglu", qk_norm=True)],
+    [tiny("gpt2"), pytest.param(tiny("gpt2", bias=False), marks=pytest.mark.slow), tiny("llama"),
+     pytest.param(tiny("llama", tie_embeddings=True, n_kv_heads=1), marks=pytest.mark.slow), tiny("qwen3"),
+     pytest.param(tiny("qwen3", tie_embeddings=False), marks=pytest.mark.slow),
+     pytest.param(tiny("gpt2", positions="rope", mlp="swiglu", qk_norm=True), marks=pytest.mark.slow)],
     ids=["gpt2", "gpt2-nobias", "llama-gqa", "llama-mqa-tied", "qwen3-tied", "qwen3-untied", "gpt2-mixed-features"],
 )
 def test_forward_matches_numpy(cfg):
@@ -158,7 +160,7 @@ def np_attention(q, k, v, segments):
     return out
 
 
-@pytest.mark.parametrize("block", [4, 64])
+@pytest.mark.parametrize("block", [pytest.param(4, marks=pytest.mark.slow), 64])
 def test_blocked_attention_matches_numpy_and_einsum_gradients(block):
     # T = 11 is no multiple of the blocks; two key/value heads serve four query heads; two documents per row.
     B, T, H, K, E = 2, 11, 4, 2, 8

@@ -93,6 +93,7 @@ def test_schedules_follow_their_formulas():
     assert [float(const(s)) for s in (5, 10, 99)] == pytest.approx([0.5, 1.0, 1.0])
 
 
+@pytest.mark.slow
 def test_clipping_bounds_the_update():
     exp = tiny_experiment()
     params = init_train_state(exp, single_device_mesh())["params"]
