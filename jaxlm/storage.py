@@ -221,7 +221,7 @@ def glob(pattern: str) -> list[tuple[str, int]]:
                 if info.get("type") == "file"
             )
         if is_uri(pattern):
-            raise NotImplementedError(f"glob supports local paths and gs:// URIs, not {pattern}")
+            raise StorageError(f"{pattern}: only local paths and gs:// URIs can be globbed; copy the files to one of them")
         paths = globlib.glob(os.path.expanduser(pattern), recursive=True)
         return sorted((p, os.path.getsize(p)) for p in paths if os.path.isfile(p))
 
@@ -350,7 +350,7 @@ def append_line(path: str | os.PathLike, line: str) -> None:
     with _errors(path, "write"):
         if not _is_gcs(path):
             if is_uri(path):
-                raise NotImplementedError(f"append_line supports local paths and gs:// URIs, not {path}")
+                raise StorageError(f"{path}: only local paths and gs:// URIs can be appended to; use one of them for the run")
             with builtins.open(path, "ab") as f:
                 f.write(data)
             return
