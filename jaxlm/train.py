@@ -162,9 +162,9 @@ def _boxed_state(task: Task) -> tuple[Params, Params]:
     return {"step": step, "params": trainable, "opt_state": opt_state}, frozen
 
 
-def task_shardings(task: Task, mesh: jax.sharding.Mesh) -> tuple[Params, Params]:
-    """NamedShardings of the train state and of the frozen params."""
-    state, frozen = _boxed_state(task)
+def task_shardings(task: Task, mesh: jax.sharding.Mesh, boxed: tuple[Params, Params] | None = None):
+    """NamedShardings of the train state and of the frozen params (from `_boxed_state(task)`, given or computed)."""
+    state, frozen = boxed or _boxed_state(task)
     return sharding.logical_shardings(state, mesh), sharding.logical_shardings(frozen, mesh)
 
 
@@ -487,12 +487,12 @@ def fit(task: Task, devices: list | None = None) -> dict[str, Any]:
         print(f"{run_dir} is finished (step {latest}); delete it or use a new --train.out-dir to run again")
         return json.loads(storage.read_text(summary_path))
 
-    boxed_state, boxed_frozen = _boxed_state(task)
-    state_sharding, frozen_sharding = task_shardings(task, mesh)
+    boxed = _boxed_state(task)
+    state_sharding, frozen_sharding = task_shardings(task, mesh, boxed)
     train_iter = task.train_batches()
     frozen = task.init_frozen(frozen_sharding)
     if latest is not None:
-        state, data_state = checkpoints.restore(latest, _abstract(boxed_state, state_sharding))
+        state, data_state = checkpoints.restore(latest, _abstract(boxed[0], state_sharding))
         if data_state is not None:
             train_iter.set_state(data_state)
         print(f"resuming {run_dir} from step {latest}")
