@@ -438,15 +438,11 @@ def test_tfds_source_streams_packed_documents(tfds_corpus):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["streamed", "pre-tokenized"])
-def test_batches_do_not_depend_on_workers_or_processes(mode, tfds_corpus, text_corpus):
-    if mode == "streamed":
-        config, prepared = tfds_corpus
-    else:
-        config = DataConfig(source=f"text:{text_corpus}/data/**/*.*", text_field="body", tokenizer="byte",
-                            cache_dir=str(text_corpus / "cache"), val_fraction=0.25, seq_len=16, batch_size=4)
-        prepared = prepare_data(config)
-    config = dataclasses.replace(config, document_mask=True)
+def test_batches_do_not_depend_on_workers_or_processes(text_corpus):
+    config = DataConfig(source=f"text:{text_corpus}/data/**/*.*", text_field="body", tokenizer="byte",
+                        cache_dir=str(text_corpus / "cache"), val_fraction=0.25, seq_len=16, batch_size=4,
+                        document_mask=True)
+    prepared = prepare_data(config)
     reference = make_iterator(config, prepared, "train", seed=2)
     want = [next(reference) for _ in range(6)]
     for workers in (1, 2):
@@ -461,6 +457,34 @@ def test_batches_do_not_depend_on_workers_or_processes(mode, tfds_corpus, text_c
         got = [next(h) for h in halves]
         for key in w:
             np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), w[key])
+
+
+@pytest.mark.slow
+def test_streamed_processes_read_only_their_share_and_not_depend_on_workers(tfds_corpus):
+    config, prepared = tfds_corpus
+    config = dataclasses.replace(config, document_mask=True)
+    src = tfds.data_source("tiny_corpus", data_dir=config.tfds_data_dir)["train"]
+    records = [src[i]["content"].decode() for i in range(len(src))]
+    for p in range(2):
+        it = make_iterator(config, prepared, "train", seed=2, process_index=p, process_count=2, epochs=1)
+        batches = list(it)
+        assert all(len(b["inputs"]) == config.batch_size // 2 for b in batches)
+        stream = np.concatenate([_rows(b).reshape(-1) for b in batches])
+        pieces = np.split(stream, np.flatnonzero(stream == prepared.tokenizer.eos_id) + 1)
+        read = {prepared.tokenizer.decode(piece[:-1]) for piece in pieces[:-1]}
+        share = records[p * 100 : (p + 1) * 100]  # process p's contiguous half of the 200 records
+        assert read <= set(share) and len(read) >= len(share) - config.batch_size
+        again = make_iterator(dataclasses.replace(config, num_workers=2), prepared, "train", seed=2,
+                              process_index=p, process_count=2, epochs=1)
+        for want in batches[:4]:
+            got = next(again)
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key])
+        again.close()
+    one = make_iterator(config, prepared, "train", seed=2)
+    next(one)
+    with pytest.raises(DataError, match="processes"):
+        make_iterator(config, prepared, "train", seed=2, process_index=0, process_count=2).set_state(one.get_state())
 
 
 def test_streamed_state_resumes_mid_document(tfds_corpus):

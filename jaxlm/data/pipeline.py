@@ -12,9 +12,11 @@ end-of-document token, a new shuffle per epoch) and the same iterator interface:
   for pre-tokenized corpora, except that when the train split has at least one file per process, process p packs
   its own rows from its own files p, p + n, ... (so no host reads another's data), and the global batch then
   depends on the number of processes (a saved state is refused by another count).
-- Streaming (TFDS catalog corpora, too large to tokenize up front): grain reads the split, shuffles it per epoch,
-  tokenizes in worker processes (order preserved), and a packing iterator in the main process cuts rows, so every
-  process packs the global batch and keeps its own rows. The state is grain's (JSON-serialisable).
+- Streaming (TFDS catalog corpora, too large to tokenize up front): process p of n reads only its contiguous
+  share of the split's records (its own files), shuffled per epoch, tokenized in worker processes (order
+  preserved), and a packing iterator in the main process cuts its rows. The global batch is then the processes'
+  rows side by side and depends on the number of processes (a saved state is refused by another count). The state
+  is grain's (JSON-serialisable).
 
 Otherwise the global batches depend only on the seed and the data, not on the number of workers or processes.
 """
@@ -540,19 +542,24 @@ def _stream_dataset(
     data_config: DataConfig, prepared: Prepared, split: str, seed: int, process_index: int, process_count: int,
     epochs: int | None,
 ) -> grain.IterDataset:
-    source = prepared.corpus.source_of(split)
-    docs = len(source)
-    ds = grain.MapDataset.source(source).shuffle(seed=seed % 2**32).repeat(epochs)  # reshuffled every epoch
-    ds = ds.map_with_index(_Tokenize(prepared.tokenizer, prepared.corpus.text_field))
-    ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=16))
+    """Process p of n streams its own contiguous share of the split's records (so, of a sharded TFDS split, its own
+    files), reshuffled every epoch, and packs its own rows: its local batch is batch_size / n rows of its share."""
+    source = grain.MapDataset.source(prepared.corpus.source_of(split))
+    first, stop = process_index * len(source) // process_count, (process_index + 1) * len(source) // process_count
+    if stop == first:
+        raise DataError(
+            f"the {split} split has {len(source)} documents, fewer than the {process_count} processes reading it: "
+            "use fewer processes or a larger split"
+        )
+    share = source[first:stop].shuffle(seed=seed % 2**32).repeat(epochs)
+    ids = share.map_with_index(_Tokenize(prepared.tokenizer, prepared.corpus.text_field))
+    ids = ids.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=16))
     if data_config.num_workers > 0:
         # Workers read interleaved slices and grain restores the order, so packing after them is unaffected.
         ids = ids.mp_prefetch(_mp_options(data_config.num_workers, 16))
-    rows = _PackRows(ids, data_config.seq_len + 1, prepared.tokenizer.eos_id, docs)
+    rows = _PackRows(ids, data_config.seq_len + 1, prepared.tokenizer.eos_id, stop - first)
     local_batch = data_config.batch_size // process_count
-    return rows.batch(data_config.batch_size, drop_remainder=True).map(
-        _LocalRows(process_index * local_batch, local_batch, data_config.document_mask)
-    )
+    return rows.batch(local_batch, drop_remainder=True).map(_LocalRows(0, local_batch, data_config.document_mask))
 
 
 def make_iterator(
@@ -581,8 +588,9 @@ def make_iterator(
                                meta)
     if prepared.streaming:
         ds = _stream_dataset(data_config, prepared, split, seed, process_index, process_count, epochs)
-        rows = _rows_per_epoch(prepared, split, data_config.seq_len)
-        return StreamBatchIterator(ds, meta, data_config.num_workers, rows)
+        rows = _rows_per_epoch(prepared, split, data_config.seq_len) // process_count
+        # Each process packs its own share: a state saved with another process count is refused.
+        return StreamBatchIterator(ds, {**meta, "processes": process_count}, data_config.num_workers, rows)
     maker = BatchMaker(
         [prepared.token_files(split)], prepared.stats[split]["token_dtype"], seed=seed, seq_len=data_config.seq_len,
         batch_size=data_config.batch_size, process_index=process_index, process_count=process_count,
