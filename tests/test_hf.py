@@ -109,6 +109,9 @@ def test_logits_match_transformers(hf_dir):
 
 
 @pytest.mark.slow
+# The KV-cache path once per kind of position, head layout and norm (the logits test above covers every variant).
+@pytest.mark.parametrize("hf_dir", ["gpt2-tied", "llama-mqa-untied-bias", "llama3-rope-scaling", "qwen3-untied"],
+                         indirect=True)
 def test_greedy_generation_matches_transformers(hf_dir):
     path, model = hf_dir
     cfg, params = load_hf(path)
