@@ -150,8 +150,6 @@ def test_gpt2_shaped_model_samples_text_as_transformers_does(gpt2_style, tmp_pat
     run = to_jaxlm(hf_dir, str(tmp_path / "run"))
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["tokenizer"] == str(tmp_path / "run"
                                                                                                    / "tokenizer")
-    sample(["--run", run, "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0", "--ignore-eos"])
-    assert "".join(capsys.readouterr().out.splitlines(keepends=True)[1:])[:-1] == expected  # eos start = bos
     exported = from_run(run, str(tmp_path / "exported"))
     again = transformers.AutoTokenizer.from_pretrained(exported)
     assert again.encode(TEXTS[3], add_special_tokens=False) == tokenizer.encode(TEXTS[3])
