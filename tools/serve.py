@@ -5,14 +5,14 @@
     python -m tools.serve --hf path/to/gpt2 --host 0.0.0.0 --port 8000
 
 Endpoints: `GET /v1/models`, `POST /v1/completions` (prompt: a string or a list of strings; max_tokens,
-temperature, top_p, top_k, n, stop), `POST /v1/chat/completions` (messages with roles system, user and assistant,
-rendered by jaxlm's chat template, the one `experiments.finetune_instruct` trains; max_tokens or
-max_completion_tokens, temperature, top_p, top_k, n, stop). Generation runs on the KV cache (jaxlm.generate), on
+temperature, top_p, top_k, n, stop, and vLLM's ignore_eos), `POST /v1/chat/completions` (messages with roles
+system, user and assistant, rendered by jaxlm's chat template, the one `experiments.finetune_instruct` trains;
+max_tokens or max_completion_tokens and the same options). Generation runs on the KV cache (jaxlm.generate), on
 one thread: requests that arrive while a batch is generating, or within --batch-wait-ms of each other, are
-generated together, one batch per sampling setting (temperature, top_k, top_p), up to --max-batch rows, with
-shapes rounded up to powers of two so that a few programs serve every request size. `"stream": true` is answered
-in the streaming format, with the whole completion in one chunk once it is generated. Token log-probabilities
-are not served. A bad request is answered with status 400 and an OpenAI-style error object.
+generated together, one batch per sampling setting, up to --max-batch rows, with shapes rounded up to powers of
+two so that a few programs serve every request size. `"stream": true` is answered in the streaming format, with
+the whole completion in one chunk once it is generated. Token log-probabilities are not served. A bad request is
+answered with status 400 and an OpenAI-style error object; `GET /health` counts the batches generated.
 
 --run takes a run directory, a checkpoint step directory or an instruction-tuned run (LoRA adapters folded in);
 a completion's prompt follows an end-of-document token, as in training. --hf takes a Hugging Face directory with
@@ -101,7 +101,7 @@ def load_served(run: str = "", hf: str = "", name: str = "") -> Served:
 class Job:
     prompt_ids: list[int]
     max_tokens: int
-    sampling: tuple[float, int, float]  # temperature, top_k, top_p
+    sampling: tuple[float, int, float, bool]  # temperature, top_k, top_p, ignore_eos
     done: threading.Event = field(default_factory=threading.Event)
     new_ids: list[int] | None = None
     error: Exception | None = None
@@ -149,22 +149,23 @@ class Batcher:
 
     def _loop(self) -> None:
         while (taken := self._take()) is not None:
-            groups: dict[tuple[float, int, float], list[Job]] = {}
+            groups: dict[tuple[float, int, float, bool], list[Job]] = {}
             for job in taken:
                 groups.setdefault(job.sampling, []).append(job)
             for sampling, jobs in groups.items():
                 for start in range(0, len(jobs), self.max_batch):
                     self._generate(sampling, jobs[start:start + self.max_batch])
 
-    def _generate(self, sampling: tuple[float, int, float], jobs: list[Job]) -> None:
+    def _generate(self, sampling: tuple[float, int, float, bool], jobs: list[Job]) -> None:
         from jaxlm.generate import generate
 
-        temperature, top_k, top_p = sampling
+        temperature, top_k, top_p, ignore_eos = sampling
         try:
             outputs = generate(
                 self.served.cfg, self.served.params, [job.prompt_ids for job in jobs],
                 max_new_tokens=max(job.max_tokens for job in jobs), temperature=temperature, top_k=top_k,
-                top_p=top_p, seed=self.seed + self.batches, eos_id=self.served.eos_id, bucketed=True,
+                top_p=top_p, seed=self.seed + self.batches, eos_id=None if ignore_eos else self.served.eos_id,
+                bucketed=True,
             )
             self.batches += 1
             self.rows += len(jobs)
@@ -222,12 +223,12 @@ class API:
                 "max_model_len": self.served.cfg.max_seq_len}
         return {"object": "list", "data": [card]}
 
-    def _sampling(self, body: dict) -> tuple[float, int, float]:
+    def _sampling(self, body: dict) -> tuple[float, int, float, bool]:
         temperature = _number(body, "temperature", float, 1.0, low=0.0)
         top_p = _number(body, "top_p", float, 1.0)
         if not 0 < top_p <= 1:
             raise RequestError(f"top_p must be in (0, 1], got {top_p}")
-        return temperature, _number(body, "top_k", int, 0, low=0), top_p
+        return temperature, _number(body, "top_k", int, 0, low=0), top_p, bool(body.get("ignore_eos"))
 
     def _complete(self, body: dict, prompts: list[list[int]], default_tokens: int) -> list[tuple[str, int, str]]:
         """(text, new tokens, finish reason) of each of the n completions of each prompt."""
@@ -258,7 +259,7 @@ class API:
         results = []
         for job in jobs:
             new_ids = job.new_ids or []
-            ended = bool(new_ids) and new_ids[-1] == self.served.eos_id
+            ended = bool(new_ids) and new_ids[-1] == self.served.eos_id and not job.sampling[3]
             text = self.served.continuation(job.prompt_ids, new_ids)
             cut = min((text.index(s) for s in stops if s in text), default=None)
             if cut is not None:
