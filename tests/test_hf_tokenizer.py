@@ -1,16 +1,13 @@
 """Hugging Face tokenizers (tokenizer.json) as jaxlm tokenizers, checked against transformers'
-PreTrainedTokenizerFast and, end to end, against transformers' own generation from the same directory."""
+PreTrainedTokenizerFast. A GPT-2-shaped model sampling text with such a tokenizer: tests/test_serve.py."""
 
 import json
 import os
 
-import jax
-import numpy as np
 import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from jaxlm.config import ModelConfig
 from jaxlm.data.tokenizer import HFTokenizer, TokenizerSpec, build_tokenizer, load_hf_tokenizer, load_pretrained
 from jaxlm.errors import DataError
 
@@ -110,47 +107,3 @@ def test_data_config_paths_and_clear_errors(gpt2_style, tmp_path):
     no_eos.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(DataError, match="no end-of-sequence token"):
         load_pretrained(str(tmp_path / "tokenizer.json"))
-
-
-@pytest.mark.slow
-def test_gpt2_shaped_model_samples_text_as_transformers_does(gpt2_style, tmp_path, capsys):
-    """A GPT-2-shaped jaxlm model exported with the tokenizer: tools.sample --hf takes and prints text, the same
-    text transformers generates from the directory; the import and export keep the tokenizer."""
-    import torch
-
-    from jaxlm.data.tokenizer import save_hf_tokenizer
-    from jaxlm.hf import save_hf
-    from jaxlm.model import init_params
-    from tools.convert_hf import from_run, to_jaxlm
-    from tools.sample import main as sample
-
-    tokenizer = load_hf_tokenizer(gpt2_style)
-    cfg = ModelConfig(family="gpt2", n_layers=2, d_model=32, n_heads=4, vocab_size=tokenizer.vocab_size,
-                      max_seq_len=64, init_std=0.5)
-    params = jax.tree.map(np.asarray, init_params(cfg, jax.random.key(0)))
-    hf_dir = str(tmp_path / "hf")
-    save_hf(cfg, params, hf_dir, bos_id=tokenizer.eos_id, eos_id=tokenizer.eos_id)  # GPT-2: both <|endoftext|>
-    save_hf_tokenizer(tokenizer, hf_dir)
-
-    prompt = "def hello(name):"
-    sample(["--hf", hf_dir, "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0", "--ignore-eos"])
-    ours = capsys.readouterr().out.splitlines(keepends=True)
-    text = "".join(ours[1:])[:-1]  # print() added the last newline
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
-    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
-    ids = torch.tensor([[model.config.bos_token_id, *hf_tok.encode(prompt, add_special_tokens=False)]])
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
-                             do_sample=False, pad_token_id=hf_tok.eos_token_id)
-    assert out.shape[1] == ids.shape[1] + 12
-    expected = hf_tok.decode(out[0], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    assert text == expected and text.startswith(prompt) and len(text) > len(prompt)
-
-    run = to_jaxlm(hf_dir, str(tmp_path / "run"))
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["tokenizer"] == str(tmp_path / "run"
-                                                                                                   / "tokenizer")
-    exported = from_run(run, str(tmp_path / "exported"))
-    again = transformers.AutoTokenizer.from_pretrained(exported)
-    assert again.encode(TEXTS[3], add_special_tokens=False) == tokenizer.encode(TEXTS[3])
-    assert again.eos_token_id == tokenizer.eos_id

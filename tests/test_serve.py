@@ -1,5 +1,8 @@
-"""tools.serve as a real process serving a tiny jaxlm model over HTTP, and tools.evaluate --generate with that
-server as its judge. The expected texts are the model's own greedy generations, computed here in-process."""
+"""Text in, text out with a Hugging Face tokenizer.json: a GPT-2-shaped model sampled by `tools.sample --hf`,
+imported and exported with its tokenizer by tools.convert_hf, served by `tools.serve --run` as a real process
+over HTTP, and evaluated by `tools.evaluate --generate` with that server as its judge. Token ids and texts come
+from transformers' tokenizer where it can give them; the expected new tokens are the model's greedy generations
+computed here in-process (tests/test_hf.py checks those against transformers' generation)."""
 
 import concurrent.futures
 import json
@@ -16,6 +19,8 @@ import pytest
 from jaxlm.generate import generate
 from tests.test_hf_tokenizer import _byte_level_bpe
 
+transformers = pytest.importorskip("transformers")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
@@ -30,14 +35,17 @@ def served(tmp_path_factory):
     from tools.convert_hf import to_jaxlm
 
     root = tmp_path_factory.mktemp("serve")
-    _byte_level_bpe().save(str(root / "tokenizer.json"))
-    tokenizer = load_hf_tokenizer(str(root / "tokenizer.json"))
-    cfg = ModelConfig(family="gpt2", n_layers=2, d_model=32, n_heads=4, vocab_size=tokenizer.vocab_size,
-                      max_seq_len=320, init_std=0.5)  # room for the judge's request
+    bare = _byte_level_bpe()
+    vocab_size = bare.get_vocab_size()
+    cfg = ModelConfig(family="gpt2", n_layers=2, d_model=32, n_heads=4, vocab_size=vocab_size, max_seq_len=320,
+                      init_std=0.5)  # room for the judge's request
     params = jax.tree.map(np.asarray, init_params(cfg, jax.random.key(0)))
-    save_hf(cfg, params, str(root / "hf"), bos_id=tokenizer.eos_id, eos_id=tokenizer.eos_id)
-    save_hf_tokenizer(tokenizer, str(root / "hf"))
-    run = to_jaxlm(str(root / "hf"), str(root / "run"))
+    eos = bare.token_to_id("<|endoftext|>")
+    save_hf(cfg, params, str(root / "hf"), bos_id=eos, eos_id=eos)  # GPT-2: both are <|endoftext|>
+    bare.save(str(root / "hf" / "tokenizer.json"))
+    tokenizer = load_hf_tokenizer(str(root / "hf" / "tokenizer.json"))  # bos and eos from config.json
+    save_hf_tokenizer(tokenizer, str(root / "hf"))  # and a tokenizer_config.json that names them
+    run = to_jaxlm(str(root / "hf"), str(root / "run"))  # the tokenizer goes into run/tokenizer
     server = subprocess.Popen(
         [sys.executable, "-m", "tools.serve", "--run", run, "--port", "0", "--model-name", "tiny", "--quiet",
          "--batch-wait-ms", "50"],
@@ -68,6 +76,30 @@ def _greedy(served, prompt_ids: list[int], n: int) -> str:
     new = generate(served["cfg"], served["params"], [prompt_ids], max_new_tokens=n, eos_id=tok.eos_id,
                    bucketed=True)[0]  # the server's shapes: compiled once for both
     return tok.decode(prompt_ids + new)[len(tok.decode(prompt_ids)):]
+
+
+def test_sample_tool_takes_and_prints_text(served, capsys):
+    from tools.sample import main as sample
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(served["root"] / "hf"))
+    prompt = "def add(a, b):"
+    sample(["--hf", str(served["root"] / "hf"), "--prompt", prompt, "--max-new-tokens", "8", "--temperature", "0",
+            "--ignore-eos"])
+    printed = "".join(capsys.readouterr().out.splitlines(keepends=True)[1:])[:-1]  # print() added the last newline
+    ids = [hf_tok.bos_token_id, *hf_tok.encode(prompt, add_special_tokens=False)]  # GPT-2: <|endoftext|> first
+    new = generate(served["cfg"], served["params"], [ids], max_new_tokens=8)[0]
+    expected = hf_tok.decode(ids + new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert printed == expected and expected.startswith(prompt) and len(expected) > len(prompt)
+
+
+def test_export_keeps_the_tokenizer(served):
+    from tools.convert_hf import from_run
+
+    exported = from_run(served["run"], str(served["root"] / "exported"))
+    again = transformers.AutoTokenizer.from_pretrained(exported)
+    text = "Grüße aus Köln,  東京 🦊\n\tdone"
+    assert again.encode(text, add_special_tokens=False) == served["tokenizer"].encode(text)
+    assert (again.bos_token_id, again.eos_token_id) == (served["tokenizer"].eos_id,) * 2
 
 
 def test_models_completions_and_chat(served):
