@@ -71,10 +71,10 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-def _greedy(served, prompt_ids: list[int], n: int) -> str:
+def _greedy(served, prompt_ids: list[int], n: int, eos: bool = True) -> str:
     tok = served["tokenizer"]
-    new = generate(served["cfg"], served["params"], [prompt_ids], max_new_tokens=n, eos_id=tok.eos_id,
-                   bucketed=True)[0]  # the server's shapes: compiled once for both
+    new = generate(served["cfg"], served["params"], [prompt_ids], max_new_tokens=n,
+                   eos_id=tok.eos_id if eos else None, bucketed=True)[0]  # the server's shapes: compiled once for both
     return tok.decode(prompt_ids + new)[len(tok.decode(prompt_ids)):]
 
 
@@ -113,6 +113,18 @@ def test_models_completions_and_chat(served):
     expected = _greedy(served, [tok.eos_id, *tok.encode(prompt)], 8)
     assert out["choices"][0]["text"] == expected and expected
     assert out["usage"]["prompt_tokens"] == 1 + len(tok.encode(prompt))
+
+    # Streamed: the text in the event-stream format; with ignore_eos, the text of all 8 tokens, eos or not.
+    body = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True, "ignore_eos": True}
+    headers = {"Content-Type": "application/json"}
+    request = urllib.request.Request(url + "/completions", json.dumps(body).encode(), headers)
+    with urllib.request.urlopen(request, timeout=120) as response:
+        assert response.headers["Content-Type"] == "text/event-stream"
+        events = [line[len("data: "):] for line in response.read().decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+    assert "".join(c["text"] for c in chunks) == _greedy(served, [tok.eos_id, *tok.encode(prompt)], 8, eos=False)
+    assert chunks[-1]["finish_reason"] == "length"
 
     from jaxlm.finetune import chat_prompt_ids
 
