@@ -179,7 +179,9 @@ class DataConfig:
     # pystdlib | text:<glob> | tfds:<name>[:<version>] | shards:<glob>[,<glob>...] (local or gs:// files of .jsonl,
     # .jsonl.gz, .jsonl.zst, .json.gz JSON lines or .parquet; tokenized once into token shards under data_dir)
     source: str = "pystdlib"
-    tokenizer: str = "sentencepiece-bpe"  # sentencepiece-bpe | sentencepiece-unigram | byte | char | <path>.model
+    # sentencepiece-bpe | sentencepiece-unigram | byte | char | <path>.model | <path>/tokenizer.json | a Hugging
+    # Face model directory (its tokenizer.model, else its tokenizer.json with the special tokens it declares)
+    tokenizer: str = "sentencepiece-bpe"
     vocab_size: int = 4096  # for trained tokenizers; byte and char tokenizers have their own size
     seq_len: int = 256
     batch_size: int = 16  # global batch, in sequences

@@ -110,9 +110,10 @@ def check_request(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_to
         )
 
 
-def _left_pad(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts [B, P] right-aligned (padding id 0, never attended to) and each row's padding length [B]."""
-    longest = max(len(p) for p in prompts)
+def _left_pad(prompts: Sequence[Sequence[int]], length: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts [B, P] right-aligned (padding id 0, never attended to) and each row's padding length [B]; P is the
+    longest prompt's length, or `length` if that is more."""
+    longest = max(length, *(len(p) for p in prompts))
     tokens_BP = np.zeros((len(prompts), longest), np.int32)
     pad_B = np.array([longest - len(p) for p in prompts], np.int32)
     for row, (prompt, pad) in enumerate(zip(prompts, pad_B)):
@@ -143,6 +144,17 @@ def _until_eos(out_BN: np.ndarray, n_steps: int, eos_id: int | None) -> list[lis
             row = row[: row.index(eos_id) + 1]
         rows.append(row)
     return rows
+
+
+def _power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def shape_buckets(cfg: ModelConfig, rows: int, longest: int, max_new_tokens: int) -> tuple[int, int, int]:
+    """Rows, prompt length and new tokens rounded up to powers of two (within the context), so that a stream of
+    requests of every size compiles a few programs rather than one per size."""
+    new_tokens = min(_power_of_two(max_new_tokens), cfg.max_seq_len - longest)
+    return _power_of_two(rows), min(_power_of_two(longest), cfg.max_seq_len - new_tokens), new_tokens
 
 
 def inference_config(cfg: ModelConfig) -> ModelConfig:
@@ -198,18 +210,21 @@ def decode(
     key: Array,
     eos_id: Array,
     sampler: Sampler,
+    limit: Array | None = None,
     *,
     max_new_tokens: int,
 ) -> tuple[Array, Array]:
     """Tokens [B, max_new_tokens] starting with `first_B`, and how many columns were produced before every row
-    had emitted `eos_id` (columns after a row's eos hold eos)."""
+    had emitted `eos_id` (columns after a row's eos hold eos). A traced `limit` stops the loop after that many
+    tokens without compiling another program."""
     B = first_B.shape[0]
     params = _unscanned(params)
     out_BN = jnp.full((B, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first_B)
+    limit = jnp.int32(max_new_tokens) if limit is None else jnp.minimum(limit, max_new_tokens)
 
     def unfinished(state):
         n, _, done_B, _, _ = state
-        return (n < max_new_tokens) & ~jnp.all(done_B)
+        return (n < limit) & ~jnp.all(done_B)
 
     def step(state):
         n, token_B, done_B, out_BN, cache = state
@@ -236,24 +251,30 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     eos_id: int | None = None,
+    bucketed: bool = False,
 ) -> list[list[int]]:
     """New tokens for each prompt (a list of token ids), ending with `eos_id` where the model produced it.
 
-    Runs with the params where they are: params sharded over a mesh stay sharded.
+    Runs with the params where they are: params sharded over a mesh stay sharded. `bucketed` compiles for the
+    `shape_buckets` of the request (extra rows repeat the first prompt and are dropped; sampled tokens then depend
+    on the padded shape, greedy ones do not): for a server that sees every size.
     """
     check_request(cfg, prompts, max_new_tokens)
     sampler = make_sampler(temperature, top_k, top_p)
     cfg = inference_config(cfg)
-    prompt_BP, pad_B = _left_pad(prompts)
+    rows, length, new_tokens = len(prompts), 0, max_new_tokens
+    if bucketed:
+        rows, length, new_tokens = shape_buckets(cfg, rows, max(len(p) for p in prompts), max_new_tokens)
+    prompt_BP, pad_B = _left_pad([*prompts, *[prompts[0]] * (rows - len(prompts))], length)
     key = jax.random.key(seed)
     # The last new token is returned, never fed back: it needs no slot.
-    slots = prompt_BP.shape[1] + max_new_tokens - 1
+    slots = prompt_BP.shape[1] + new_tokens - 1
     first_B, cache = prefill(cfg, params, prompt_BP, pad_B, key, slots=slots, sampler=sampler)
     eos = jnp.int32(-1 if eos_id is None else eos_id)
     out_BN, n = decode(
-        cfg, params, first_B, cache, pad_B, key, eos, max_new_tokens=max_new_tokens, sampler=sampler
+        cfg, params, first_B, cache, pad_B, key, eos, sampler, np.int32(max_new_tokens), max_new_tokens=new_tokens
     )
-    return _until_eos(_host(out_BN), int(_host(n)), eos_id)
+    return _until_eos(_host(out_BN)[: len(prompts)], int(_host(n)), eos_id)
 
 
 # --------------------------------------------------------------------------------------- reference: no cache

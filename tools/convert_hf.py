@@ -4,14 +4,17 @@
     python -m tools.convert_hf --from-run runs/quickstart --out exported/quickstart [--dtype bfloat16]
 
 --to-jaxlm writes a jaxlm run directory: config.json (the imported model; the data section names the model's
-sentencepiece tokenizer.model, copied into the run) and a step-0 checkpoint with fresh optimizer state. Sample
-from it with `python -m tools.sample --run`, or start training from its weights with `--train.init-from`.
-A model without tokenizer.model (GPT-2's tokenizer is not sentencepiece) needs `--tokenizer`: a .model file, or
-any DataConfig.tokenizer value, knowing that a tokenizer other than the model's own makes its weights meaningless.
+tokenizer, copied into the run) and a step-0 checkpoint with fresh optimizer state. Sample from it with
+`python -m tools.sample --run`, or start training from its weights with `--train.init-from`. The model's own
+tokenizer is its sentencepiece tokenizer.model (copied as <out>/tokenizer.model) or else its tokenizer.json
+(GPT-2, Llama 3, Qwen: copied into <out>/tokenizer/ with a tokenizer_config.json naming its bos, eos and pad
+tokens). A model with neither needs `--tokenizer`: any DataConfig.tokenizer value, knowing that a tokenizer other
+than the model's own makes its weights meaningless.
 
 --from-run writes a directory that transformers loads with `from_pretrained` (GPT2LMHeadModel, LlamaForCausalLM
-or Qwen3ForCausalLM, by the model's features) from the run's latest checkpoint (or a checkpoints/<step> directory), with the run's
-sentencepiece tokenizer as tokenizer.model and its bos and eos ids in config.json.
+or Qwen3ForCausalLM, by the model's features) from the run's latest checkpoint (or a checkpoints/<step> directory),
+with the run's tokenizer (tokenizer.model, or tokenizer.json and tokenizer_config.json, which transformers'
+AutoTokenizer loads) and its bos and eos ids in config.json.
 Bad input prints one line on stderr and exits with status 2.
 """
 
@@ -32,17 +35,32 @@ def to_jaxlm(hf_dir: str, out: str, tokenizer: str = "") -> str:
     """Import a Hugging Face directory as a jaxlm run directory; returns the run directory."""
     from jaxlm.checkpoint import save_params, write_or_check_config
     from jaxlm.config import DataConfig, Experiment, TrainConfig
+    from jaxlm.data.tokenizer import (
+        HF_TOKENIZER_FILE,
+        SENTENCEPIECE_FILE,
+        is_named_kind,
+        load_hf_tokenizer,
+        save_hf_tokenizer,
+        tokenizer_file,
+    )
     from jaxlm.hf import load_hf
 
     cfg, params = load_hf(hf_dir)
     out = storage.abspath(out).rstrip("/")
-    own_spm = os.path.join(hf_dir, "tokenizer.model")
-    tokenizer = tokenizer or (own_spm if os.path.isfile(own_spm) else "")
+    own = [os.path.join(hf_dir, name) for name in (SENTENCEPIECE_FILE, HF_TOKENIZER_FILE)]
+    tokenizer = tokenizer or next((path for path in own if os.path.isfile(path)), "")
     if not tokenizer:
         raise ConfigError(
-            f"{hf_dir} has no sentencepiece tokenizer.model: pass --tokenizer (a .model file, or a DataConfig "
-            "tokenizer), or sample from the directory as it is with `python -m tools.sample --hf`"
+            f"{hf_dir} has no tokenizer.model or tokenizer.json: pass --tokenizer (a tokenizer file, a model "
+            "directory, or a DataConfig tokenizer), or sample from the directory as it is with "
+            "`python -m tools.sample --hf`"
         )
+    if not is_named_kind(tokenizer) and not tokenizer.endswith(".model"):  # a tokenizer.json or a directory
+        tokenizer = tokenizer_file(tokenizer)
+        if tokenizer.endswith(".json"):  # with the special tokens its directory declares, into <out>/tokenizer
+            hf_tokenizer = load_hf_tokenizer(tokenizer)
+            tokenizer = storage.join(out, "tokenizer")
+            save_hf_tokenizer(hf_tokenizer, tokenizer)
     if tokenizer.endswith(".model"):
         if not storage.isfile(tokenizer):
             raise ConfigError(f"--tokenizer {tokenizer} does not exist: give the path of a sentencepiece .model file")
@@ -65,6 +83,7 @@ def to_jaxlm(hf_dir: str, out: str, tokenizer: str = "") -> str:
 def from_run(run: str, out: str, dtype: str = "float32", with_tokenizer: bool = True) -> str:
     """Export a run's checkpoint as a Hugging Face directory; returns the directory."""
     from jaxlm.checkpoint import load_params
+    from jaxlm.data.tokenizer import HFTokenizer, save_hf_tokenizer
     from jaxlm.hf import save_hf
     from tools.sample import run_tokenizer
 
@@ -80,6 +99,8 @@ def from_run(run: str, out: str, dtype: str = "float32", with_tokenizer: bool = 
     if proto is not None:
         with open(os.path.join(out, "tokenizer.model"), "wb") as f:
             f.write(proto)
+    if isinstance(tokenizer, HFTokenizer):
+        save_hf_tokenizer(tokenizer, out)
     return out
 
 
@@ -89,7 +110,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     direction.add_argument("--to-jaxlm", metavar="HF_DIR", help="import a Hugging Face directory as a jaxlm run")
     direction.add_argument("--from-run", metavar="RUN_DIR", help="export a jaxlm run as a Hugging Face directory")
     p.add_argument("--out", required=True, help="the directory to write")
-    p.add_argument("--tokenizer", default="", help="--to-jaxlm: the run's tokenizer (default: HF_DIR/tokenizer.model)")
+    p.add_argument("--tokenizer", default="",
+                   help="--to-jaxlm: the run's tokenizer (default: HF_DIR/tokenizer.model, else HF_DIR/tokenizer.json)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="--from-run: tensor type of the written weights (float32 is exact)")
     p.add_argument("--no-tokenizer", action="store_true", help="--from-run: do not load or write the tokenizer")

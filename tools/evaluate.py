@@ -1,9 +1,21 @@
-"""Evaluate a checkpoint: loss, perplexity and bits per byte on a corpus split, or multiple-choice accuracy.
+"""Evaluate a checkpoint: loss, perplexity and bits per byte on a corpus split, multiple-choice accuracy, or the
+answers it generates to prompts.
 
     python -m tools.evaluate --run runs/quickstart                        # the run's validation split, whole
     python -m tools.evaluate --run runs/quickstart --split train --batches 50
     python -m tools.evaluate --run runs/quickstart --source text:notes/*.txt   # another corpus, same tokenizer
     python -m tools.evaluate --run runs/quickstart --hellaswag hellaswag_val.jsonl
+    python -m tools.evaluate --run runs/finetune_instruct --generate prompts.jsonl \
+        --judge-url http://localhost:8000/v1 --judge-model judge
+
+--generate reads a JSONL file of prompts with reference answers ({"prompt": ..., "reference": ...}, or the Alpaca
+layout: instruction, optional input, output), generates greedily (an instruction-tuned run's prompts in its
+template, other runs' as text to continue), writes each prompt, reference and response to --responses (default:
+<run>/responses-<file name>.jsonl) and scores the responses by exact match (after stripping surrounding
+whitespace; and normalized: case, punctuation, articles and spacing ignored). With --judge-url (any
+OpenAI-compatible endpoint: `tools.serve`, vLLM, OpenAI; a key in --judge-api-key or OPENAI_API_KEY) a judge
+model is asked for each item whether the response is correct given the reference; its accuracy is the share of
+CORRECT verdicts among the replies that gave one.
 
 `--run` takes a run directory, a checkpoint step directory (runs/<name>/checkpoints/<step>), or an
 instruction-tuned run (LoRA adapters are folded into their base weights). Prints one summary line and the
@@ -33,6 +45,12 @@ class Args:
     batch_size: int = 0  # 0: the run's batch size
     seq_len: int = 0  # 0: the run's sequence length
     hellaswag: str = ""  # a JSONL file of ctx, endings, label: multiple-choice scoring instead of loss
+    generate: str = ""  # a JSONL file of prompts and reference answers: generate, score by exact match and judge
+    max_new_tokens: int = 128  # --generate: most tokens of a response
+    responses: str = ""  # --generate: the JSONL of responses to write; "" is <run>/responses-<file name>.jsonl
+    judge_url: str = ""  # --generate: an OpenAI-compatible API, e.g. http://localhost:8000/v1
+    judge_model: str = ""  # --generate: the judge's model name at that API
+    judge_api_key: str = ""  # --generate: the API's key; "" reads OPENAI_API_KEY (none for tools.serve)
     out: str = ""  # also write the figures to this JSON file (its directory is created)
 
 
@@ -63,7 +81,11 @@ def evaluate(args: Args) -> dict:
     if args.out:
         prepare_out(args.out)
     experiment, params = load_lm(args.run)
-    if args.hellaswag:
+    if args.generate:
+        from jaxlm.generations import evaluate_generations
+
+        result = evaluate_generations(experiment, params, args)
+    elif args.hellaswag:
         items = ev.read_choices(args.hellaswag)
         result = ev.score_choices(
             experiment.model, params, load_tokenizer(experiment), items, batch_size=args.batch_size or 16

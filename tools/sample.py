@@ -6,8 +6,9 @@
 
 --run reads the run's config.json, its latest checkpoint (or a checkpoints/<step> directory) and its tokenizer;
 the prompt is placed after an end-of-document token, where a document starts in the packed training rows.
---hf reads the directory with jaxlm.hf.load_hf; with a sentencepiece `tokenizer.model` the prompt is text (after
-the bos token, as Llama was trained), otherwise it is a list of token ids ("464 3290 318") and so is the output.
+--hf reads the directory with jaxlm.hf.load_hf; with a sentencepiece `tokenizer.model` or a Hugging Face
+`tokenizer.json` (GPT-2, Llama 3, Qwen) the prompt is text, after the bos token where the tokenizer has one (as
+Llama was trained; GPT-2's is <|endoftext|>); a directory with neither takes and prints token ids ("464 3290 318").
 --start bos|eos|none overrides that start token (e.g. bos for a run imported from Llama with tools.convert_hf).
 --chat wraps the prompt in the prompt template of an instruction-tuned run (experiments.finetune_instruct; a LoRA
 run's adapters are merged first) and prints only the answer.
@@ -44,7 +45,8 @@ class TokenIds:
             return [int(piece) for piece in text.replace(",", " ").split()]
         except ValueError:
             raise ConfigError(
-                f"this model has no tokenizer.model, so the prompt must be token ids such as '464 3290', got {text!r}"
+                f"this model has no tokenizer.model or tokenizer.json, so the prompt must be token ids such as "
+                f"'464 3290', got {text!r}"
             ) from None
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -61,10 +63,11 @@ class Model:
 
 
 def run_tokenizer(data: DataConfig):
-    """The tokenizer of a run. Byte and .model tokenizers need no corpus; trained ones come from the data cache."""
-    from jaxlm.data.tokenizer import TokenizerSpec, build_tokenizer
+    """The tokenizer of a run. Byte tokenizers and tokenizer files need no corpus; trained ones come from the
+    data cache."""
+    from jaxlm.data.tokenizer import TokenizerSpec, build_tokenizer, is_named_kind
 
-    if data.tokenizer == "byte" or data.tokenizer.endswith(".model"):
+    if data.tokenizer == "byte" or not is_named_kind(data.tokenizer):
         spec = TokenizerSpec(data.tokenizer, data.vocab_size, data.tokenizer_sample_bytes, corpus_fingerprint="")
         return build_tokenizer(spec, data.resolved_cache_dir, [], [])[0]
     from jaxlm.data import prepare_data
@@ -87,7 +90,7 @@ def _first_id(value: int | list[int] | None) -> int | None:
 
 
 def load_hf_dir(path: str) -> Model:
-    from jaxlm.data.tokenizer import load_sentencepiece
+    from jaxlm.data.tokenizer import HF_TOKENIZER_FILE, load_hf_tokenizer, load_sentencepiece
     from jaxlm.hf import CONFIG_FILE, load_hf
 
     cfg, params = load_hf(path)
@@ -99,6 +102,11 @@ def load_hf_dir(path: str) -> Model:
         tokenizer: Any = load_sentencepiece(spm_path)
         bos_id = tokenizer.bos_id if bos_id is None else bos_id
         eos_id = tokenizer.eos_id if eos_id is None else eos_id
+    elif os.path.isfile(os.path.join(path, HF_TOKENIZER_FILE)):
+        # Its special tokens as tokenizer_config.json names them (Llama 3 Instruct: eos <|eot_id|>).
+        tokenizer = load_hf_tokenizer(os.path.join(path, HF_TOKENIZER_FILE))
+        bos_id = tokenizer.bos_id if tokenizer.bos_id >= 0 else None
+        eos_id = tokenizer.eos_id
     else:
         tokenizer = TokenIds(bos_id, eos_id)
     start = [bos_id] if bos_id is not None and 0 <= bos_id < cfg.vocab_size else []
@@ -110,7 +118,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="a jaxlm run directory, or one of its checkpoints/<step> directories")
     source.add_argument("--hf", help="a Hugging Face GPT-2 or Llama directory (config.json + safetensors)")
-    p.add_argument("--prompt", default="", help="text to continue (token ids for --hf without tokenizer.model)")
+    p.add_argument("--prompt", default="", help="text to continue (token ids for --hf without a tokenizer)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=int, default=40, help="0: no cut")

@@ -35,7 +35,15 @@ import numpy as np
 from jaxlm import storage
 from jaxlm.config import DataConfig
 from jaxlm.data.sources import ShardFile, SkipCounter, find_shards, read_documents, split_of, tokenizer_sample
-from jaxlm.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer, train_sentencepiece
+from jaxlm.data.tokenizer import (
+    ByteTokenizer,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    is_named_kind,
+    load_pretrained,
+    train_sentencepiece,
+)
 from jaxlm.errors import DataError
 
 SHARDS_VERSION = 1  # bump when the token shards change layout
@@ -122,7 +130,7 @@ class ShardSet:
 def _tokenizer_options(cfg: DataConfig) -> dict[str, Any]:
     trained = cfg.tokenizer.startswith("sentencepiece-")
     return {
-        "kind": cfg.tokenizer if not cfg.tokenizer.endswith(".model") else "file",
+        "kind": cfg.tokenizer if is_named_kind(cfg.tokenizer) else "file",
         "vocab_size": cfg.vocab_size if trained else None,
         "sample_bytes": cfg.tokenizer_sample_bytes if trained else None,
     }
@@ -140,9 +148,15 @@ def _load_tokenizer(proto: bytes, name: str) -> SentencePieceTokenizer:
 def _tokenizer(
     cfg: DataConfig, root: str, source_fp: str, shards: list[ShardFile], process_index: int
 ) -> tuple[Tokenizer, bytes | None]:
-    """The tokenizer and its file's bytes (None for bytes): a given .model file, or one trained by process 0."""
+    """The tokenizer and its file's bytes (None for bytes): a given .model file, a Hugging Face tokenizer (its
+    tokenizer.json, as `HFTokenizer` holds it), or one trained by process 0."""
     if cfg.tokenizer == "byte":
         return ByteTokenizer(), None
+    if not is_named_kind(cfg.tokenizer) and not storage.is_uri(cfg.tokenizer):
+        tokenizer = load_pretrained(cfg.tokenizer)
+        if isinstance(tokenizer, HFTokenizer):
+            return tokenizer, tokenizer.tokenizer_json.encode("utf-8")
+        return tokenizer, tokenizer.model_proto
     if cfg.tokenizer.endswith(".model"):
         if not storage.isfile(cfg.tokenizer):
             raise DataError(
@@ -153,7 +167,7 @@ def _tokenizer(
     if cfg.tokenizer not in ("sentencepiece-bpe", "sentencepiece-unigram"):
         raise DataError(
             f"DataConfig.tokenizer={cfg.tokenizer!r} cannot prepare shards: use sentencepiece-bpe, "
-            "sentencepiece-unigram, byte or the path of a .model file"
+            "sentencepiece-unigram, byte, the path of a .model or tokenizer.json file or a model directory"
         )
     name = f"{source_fp}-{cfg.tokenizer}-{cfg.vocab_size}-{cfg.tokenizer_sample_bytes}.model"
     path = storage.join(root, "tokenizers", name)
@@ -170,9 +184,6 @@ def _tokenizer(
 
 # --- tokenizing one file -------------------------------------------------------------------------------------
 
-_worker_tokenizers: dict[str, Tokenizer] = {}
-
-
 def _encode(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> list[np.ndarray]:
     if isinstance(tokenizer, ByteTokenizer):
         return [np.frombuffer(t.encode("utf-8"), np.uint8).astype(dtype) for t in texts]
@@ -184,22 +195,11 @@ class _Job:
     shard: ShardFile
     index: int
     directory: str
-    tokenizer_key: str
-    tokenizer_proto: bytes | None
+    tokenizer: Tokenizer
     text_field: str
     skip_bad_lines: bool
     val_fraction: float
     dtype: str
-
-
-def _job_tokenizer(job: _Job) -> Tokenizer:
-    tok = _worker_tokenizers.get(job.tokenizer_key)
-    if tok is None:
-        proto = job.tokenizer_proto
-        tok = ByteTokenizer() if proto is None else SentencePieceTokenizer(proto, job.tokenizer_key)
-        _worker_tokenizers.clear()
-        _worker_tokenizers[job.tokenizer_key] = tok
-    return tok
 
 
 def _empty_stats() -> dict[str, int]:
@@ -208,7 +208,7 @@ def _empty_stats() -> dict[str, int]:
 
 def tokenize_file(job: _Job) -> dict[str, Any]:
     """Tokenizes one source file into its token files and writes its done marker; returns its statistics."""
-    tokenizer = _job_tokenizer(job)
+    tokenizer = job.tokenizer
     dtype = np.dtype(job.dtype)
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     stats: dict[str, Any] = {s: _empty_stats() for s in SPLITS}
@@ -351,9 +351,8 @@ def prepare_shards(cfg: DataConfig, process_index: int = 0, process_count: int =
                             json.dumps({"fingerprint": fingerprint, "ingredients": ingredients, "source": source},
                                        indent=1, sort_keys=True).encode())
     done = _done(directory)
-    key = f"tokenizer-{ingredients['tokenizer_sha256']}"
     jobs = [
-        _Job(s, i, directory, key, proto, cfg.text_field, cfg.skip_bad_lines, cfg.val_fraction, dtype)
+        _Job(s, i, directory, tokenizer, cfg.text_field, cfg.skip_bad_lines, cfg.val_fraction, dtype)
         for i, s in enumerate(shards) if i % process_count == process_index and i not in done
     ]
     if jobs:
@@ -375,7 +374,7 @@ def prepare_shards(cfg: DataConfig, process_index: int = 0, process_count: int =
             if stats["train"]["documents"] + stats["validation"]["documents"] == 0:
                 fix = "point the source at files with text"
             raise DataError(f"the {split} split of {cfg.source} has no documents: {fix}")
-    if proto is not None:
+    if isinstance(tokenizer, SentencePieceTokenizer):
         _write_bytes_atomic(storage.join(directory, "tokenizer.model"), proto)
     manifest = {"fingerprint": fingerprint, "ingredients": ingredients, "stats": stats,
                 "files": [{k: e[k] for k in ("index", "name", "size", *SPLITS)} for e in entries]}

@@ -1,4 +1,5 @@
-"""Tokenizers: sentencepiece (trained here or loaded from a .model file), bytes, and characters.
+"""Tokenizers: sentencepiece (trained here or loaded from a .model file), Hugging Face `tokenizers` (a
+tokenizer.json, or a model directory that holds one), bytes, and characters.
 
 Every tokenizer has the same small interface: `vocab_size`, the special ids `pad_id`, `unk_id`, `bos_id`,
 `eos_id`, `encode(str) -> list[int]` (no bos/eos added), `encode_batch(list[str]) -> list[list[int]]` and
@@ -14,11 +15,14 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
+import tokenizers
 from sentencepiece import sentencepiece_model_pb2 as sp_model
 
+from jaxlm import storage
 from jaxlm.errors import DataError
 
 SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")  # ids 0..3 for trained and char tokenizers
@@ -125,7 +129,171 @@ class CharTokenizer:
         return "".join(chars[i - offset] if i >= offset else "" for i in _ids_list(ids) if i < self.vocab_size)
 
 
-Tokenizer = SentencePieceTokenizer | ByteTokenizer | CharTokenizer
+def _token_name(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, {"content": ...}, or null."""
+    return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
+
+
+# End-of-text names of well-known tokenizers, for a bare tokenizer.json with no tokenizer_config.json beside it.
+_EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "<|im_end|>")
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers` tokenizer (GPT-2's, Llama 3's, Qwen's byte-level BPE, or any other), with the
+    special tokens its model directory declares.
+
+    `encode` adds no special tokens and reads text as text: a literal "<|endoftext|>" in a document is encoded
+    as characters, never as the end-of-text token, so `decode` (which drops special tokens) gives the text back.
+    The special ids come from tokenizer_config.json beside the file (bos_token, eos_token, pad_token), then from
+    the model's config.json and generation_config.json (bos_token_id, eos_token_id), then from the tokenizer
+    itself (the token its post-processor puts before a text is bos; a single special token, or one of the usual
+    end-of-text names, is eos). bos_id is -1 when there is none (GPT-2 and Qwen put nothing before a text).
+    """
+
+    def __init__(
+        self,
+        tokenizer_json: str,
+        name: str = "tokenizer.json",
+        settings: dict[str, Any] | None = None,
+        tokenizer_config: dict[str, Any] | None = None,
+    ):
+        self.tokenizer_json, self.name, self.settings = tokenizer_json, name, settings or {}
+        self.tokenizer_config = tokenizer_config or {}  # written back beside tokenizer.json by `save_hf_tokenizer`
+        try:
+            self._tok = tokenizers.Tokenizer.from_str(tokenizer_json)
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"{name} is not a Hugging Face tokenizer.json ({reason}): check the file") from None
+        self._tok.encode_special_tokens = True
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values()) + 1
+        self.eos_id = self._special_id("eos", self._default_eos(vocab))
+        if self.eos_id < 0:
+            raise DataError(
+                f"the tokenizer {name} has no end-of-sequence token: give its model directory (with "
+                "tokenizer_config.json naming eos_token) rather than the tokenizer.json alone"
+            )
+        prefix = self._tok.encode("", add_special_tokens=True).ids
+        self.bos_id = self._special_id("bos", prefix[0] if prefix else -1)
+        self.pad_id = self._special_id("pad", self.eos_id)  # padding never reaches the loss: eos serves
+        unk = getattr(self._tok.model, "unk_token", None)
+        self.unk_id = vocab.get(unk, -1) if unk else -1
+
+    def _special_id(self, role: str, default: int) -> int:
+        """The id of the bos, eos or pad token named in the settings, else `default`."""
+        token = _token_name(self.settings.get(f"{role}_token"))
+        if token is not None:
+            token_id = self._tok.token_to_id(token)
+            if token_id is None:
+                raise DataError(f"the {role}_token {token!r} of {self.name} is not in its vocabulary: check the files")
+            return token_id
+        token_id = self.settings.get(f"{role}_token_id")
+        if isinstance(token_id, list):  # several stop ids: the first is the end of a text
+            token_id = token_id[0] if token_id else None
+        return token_id if isinstance(token_id, int) and 0 <= token_id < self.vocab_size else default
+
+    def _default_eos(self, vocab: dict[str, int]) -> int:
+        specials = [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
+        if len(specials) == 1:
+            return vocab[specials[0]]
+        return next((vocab[n] for n in _EOS_NAMES if n in specials), -1)
+
+    def __getstate__(self):
+        return {k: getattr(self, k) for k in ("tokenizer_json", "name", "settings", "tokenizer_config")}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self._tok.decode(_ids_list(ids), skip_special_tokens=True)
+
+    def decode_token(self, token_id: int) -> str:
+        """The vocabulary entry of one id (a special token's name)."""
+        return self._tok.id_to_token(token_id)
+
+
+Tokenizer = SentencePieceTokenizer | HFTokenizer | ByteTokenizer | CharTokenizer
+
+HF_TOKENIZER_FILE = "tokenizer.json"
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+SENTENCEPIECE_FILE = "tokenizer.model"
+# Files of a model directory that name its special tokens, read in this order (the first to name one wins).
+_SETTINGS_FILES = (HF_TOKENIZER_CONFIG, "config.json", "generation_config.json")
+NAMED_KINDS = ("sentencepiece-bpe", "sentencepiece-unigram", "byte", "char")
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        value = json.loads(storage.read_text(path))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} cannot be read as JSON ({e}): check the file") from None
+    return value if isinstance(value, dict) else {}
+
+
+def load_hf_tokenizer(path: str) -> HFTokenizer:
+    """A tokenizer.json file, with the special tokens named by the JSON settings files beside it."""
+    if not storage.isfile(path):
+        raise DataError(f"tokenizer file {path!r} does not exist: give a tokenizer.json or a Hugging Face model "
+                        "directory")
+    text = storage.read_text(path)
+    folder = storage.dirname(storage.abspath(path))
+    settings: dict[str, Any] = {}
+    found = {name: _read_json(storage.join(folder, name)) for name in _SETTINGS_FILES
+             if storage.isfile(storage.join(folder, name))}
+    for values in found.values():
+        for role in ("bos", "eos", "pad"):
+            for key in (f"{role}_token", f"{role}_token_id"):
+                if values.get(key) is not None:
+                    settings.setdefault(key, values[key])
+    return HFTokenizer(text, storage.basename(path), settings, found.get(HF_TOKENIZER_CONFIG))
+
+
+def save_hf_tokenizer(tokenizer: HFTokenizer, folder: str) -> None:
+    """Write tokenizer.json and a tokenizer_config.json naming its special tokens, as transformers'
+    `AutoTokenizer.from_pretrained(folder)` and `load_hf_tokenizer` read them."""
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **tokenizer.tokenizer_config}
+    for role in ("bos", "eos", "pad"):
+        token_id = getattr(tokenizer, f"{role}_id")
+        config[f"{role}_token"] = tokenizer.decode_token(token_id) if token_id >= 0 else None
+    storage.makedirs(folder)
+    storage.write_text_atomic(storage.join(folder, HF_TOKENIZER_FILE), tokenizer.tokenizer_json)
+    storage.write_text_atomic(storage.join(folder, HF_TOKENIZER_CONFIG), json.dumps(config, indent=2))
+
+
+def is_named_kind(kind: str) -> bool:
+    """Whether DataConfig.tokenizer names a kind built here (trained or fixed) rather than a file or directory."""
+    return kind in NAMED_KINDS
+
+
+def tokenizer_file(kind: str) -> str:
+    """The file that holds a given tokenizer: a .model or .json path as it is, or in a Hugging Face model
+    directory its tokenizer.model (sentencepiece, as Llama 2 ships it) or else its tokenizer.json."""
+    if kind.endswith((".model", ".json")) and not storage.isdir(kind):
+        return kind
+    if storage.isdir(kind):
+        for name in (SENTENCEPIECE_FILE, HF_TOKENIZER_FILE):
+            if storage.isfile(storage.join(kind, name)):
+                return storage.join(kind, name)
+        raise DataError(
+            f"DataConfig.tokenizer={kind!r} is a directory without {HF_TOKENIZER_FILE} or {SENTENCEPIECE_FILE}: "
+            "give a Hugging Face model directory that holds its tokenizer, or a tokenizer file"
+        )
+    raise DataError(
+        f"DataConfig.tokenizer={kind!r} is unknown: use sentencepiece-bpe, sentencepiece-unigram, byte, char, "
+        "the path of a .model or tokenizer.json file, or a Hugging Face model directory"
+    )
+
+
+def load_pretrained(kind: str) -> SentencePieceTokenizer | HFTokenizer:
+    """The tokenizer a DataConfig.tokenizer path names (see `tokenizer_file`)."""
+    path = tokenizer_file(kind)
+    return load_sentencepiece(path) if path.endswith(".model") else load_hf_tokenizer(path)
 
 
 def _chunks(texts: Iterable[str], sample_bytes: int) -> Iterator[str]:
@@ -218,9 +386,10 @@ def tokenizer_key(kind: str, vocab_size: int, corpus_fingerprint: str) -> str:
     """The cache key of a tokenizer: what it was trained on and how."""
     if kind == "byte":
         return "byte"
-    if kind.endswith(".model"):
-        st = os.stat(kind) if os.path.isfile(kind) else None
-        ident = json.dumps([os.path.abspath(kind), st and st.st_size, st and st.st_mtime_ns])
+    if not is_named_kind(kind):
+        path = tokenizer_file(kind)
+        st = os.stat(path) if os.path.isfile(path) else None
+        ident = json.dumps([os.path.abspath(path), st and st.st_size, st and st.st_mtime_ns])
         return "file-" + hashlib.sha256(ident.encode()).hexdigest()[:16]
     if kind == "char":
         return f"char-{corpus_fingerprint}"
@@ -254,7 +423,7 @@ def _write_atomic(path: str, data: bytes) -> None:
 class TokenizerSpec:
     """What `build_tokenizer` needs besides the texts."""
 
-    kind: str  # sentencepiece-bpe | sentencepiece-unigram | byte | char | <path>.model
+    kind: str  # sentencepiece-bpe | sentencepiece-unigram | byte | char | <path>.model | <path>.json | <directory>
     vocab_size: int
     sample_bytes: int
     corpus_fingerprint: str
@@ -267,8 +436,8 @@ def build_tokenizer(
     kind = spec.kind
     if kind == "byte":
         return ByteTokenizer(), False
-    if kind.endswith(".model"):
-        return load_sentencepiece(kind), False
+    if not is_named_kind(kind):
+        return load_pretrained(kind), False
     make_cache_dir(cache_dir, write=False)  # a read-only cache is fine while it holds the tokenizer
     key = tokenizer_key(kind, spec.vocab_size, spec.corpus_fingerprint)
     if kind == "char":
@@ -283,15 +452,10 @@ def build_tokenizer(
         tok = CharTokenizer("".join(chars))
         _write_atomic(path, json.dumps({"chars": tok.chars}).encode("utf-8"))
         return tok, True
-    if kind in ("sentencepiece-bpe", "sentencepiece-unigram"):
-        path = os.path.join(cache_dir, key + ".model")
-        if os.path.isfile(path):
-            return load_sentencepiece(path), False
-        make_cache_dir(cache_dir)  # before training, which takes a while
-        proto = train_sentencepiece(train_texts, kind.split("-")[1], spec.vocab_size, spec.sample_bytes)
-        _write_atomic(path, proto)
-        return SentencePieceTokenizer(proto, name=os.path.basename(path)), True
-    raise DataError(
-        f"DataConfig.tokenizer={kind!r} is unknown: use sentencepiece-bpe, sentencepiece-unigram, byte, char "
-        "or the path of a .model file"
-    )
+    path = os.path.join(cache_dir, key + ".model")  # sentencepiece-bpe or sentencepiece-unigram
+    if os.path.isfile(path):
+        return load_sentencepiece(path), False
+    make_cache_dir(cache_dir)  # before training, which takes a while
+    proto = train_sentencepiece(train_texts, kind.split("-")[1], spec.vocab_size, spec.sample_bytes)
+    _write_atomic(path, proto)
+    return SentencePieceTokenizer(proto, name=os.path.basename(path)), True

@@ -143,7 +143,9 @@ def load_base(experiment: Experiment) -> tuple[Experiment, Params]:
 
 def _tokenizer_identity(data) -> dict[str, Any]:
     """The data settings that decide which token id means what."""
-    if data.tokenizer == "byte" or data.tokenizer.endswith(".model"):
+    from jaxlm.data.tokenizer import is_named_kind
+
+    if data.tokenizer == "byte" or not is_named_kind(data.tokenizer):
         return {"tokenizer": data.tokenizer}
     fields = ["tokenizer", "source", "val_fraction", "text_field", "train_split"]
     if data.tokenizer.startswith("sentencepiece-"):
@@ -152,14 +154,15 @@ def _tokenizer_identity(data) -> dict[str, Any]:
 
 
 def load_tokenizer(experiment: Experiment):
-    """The run's tokenizer; byte and .model tokenizers load directly, trained ones come from their corpus cache."""
-    from jaxlm.data.tokenizer import ByteTokenizer, load_sentencepiece
+    """The run's tokenizer; byte tokenizers and tokenizer files load directly, trained ones come from their
+    corpus cache."""
+    from jaxlm.data.tokenizer import ByteTokenizer, is_named_kind, load_pretrained
 
     kind = experiment.data.tokenizer
     if kind == "byte":
         tokenizer = ByteTokenizer()
-    elif kind.endswith(".model"):
-        tokenizer = load_sentencepiece(kind)
+    elif not is_named_kind(kind):
+        tokenizer = load_pretrained(kind)
     else:
         from jaxlm.data import prepare_data
 
