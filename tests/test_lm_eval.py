@@ -43,7 +43,7 @@ def evaluated(tmp_path_factory):
         data=DataConfig(source=f"text:{tmp}/corpus/*.txt", tokenizer="byte", seq_len=32, batch_size=8,
                         cache_dir=str(tmp / "cache"), val_fraction=0.2),
         optim=OptimConfig(lr=1e-2, warmup_steps=1),
-        train=TrainConfig(steps=20, eval_every=20, eval_steps=1, ckpt_every=20, log_every=20, samples=0,
+        train=TrainConfig(steps=4, eval_every=4, eval_steps=1, ckpt_every=4, log_every=4, samples=0,
                           tensorboard=False, out_dir=str(tmp / "run")),
     )
     from jaxlm.train import train
