@@ -1,7 +1,7 @@
 """lm-evaluation-harness against jaxlm's own scorer: multiple-choice items per second on the same items and model.
 
 The items are built from the Python standard library's source (the quickstart's domain): a few consecutive lines
-as the context, the line that follows as the right ending among three lines drawn from elsewhere. jaxlm's
+as the context, the line that follows (after a space) as the right ending among three lines drawn from elsewhere. jaxlm's
 `score_choices` and `tools.lm_eval`'s model (through `lm_eval.simple_evaluate` on a task read from a local JSONL
 file) score them; both are timed warm (a first pass compiles), and their accuracies must agree.
 """
@@ -37,7 +37,8 @@ def stdlib_items(n: int, seed: int = 0) -> list[dict[str, Any]]:
         endings = [o[rng.integers(len(o))].strip() for o in others]
         label = int(rng.integers(4))
         endings.insert(label, lines[i].strip())
-        items.append({"ctx": "\n".join(lines[i - 3 : i]) + "\n", "endings": endings, "label": label})
+        # No whitespace at the context's end: both scorers then join context and ending with one space.
+        items.append({"ctx": "\n".join(lines[i - 3 : i]).rstrip(), "endings": endings, "label": label})
     return items
 
 
