@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import tyro
 
 from jaxlm import storage
-from jaxlm.errors import ConfigError, JaxlmError
+from jaxlm.errors import ConfigError
 
 RESULTS_FILE = "lm_eval.json"
 
@@ -130,14 +130,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         Args, args=list(sys.argv[1:] if argv is None else argv), description=__doc__.split("\n\n")[0],
         prog="python -m tools.lm_eval",
     )
-    from jaxlm.cli import quiet_library_logs
+    from jaxlm.cli import guarded
 
-    quiet_library_logs()
-    try:
-        return lm_eval_main(args)
-    except JaxlmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return guarded(lambda: lm_eval_main(args))
 
 
 if __name__ == "__main__":
