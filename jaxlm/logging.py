@@ -92,12 +92,13 @@ class MetricsWriter:
         if self.tensorboard is not None:
             self.tensorboard.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Flush and close; `failed` marks the W&B run as ended by an error (a rerun resumes it)."""
         if self.tensorboard is not None:
             self.tensorboard.close()
             self.tensorboard = None
         if self.wandb is not None:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=1 if failed else 0)
             self.wandb = None
 
 

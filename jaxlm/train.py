@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
@@ -621,7 +622,7 @@ def fit(task: Task, devices: list | None = None) -> dict[str, Any]:
         profile.close()
         train_iter.close()
         checkpoints.close()
-        log.close()
+        log.close(failed=sys.exc_info()[0] is not None)
 
     summary: dict[str, Any] = {"name": experiment.name, "steps": steps, "train_loss": last_row.get("loss")}
     if tokens_per_step is not None:
