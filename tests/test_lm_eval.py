@@ -16,8 +16,6 @@ from jaxlm.data.tokenizer import ByteTokenizer
 from jaxlm.generate import generate_uncached
 from jaxlm.model import forward, init_params
 
-pytestmark = pytest.mark.slow
-
 WORDS = ["alpha", "beta", "gamma", "delta", "def", "return", "(x)", "spam", "eggs", "ham"]
 CONTEXT = 64  # the model's max_seq_len: the long rolling text needs two windows
 
@@ -105,6 +103,7 @@ def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+@pytest.mark.slow
 def test_results_are_written_into_the_run_directory(evaluated):
     exp, *_, record = evaluated
     with open(os.path.join(exp.run_dir, "lm_eval.json")) as f:
@@ -113,6 +112,7 @@ def test_results_are_written_into_the_run_directory(evaluated):
     assert written["documents"] == 16 + 3 + 6 and written["documents_per_sec"] > 0
 
 
+@pytest.mark.slow
 def test_multiple_choice_matches_jaxlm_scorer(evaluated):
     exp, params, tok, choices, *_, record = evaluated
     items = [ev.ChoiceItem(c["ctx"], tuple(c["endings"]), c["label"]) for c in choices]
@@ -145,6 +145,7 @@ def numpy_rolling_loglikelihood(cfg, params, ids, start_id):
     return total
 
 
+@pytest.mark.slow
 def test_rolling_loglikelihood_matches_numpy_loss(evaluated):
     exp, params, tok, _, texts, *_, record = evaluated
     assert len(tok.encode(texts[-1])) > CONTEXT  # this one is scored in two windows
@@ -160,6 +161,7 @@ def test_rolling_loglikelihood_matches_numpy_loss(evaluated):
     assert bpb == pytest.approx(-total_ll / total_bytes / np.log(2), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_generation_on_the_kv_cache_matches_uncached_decoding(evaluated):
     *_, reference, record = evaluated
     samples = sorted(record["samples"]["tiny_gen"], key=lambda s: s["doc_id"])
@@ -167,6 +169,7 @@ def test_generation_on_the_kv_cache_matches_uncached_decoding(evaluated):
     assert record["results"]["tiny_gen"]["exact_match,none"] == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 def test_bad_requests_are_one_line_errors(evaluated, capsys):
     exp, *_ = evaluated
     from tools.lm_eval import main
@@ -180,3 +183,20 @@ def test_bad_requests_are_one_line_errors(evaluated, capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and message in err, err
+
+
+@pytest.mark.slow
+def test_rolling_windows_predict_every_token_once():
+    from lm_eval.api.instance import Instance
+
+    from jaxlm.harness import JaxlmLM
+
+    cfg = ModelConfig(family="llama", n_layers=1, d_model=16, n_heads=2, n_kv_heads=1, vocab_size=260, max_seq_len=16)
+    params = init_params(cfg, jax.random.key(1))
+    tok = ByteTokenizer()
+    texts = ["spam and eggs, " * 3, "ham"]  # 45 bytes: three windows of the model's 16 positions; 3 bytes: one
+    model = JaxlmLM(cfg, params, tok, [tok.eos_id], batch_size=4)
+    requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    got = model.loglikelihood_rolling(requests)
+    want = [numpy_rolling_loglikelihood(cfg, params, tok.encode(t), tok.eos_id) for t in texts]
+    assert got == pytest.approx(want, rel=1e-5)
