@@ -131,7 +131,8 @@ def read_config(run_dir: str) -> Experiment | None:
 BOOKKEEPING = {
     "model": {"remat", "attention"},
     "train": {"out_dir", "log_every", "eval_every", "eval_steps", "ckpt_every", "ckpt_every_minutes",
-              "keep_checkpoints", "keep_best", "async_checkpoints", "samples", "sample_tokens"},
+              "keep_checkpoints", "keep_best", "async_checkpoints", "samples", "sample_tokens",
+              "tensorboard", "wandb_project", "wandb_entity", "wandb_name", "wandb_tags", "profile_steps"},
     "data": {"num_workers", "cache_dir"},
 }
 

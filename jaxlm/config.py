@@ -277,6 +277,12 @@ class TrainConfig:
     init_from: str = ""  # a run directory or checkpoint path whose params initialise this run
     samples: int = 3  # samples written to samples.txt at the end (0: none)
     sample_tokens: int = 128
+    tensorboard: bool = True  # TensorBoard event files in the run directory, beside metrics.jsonl
+    wandb_project: str = ""  # also log to this Weights & Biases project ("" : off; needs `pip install wandb`)
+    wandb_entity: str = ""  # the W&B team or user ("" : your default)
+    wandb_name: str = ""  # the W&B run's display name ("" : the experiment's name)
+    wandb_tags: tuple[str, ...] = ()
+    profile_steps: str = ""  # "a:b": a jax.profiler trace of steps a to b-1 into the run directory ("" : none)
 
     def __post_init__(self):
         _positive(self, "steps", "eval_every", "eval_steps", "ckpt_every", "log_every", "grad_accum")
@@ -286,6 +292,25 @@ class TrainConfig:
             self.ckpt_every_minutes >= 0,
             f"TrainConfig.ckpt_every_minutes must be >= 0 (0 disables), got {self.ckpt_every_minutes}",
         )
+        object.__setattr__(self, "wandb_tags", tuple(self.wandb_tags))  # config.json holds a list
+        if self.profile_steps:
+            self.profiled_steps()  # raises on a malformed range
+
+    def profiled_steps(self) -> range:
+        """The steps `profile_steps` names (empty when it is "")."""
+        if not self.profile_steps:
+            return range(0)
+        first, sep, end = self.profile_steps.partition(":")
+        try:
+            a, b = int(first), int(end)
+        except ValueError:
+            a = b = 0
+        _require(
+            bool(sep) and 1 <= a < b,
+            f"TrainConfig.profile_steps={self.profile_steps!r} must be 'a:b' with 1 <= a < b (steps a to b-1), "
+            "e.g. --train.profile-steps 10:13",
+        )
+        return range(a, b)
 
 
 @dataclass(frozen=True)

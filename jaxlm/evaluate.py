@@ -160,56 +160,85 @@ def continuation(context: str, ending: str) -> str:
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
-def _row_logprobs(cfg: ModelConfig, params: Any, inputs_BT, targets_BT, weights_BT):
+def _row_scores(cfg: ModelConfig, params: Any, inputs_BT, targets_BT, weights_BT):
+    """Per row: the summed log-probability of the weighted targets, and whether each of them is the argmax."""
     logits_BTV = forward(cfg, params, inputs_BT)
-    logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
+    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
     picked_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    return jnp.sum(picked_BT * weights_BT, axis=-1)
+    greedy_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
+    return jnp.sum(picked_BT * weights_BT, axis=-1), jnp.all(greedy_BT | (weights_BT == 0), axis=-1)
+
+
+def score_continuations(
+    cfg: ModelConfig,
+    params: Any,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_size: int = 16,
+    batch_sharding: jax.sharding.Sharding | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """log p(continuation | context) of each (context ids, continuation ids) pair, whether greedy decoding would
+    produce the continuation, and whether its context lost its earliest tokens to fit the model's context.
+
+    One forward pass per pair; pairs of similar lengths share a batch (rows padded to a multiple of 16 tokens,
+    so few shapes compile). With `batch_sharding` the rows are split over the devices of a mesh (`batch_size` a
+    multiple of their number)."""
+    cfg = dataclasses.replace(cfg, remat="none")
+    limit = cfg.max_seq_len + 1  # the model reads max_seq_len tokens and predicts the next of each
+    seqs, starts, truncated = [], [], np.zeros(len(pairs), bool)
+    for i, (context, cont) in enumerate(pairs):
+        context, cont = list(context), list(cont)
+        if not context or not cont:
+            raise DataError(f"request {i}: the context and the continuation need a token each")
+        if len(cont) >= limit:
+            raise DataError(
+                f"request {i}: a continuation of {len(cont)} tokens leaves no room for context in the model's "
+                f"{cfg.max_seq_len} positions"
+            )
+        if len(context) + len(cont) > limit:
+            context, truncated[i] = context[len(context) + len(cont) - limit :], True
+        seqs.append(context + cont)
+        starts.append(len(context))
+    order = sorted(range(len(seqs)), key=lambda r: -len(seqs[r]))
+    logprobs, greedy = np.zeros(len(seqs)), np.zeros(len(seqs), bool)
+    for b in range(0, len(order), batch_size):
+        rows = order[b : b + batch_size]
+        width = min(cfg.max_seq_len, -(-max(len(seqs[r]) - 1 for r in rows) // 16) * 16)
+        inputs = np.zeros((batch_size, width), np.int32)
+        targets = np.zeros((batch_size, width), np.int32)
+        weights = np.zeros((batch_size, width), np.float32)
+        for i, r in enumerate(rows):
+            seq = seqs[r]
+            inputs[i, : len(seq) - 1], targets[i, : len(seq) - 1] = seq[:-1], seq[1:]
+            weights[i, starts[r] - 1 : len(seq) - 1] = 1.0  # the targets that are continuation tokens
+        arrays = (inputs, targets, weights)
+        if batch_sharding is not None:
+            arrays = tuple(jax.device_put(a, batch_sharding) for a in arrays)
+        sums, all_greedy = jax.device_get(_row_scores(cfg, params, *arrays))
+        logprobs[rows], greedy[rows] = sums[: len(rows)], all_greedy[: len(rows)]
+    return logprobs, greedy, truncated
 
 
 def ending_logprobs(
     cfg: ModelConfig, params: Any, tokenizer: Any, items: Sequence[ChoiceItem], batch_size: int = 16
 ) -> tuple[list[np.ndarray], int]:
     """log p(ending | context) for every ending of every item, and how many contexts had to be shortened."""
-    cfg = dataclasses.replace(cfg, remat="none")
-    limit = cfg.max_seq_len + 1  # the model reads max_seq_len tokens and predicts the next of each
-    seqs, starts, owners = [], [], []
-    truncated = 0
+    pairs, owners = [], []
     for i, item in enumerate(items):
         ctx_ids = [tokenizer.eos_id, *tokenizer.encode(item.context)]
-        cut = False
         for ending in item.endings:
-            end_ids = list(tokenizer.encode(continuation(item.context, ending)))
-            if len(end_ids) >= limit:
+            end_ids = tokenizer.encode(continuation(item.context, ending))
+            if len(end_ids) > cfg.max_seq_len:
                 raise DataError(
                     f"item {i}: an ending of {len(end_ids)} tokens leaves no room for context in the model's "
                     f"{cfg.max_seq_len} positions"
                 )
-            ids = ctx_ids
-            if len(ids) + len(end_ids) > limit:
-                ids, cut = ids[len(ids) + len(end_ids) - limit :], True
-            seqs.append(ids + end_ids)
-            starts.append(len(ids))
+            pairs.append((ctx_ids, end_ids))
             owners.append(i)
-        truncated += cut
-    width = min(cfg.max_seq_len, -(-max(len(s) - 1 for s in seqs) // 16) * 16)  # few shapes, few compilations
-    n = len(seqs)
-    rows = -(-n // batch_size) * batch_size
-    inputs = np.zeros((rows, width), np.int32)
-    targets = np.zeros((rows, width), np.int32)
-    weights = np.zeros((rows, width), np.float32)
-    for r, (seq, start) in enumerate(zip(seqs, starts)):
-        inputs[r, : len(seq) - 1], targets[r, : len(seq) - 1] = seq[:-1], seq[1:]
-        weights[r, start - 1 : len(seq) - 1] = 1.0  # the targets that are ending tokens
-    scores = np.concatenate([
-        np.asarray(_row_logprobs(cfg, params, inputs[b : b + batch_size], targets[b : b + batch_size],
-                                 weights[b : b + batch_size]))
-        for b in range(0, rows, batch_size)
-    ])[:n]
+    scores, _, truncated = score_continuations(cfg, params, pairs, batch_size)
     out: list[list[float]] = [[] for _ in items]
     for owner, score in zip(owners, scores):
         out[owner].append(float(score))
-    return [np.asarray(s) for s in out], truncated
+    return [np.asarray(s) for s in out], len({owner for owner, cut in zip(owners, truncated) if cut})
 
 
 def score_choices(

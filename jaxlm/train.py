@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
@@ -32,7 +33,7 @@ from jaxlm import flops, sharding, storage
 from jaxlm.checkpoint import Checkpoints, load_params, write_or_check_config
 from jaxlm.config import Experiment
 from jaxlm.errors import CheckpointError, ConfigError, NonFiniteError
-from jaxlm.logging import MetricsWriter, plot_losses
+from jaxlm.logging import MetricsWriter, ProfileWindow, check_wandb, plot_losses
 from jaxlm.model import Transformer, bits_per_byte, compiler_options, token_loss_sums
 from jaxlm.optim import make_optimizer, make_schedule
 
@@ -467,6 +468,7 @@ def train(experiment: Experiment) -> dict[str, Any]:
 def fit(task: Task, devices: list | None = None) -> dict[str, Any]:
     """Run (or resume) a task to its last step over `devices` (default: every device of every process); returns
     the summary written to summary.json."""
+    check_wandb(task.experiment.train)
     sharding.initialize_distributed(task.experiment.mesh)
     mesh = sharding.make_mesh(task.experiment.mesh, devices)
     sharding.check_fits(task.experiment, mesh)  # a bad mesh is refused before any data work
@@ -511,16 +513,18 @@ def fit(task: Task, devices: list | None = None) -> dict[str, Any]:
     )
     tokens_per_step = task.tokens_per_step
     peak, peak_source = flops.peak_flops()
-    log = MetricsWriter(run_dir, start_step)
+    log = MetricsWriter(run_dir, start_step, experiment)
+    profile = ProfileWindow(run_dir, experiment.train.profiled_steps())
 
     def eval_row(step: int) -> dict[str, Any] | None:
         row = _evaluate(task, eval_fn, state["params"], frozen, mesh)
         if row is not None:
-            row = {"step": step, **row}
+            tokens = {"tokens": step * tokens_per_step} if tokens_per_step is not None else {}
+            row = {"step": step, **tokens, **row}
             log.write(row)
         return row
 
-    last_eval = eval_row(start_step) if start_step == 0 else None
+    last_eval = None
     steps = experiment.train.steps
     skipped_in_row, skipped_total = 0, 0
     window_start, window_steps = None, 0
@@ -577,12 +581,16 @@ def fit(task: Task, devices: list | None = None) -> dict[str, Any]:
 
     timed_saves = TimedSaves(experiment.train.ckpt_every_minutes)
     try:
+        if start_step == 0:
+            last_eval = eval_row(start_step)
         with _Preemption() as preemption, tqdm(
             total=steps, initial=start_step, desc=experiment.name, disable=not primary, dynamic_ncols=True
         ) as bar:
             for step in range(start_step + 1, steps + 1):
                 batch = sharding.global_batch(next(train_iter), mesh)
-                state, metrics = train_step(state, frozen, batch)
+                with profile.step(step):
+                    state, metrics = train_step(state, frozen, batch)
+                profile.stepped(step, metrics)
                 if pending is not None:
                     read(*pending)
                 pending = (step, metrics)
@@ -601,6 +609,7 @@ def fit(task: Task, devices: list | None = None) -> dict[str, Any]:
                     metrics_row = {"val_loss": last_eval["val_loss"]} if at_step else None
                     checkpoints.save(step, state, train_iter.get_state(), metrics=metrics_row)
                     timed_saves.saved()
+                    log.flush()
                 if preempted:
                     checkpoints.wait()
                     raise Preempted(
@@ -610,8 +619,10 @@ def fit(task: Task, devices: list | None = None) -> dict[str, Any]:
                 read(*pending)
         checkpoints.wait()
     finally:  # also after an error, so that a sweep's next member starts clean
+        profile.close()
         train_iter.close()
         checkpoints.close()
+        log.close(failed=sys.exc_info()[0] is not None)
 
     summary: dict[str, Any] = {"name": experiment.name, "steps": steps, "train_loss": last_row.get("loss")}
     if tokens_per_step is not None:

@@ -101,6 +101,18 @@ def test_a_run_in_a_bucket_killed_twice_resumes_exactly(workspace, gcs, tmp_path
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert {"config.json", "metrics.jsonl", "summary.json", "loss.png", "checkpoints"} <= set(storage.listdir(run_dir))
+    # TensorBoard's events reached the bucket too (copied at checkpoints), the resumed tries' replacing the lost.
+    events = tmp_path / "events"
+    events.mkdir()
+    for name in storage.listdir(run_dir):
+        if name.startswith("events.out.tfevents"):
+            (events / name).write_bytes(storage.read_bytes(storage.join(run_dir, name)))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    logged = {e.step: e.value for e in accumulator.Scalars("train/loss")}
+    assert logged == pytest.approx(bucket_losses(run_dir), rel=1e-6)
 
     code, out, err = finish(start(["-m", "tools.sample", "--run", run_dir, "--prompt", "spam", "--max-new-tokens",
                                    "8", "--temperature", "0"], tmp_path))

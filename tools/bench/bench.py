@@ -8,6 +8,7 @@
     python -m tools.bench data --experiment quickstart
     python -m tools.bench compile --experiment quickstart [--depths 2 8 24]
     python -m tools.bench checkpoint --experiment quickstart [--steps 60 --every 5 --rounds 2]
+    python -m tools.bench harness --run runs/quickstart [--items 200]   # lm_eval against jaxlm's scorer
 
 Arguments other than the tool's own are the experiment's overrides (`--section.field value`, as for
 `python -m experiments.<name>`); `--preset NAME` first swaps in a published model shape from
@@ -265,8 +266,6 @@ def bench_train(
         raise ConfigError(
             f"--steps must be >= 1, --warmup and --profile >= 0, got {steps}, {warmup} and {profile}"
         )
-    if profile and jax.default_backend() != "cpu":
-        raise ConfigError("--profile reads CPU traces: on a GPU or TPU, open a jax.profiler trace in XProf instead")
     if with_torch:
         _import_torch()  # a missing PyTorch fails here, not after compiling jaxlm's step
     tokens = synthetic_tokens(experiment, experiment.train.seed)
@@ -688,6 +687,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=60, help="steps per run (default 60)")
     p.add_argument("--every", type=int, default=5, help="steps between checkpoints (default 5)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of the three runs (default 2)")
+
+    p = command("harness", help="lm-evaluation-harness against jaxlm's scorer: multiple-choice items/s")
+    p.add_argument("--run", default="runs/quickstart", help="the run to evaluate (default runs/quickstart)")
+    p.add_argument("--items", type=int, default=200, help="items from the standard library's source (default 200)")
+    p.add_argument("--batch-size", type=int, default=32, help="requests per forward pass (default 32)")
     return parser
 
 
@@ -723,6 +727,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print_prepare(prepare)
             record = {"benchmark": "data", "experiment": experiment.name, "date": _now(), "rows": rows,
                       "prepare": prepare}
+        elif args.command == "harness":
+            from tools.bench.harness import bench_harness, print_harness
+
+            record = {**bench_harness(args.run, args.items, args.batch_size), "date": _now()}
+            print_harness(record)
         elif args.command == "checkpoint":
             rows = bench_checkpoint(experiment, args.steps, args.every, args.rounds)
             print_checkpoint(rows, args.every)

@@ -6,9 +6,10 @@ joined to the compiled HLO for its opcode, shape and source path (`op_name` meta
 (attention, its projections, MLP, norms, embeddings and logits, the layer loop's bookkeeping, the optimizer) and a
 direction (forward; backward, including recomputation). The PyTorch reference's step: `torch.profiler`'s operators.
 
-On CPU only, where the trace's events are the HLO instructions themselves; on GPUs and TPUs open a
-`jax.profiler` trace in XProf instead. Both report milliseconds per step of operator time, grouped the same coarse
-way for the comparison: matmuls outside attention, attention (its products and softmax), and everything else.
+On CPU the trace's events are the HLO instructions themselves; on GPUs and TPUs the events of the device
+timelines (`/device:...` processes of the trace) are read, each named by the HLO instruction it ran (its name or
+its `hlo_op` argument), and host-side events are left out. Both report milliseconds per step of operator time,
+grouped the same coarse way for the comparison: matmuls outside attention, attention (its products and softmax), and everything else.
 Operator times are summed over the threads that ran them, so the figures add up to the step time only on one core
 (`taskset -c 1 ... --torch-threads 1`); on more, operators overlap and the sums exceed it.
 """
@@ -102,7 +103,22 @@ def _trace_events(log_dir: str) -> list[dict[str, Any]]:
     with gzip.open(files[0]) as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    return [e for e in events if e.get("ph") == "X"]
+    timed = [e for e in events if e.get("ph") == "X"]
+    # Accelerators: only the device timelines, whose events are the operations that ran there.
+    devices = {
+        e.get("pid") for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+        and str(e.get("args", {}).get("name", "")).startswith("/device:") and "CPU" not in e["args"]["name"]
+    }
+    return [e for e in timed if e.get("pid") in devices] if devices else timed
+
+
+def _instruction_name(event: dict[str, Any], table: dict[str, Instruction]) -> str | None:
+    """The HLO instruction an event ran: its name on CPU and TPU, its `hlo_op` argument for GPU kernels."""
+    if event.get("name") in table:
+        return event["name"]
+    op = event.get("args", {}).get("hlo_op")
+    return op if op in table else None
 
 
 def profile_jax(run: Callable[[], None], hlo_text: str, steps: int) -> dict[str, Any]:
@@ -118,10 +134,10 @@ def profile_jax(run: Callable[[], None], hlo_text: str, steps: int) -> dict[str,
     per_op: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
     for e in events:
-        inst = table.get(e["name"])
-        if inst is not None and inst.opcode not in _CONTAINERS:
-            per_op[e["name"]] += e["dur"] / 1e3 / steps
-            calls[e["name"]] += 1 / steps
+        name = _instruction_name(e, table)
+        if name is not None and table[name].opcode not in _CONTAINERS:
+            per_op[name] += e["dur"] / 1e3 / steps
+            calls[name] += 1 / steps
     parts = {p: {"forward_ms": 0.0, "backward_ms": 0.0, "matmul_ms": 0.0, "total_ms": 0.0} for p in PARTS}
     for name, ms in per_op.items():
         inst = table[name]
