@@ -207,6 +207,8 @@ class Pretraining:
                 f"the tokenizer has {self.prepared.vocab_size} tokens but ModelConfig.vocab_size="
                 f"{self.experiment.model.vocab_size}: set --model.vocab-size to at least {self.prepared.vocab_size}"
             )
+        if self.experiment.train.samples:
+            _sample_prompts(self.experiment, self.prepared.tokenizer)  # the samples must fit, before any step
 
     def _init_boxed(self, rng: jax.Array) -> Params:
         tokens = jnp.zeros((1, self.experiment.data.seq_len), jnp.int32)
@@ -308,14 +310,26 @@ def _prepare_once(experiment: Experiment):
 SAMPLE_PROMPTS = ("def ", "import ", "class ")
 
 
+def _sample_prompts(experiment: Experiment, tokenizer) -> tuple[list[str], list[list[int]], int]:
+    """The samples' prompts, their ids, and how many new tokens the context leaves after the longest (at least 1)."""
+    prompts = [SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)] for i in range(experiment.train.samples)]
+    prompt_ids = [[tokenizer.eos_id, *tokenizer.encode(p)] for p in prompts]
+    longest = max(len(ids) for ids in prompt_ids)
+    budget = experiment.model.max_seq_len - longest
+    if budget < 1:
+        raise ConfigError(
+            f"ModelConfig.max_seq_len={experiment.model.max_seq_len} leaves no room to sample after the "
+            f"{longest}-token sample prompts: set --train.samples 0, or --model.max-seq-len to at least {longest + 1}"
+        )
+    return prompts, prompt_ids, budget
+
+
 def write_samples(experiment: Experiment, params: Params, prepared, path: str) -> None:
     """Samples from fixed prompts, each after an end-of-document token (where documents start in training rows)."""
     from jaxlm.generate import generate
 
     tokenizer = prepared.tokenizer
-    prompts = [SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)] for i in range(experiment.train.samples)]
-    prompt_ids = [[tokenizer.eos_id, *tokenizer.encode(p)] for p in prompts]
-    budget = experiment.model.max_seq_len - max(len(ids) for ids in prompt_ids)
+    prompts, prompt_ids, budget = _sample_prompts(experiment, tokenizer)
     outputs = generate(
         experiment.model, params, prompt_ids, max_new_tokens=min(experiment.train.sample_tokens, budget),
         temperature=0.8, top_k=40, seed=experiment.train.seed, eos_id=tokenizer.eos_id,

@@ -186,7 +186,7 @@ def _text_documents(
                                 continue
                             raise DataError(
                                 f"{path}:{lineno} is not a JSON object with a string {text_field!r} field: fix the "
-                                "line, set --data.text-field, or pass --data.skip-bad-lines True"
+                                "line, set --data.text-field, or pass --data.skip-bad-lines"
                             ) from None
                         # Content decides the split, so duplicated documents never straddle train and validation.
                         yield Document(f"{path}:{lineno}", value, bad, _split_of(value, val_fraction))

@@ -34,7 +34,9 @@ import numpy as np
 from jaxlm.config import DataConfig
 from jaxlm.data.corpora import Corpus, open_corpus, record_text, record_text_counting
 from jaxlm.data.shards import ShardSet, prepare_shards, token_dtype
-from jaxlm.data.tokenizer import Tokenizer, TokenizerSpec, build_tokenizer, make_cache_dir, tokenizer_key
+from jaxlm.data.tokenizer import (
+    Tokenizer, TokenizerSpec, build_tokenizer, check_vocab_size, make_cache_dir, tokenizer_key,
+)
 from jaxlm.errors import DataError
 
 SPLITS = ("train", "validation")
@@ -169,6 +171,7 @@ def prepare_data(data_config: DataConfig, process_index: int = 0, process_count:
 
     Sharded sources are tokenized by every process of a run together (process_index of process_count), each
     taking its share of the files; the other sources are built by the process that calls first."""
+    check_vocab_size(data_config.tokenizer, data_config.vocab_size)
     if data_config.source.startswith("shards:"):
         return _prepare_sharded(data_config, process_index, process_count)
     corpus = open_corpus(data_config)

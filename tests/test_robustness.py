@@ -1,0 +1,137 @@
+"""What careless or hostile use must not do: inconsistent configs that run, advice the command line refuses, two
+writers on one run directory, a tokenizer that hangs on one long line, a model that cannot fit, a full or
+read-only disk, damaged prepared data."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import os
+import re
+
+import pytest
+
+from jaxlm.cli import parse
+from jaxlm.config import DataConfig, Experiment, ModelConfig, OptimConfig, TrainConfig
+from jaxlm.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# ------------------------------------------------------------------------------- advice the command line accepts
+
+_FLAG = re.compile(r"--((?:model|data|optim|train|mesh|sweep)\.[a-z0-9-]+)(?:[ =](\S+))?")
+# Prose after a flag ("set --data.vocab-size to at least ..."), and placeholders of a usage line.
+_WORDS = {"to", "or", "and", "of", "moves", "shows", "with", "in", "for", "processes", "D", "K", "...", "(e.g."}
+
+
+def _string_constants(path: str) -> list[str]:
+    """Every string literal of a module, the literal parts of f-strings joined with a placeholder for the rest."""
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr):
+            found.append("".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found.append(node.value)
+    return found
+
+
+def _suggestions() -> list[tuple[str, str, str | None]]:
+    """(file, flag, value or None) for each `--section.field [value]` that jaxlm's and its tools' text shows."""
+    found = set()
+    for folder in ("jaxlm", "tools", "experiments"):
+        for directory, _, names in os.walk(os.path.join(ROOT, folder)):
+            for name in names:
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(directory, name)
+                for text in _string_constants(path):
+                    for flag, value in _FLAG.findall(text):
+                        value = value.rstrip(".,;:)`'\"")
+                        keep = value and value not in _WORDS and "{" not in value and not value.startswith("--")
+                        found.add((os.path.relpath(path, ROOT), flag, value if keep else None))
+    return sorted(found, key=lambda s: (s[0], s[1], s[2] or ""))
+
+
+def _field(experiment: Experiment, flag: str) -> tuple[dataclasses.Field | None, object]:
+    section, name = flag.split(".")
+    owner = getattr(experiment, section, None)
+    name = name.replace("-", "_")
+    if owner is None:
+        return None, None
+    if name.startswith("no_") and not hasattr(owner, name):
+        name = name[3:]
+    fields = {f.name: f for f in dataclasses.fields(owner)}
+    return fields.get(name), getattr(owner, name, None)
+
+
+def test_every_flag_that_a_message_suggests_is_one_the_command_line_accepts():
+    from experiments import chinchilla_cpu, quickstart
+
+    suggestions = _suggestions()
+    assert len(suggestions) > 40  # the scan finds the messages' flags
+    refused = []
+    for path, flag, value in suggestions:
+        if flag.startswith("sweep."):
+            argv = [f"--{flag}"] + ([value] if value else ["0"] if flag == "sweep.retries" else [])
+            if flag == "sweep.members" and not value:
+                argv.append("0:2")
+            default = chinchilla_cpu.SWEEP
+        else:
+            field, current = _field(quickstart.EXPERIMENT, flag)
+            if field is None:
+                refused.append(f"{path}: --{flag} is no field")
+                continue
+            boolean = isinstance(current, bool) or flag.split(".")[1].startswith("no-")
+            if boolean:
+                argv = [f"--{flag}"] + ([value] if value in ("True", "False") else [])  # as the text gives it
+            else:
+                argv = [f"--{flag}", value if value else str(current)]
+            default = quickstart.EXPERIMENT
+        try:
+            parse(default, argv, prog="check")
+        except SystemExit:
+            refused.append(f"{path}: {' '.join(argv)}")
+        except ConfigError:
+            pass  # a value that this experiment refuses (the flag itself was accepted)
+    assert not refused, "suggested flags the parser refuses:\n" + "\n".join(refused)
+
+
+# ---------------------------------------------------------------------------------- inconsistent configurations
+
+
+def test_a_vocabulary_too_small_for_a_trained_tokenizer_is_refused_before_any_data_is_read(tmp_path):
+    from jaxlm.data import prepare_data
+    from jaxlm.data.tokenizer import MIN_TRAINED_VOCAB
+
+    # The corpus does not exist: only a check made before any reading can give the vocabulary's message.
+    config = DataConfig(source=f"text:{tmp_path}/none/*.txt", vocab_size=2, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=rf"vocab_size=2 is below the {MIN_TRAINED_VOCAB} .*--data.vocab-size"):
+        prepare_data(config)
+    assert MIN_TRAINED_VOCAB == 4 + 2 + 256 + 1  # specials, newline and tab, bytes: the trained model's fixed pieces
+
+
+def test_a_model_vocabulary_beyond_the_tokenizers_padding_is_refused():
+    data = DataConfig(vocab_size=300)
+    with pytest.raises(ConfigError, match=r"--model.vocab-size 300 \(up to 384 to pad\)"):
+        Experiment(model=ModelConfig(vocab_size=2048), data=data)
+    assert Experiment(model=ModelConfig(vocab_size=384), data=data).model.vocab_size == 384  # padding is fine
+    assert Experiment(model=ModelConfig(vocab_size=2048), data=DataConfig(tokenizer="byte")).data.tokenizer == "byte"
+
+
+def test_a_warmup_beyond_the_last_step_is_refused_when_the_command_line_sets_it():
+    from experiments import quickstart
+
+    with pytest.raises(ConfigError, match=r"warmup_steps=100 is longer than .*steps=20: set --optim.warmup-steps"):
+        parse(quickstart.EXPERIMENT, ["--optim.warmup-steps", "100", "--train.steps", "20"])
+    [ok] = parse(quickstart.EXPERIMENT, ["--optim.warmup-steps", "20", "--train.steps", "20"])
+    assert ok.optim.warmup_steps == ok.train.steps == 20
+
+
+def test_a_padded_vocabulary_decodes_ids_the_tokenizer_lacks():
+    from jaxlm.data.tokenizer import train_sentencepiece, SentencePieceTokenizer
+
+    texts = ["def f(x):\n    return x + 1\n", "import os\nclass A:\n    pass\n"] * 200
+    tokenizer = SentencePieceTokenizer(train_sentencepiece(texts, "bpe", 300, 10**6))
+    ids = tokenizer.encode("def f")
+    assert tokenizer.decode(ids + [tokenizer.vocab_size, tokenizer.vocab_size + 50]) == "def f"
