@@ -20,6 +20,10 @@ class StorageError(JaxlmError):
     """A path that cannot be used: a missing bucket, missing permissions or credentials, a full disk."""
 
 
+class RunInUseError(JaxlmError):
+    """Another process holds the run directory's writer lock."""
+
+
 class CheckpointError(JaxlmError, RuntimeError):
     """A checkpoint that is missing, unreadable, or from another configuration."""
 

@@ -368,6 +368,80 @@ def append_line(path: str | os.PathLike, line: str) -> None:
             fs.invalidate_cache(path)
 
 
+def create_exclusive(path: str | os.PathLike, text: str) -> bool:
+    """Create a file holding `text` unless one exists: True if this call created it, False if it existed.
+
+    Among concurrent callers exactly one creates it: locally through O_EXCL, on Cloud Storage through an upload
+    with the precondition ifGenerationMatch=0 (only if no live object has the name), which the server checks.
+    """
+    path = os.fspath(path)
+    data = text.encode("utf-8")
+    with _errors(path, "write"):
+        if _is_gcs(path):
+            try:
+                _gcs().pipe_file(path, data, mode="create")
+            except FileExistsError:  # gcsfs: 412 Precondition Failed
+                return False
+            finally:
+                _forget_listings(path)
+            return True
+        if is_uri(path):
+            raise StorageError(f"{path}: only local paths and gs:// URIs can be used for a run")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with builtins.open(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+
+def _object(path: str) -> tuple[str, str]:
+    bucket, _, key = path[len("gs://") :].partition("/")
+    return bucket, key
+
+
+def read_generation(path: str) -> tuple[str, int]:
+    """A Cloud Storage object's text and generation (FileNotFoundError if there is none)."""
+    with _errors(path, "read"):
+        headers, content = _gcs().call("GET", "b/{}/o/{}", *_object(path), alt="media")
+        return content.decode("utf-8", errors="replace"), int(headers["x-goog-generation"])
+
+
+def replace_if_generation(path: str, text: str, generation: int) -> int | None:
+    """Upload `text` over a Cloud Storage object only while its generation is `generation`; the new generation,
+    or None when the object has changed or gone since."""
+    bucket, key = _object(path)
+    gcs = _gcs()
+    with _errors(path, "write"):
+        try:
+            reply = gcs.call(
+                "POST", gcs.base.replace("/storage/v1/", "/upload/storage/v1/") + "b/{}/o", bucket, uploadType="media",
+                name=key,
+                ifGenerationMatch=str(generation), data=text.encode("utf-8"), json_out=True,
+                headers={"Content-Type": "application/octet-stream"},
+            )
+        except (FileExistsError, FileNotFoundError):
+            return None
+        finally:
+            _forget_listings(path)
+        return int(reply["generation"])
+
+
+def remove_if_generation(path: str, generation: int) -> bool:
+    """Delete a Cloud Storage object only while its generation is `generation`: whether this call deleted it."""
+    with _errors(path, "delete"):
+        try:
+            _gcs().call("DELETE", "b/{}/o/{}", *_object(path), ifGenerationMatch=str(generation))
+        except (FileExistsError, FileNotFoundError):
+            return False
+        finally:
+            _forget_listings(path)
+        return True
+
+
 def getsize(path: str | os.PathLike) -> int:
     """A file's size in bytes."""
     path = os.fspath(path)

@@ -35,6 +35,7 @@ from jaxlm.errors import CheckpointError, ConfigError, NonFiniteError
 from jaxlm.logging import MetricsWriter, plot_losses
 from jaxlm.model import Transformer, bits_per_byte, compiler_options, token_loss_sums
 from jaxlm.optim import make_optimizer, make_schedule
+from jaxlm.runlock import RunLock
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run saved a checkpoint on SIGTERM; rerun the command to resume
 SUMMARY_FILE = "summary.json"
@@ -484,6 +485,16 @@ def fit(task: Task, devices: list | None = None) -> dict[str, Any]:
     sharding.initialize_distributed(task.experiment.mesh)
     mesh = sharding.make_mesh(task.experiment.mesh, devices)
     sharding.check_fits(task.experiment, mesh)  # a bad mesh is refused before any data work
+    # One writer per run directory: process 0 holds the lock from before any work to the end.
+    lock = RunLock(task.experiment.run_dir).acquire() if jax.process_index() == 0 else None
+    try:
+        return _fit(task, mesh)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit(task: Task, mesh: jax.sharding.Mesh) -> dict[str, Any]:
     task.setup()  # may complete the experiment: a finetuning run's model is that of its Hugging Face start
     experiment = task.experiment
     sharding.check_fits(experiment, mesh)

@@ -6,14 +6,23 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
+from jaxlm import storage
 from jaxlm.cli import parse
 from jaxlm.config import DataConfig, Experiment, ModelConfig, OptimConfig, TrainConfig
-from jaxlm.errors import ConfigError
+from jaxlm.errors import ConfigError, RunInUseError
+from jaxlm.runlock import LEASE_S, LOCK_FILE, RunLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -135,3 +144,119 @@ def test_a_padded_vocabulary_decodes_ids_the_tokenizer_lacks():
     tokenizer = SentencePieceTokenizer(train_sentencepiece(texts, "bpe", 300, 10**6))
     ids = tokenizer.encode("def f")
     assert tokenizer.decode(ids + [tokenizer.vocab_size, tokenizer.vocab_size + 50]) == "def f"
+
+
+# ------------------------------------------------------------------------------------ one writer per run directory
+
+HOLDER = """
+import sys, time
+from jaxlm.runlock import RunLock
+RunLock(sys.argv[1]).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def _holder(run_dir: str) -> subprocess.Popen:
+    """A real process holding the run directory's lock until it is killed."""
+    child = subprocess.Popen([sys.executable, "-c", HOLDER, run_dir], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "held"
+    return child
+
+
+def _kill(child: subprocess.Popen) -> None:
+    child.send_signal(signal.SIGKILL)  # no chance to release anything
+    child.wait()  # reaped: its pid no longer exists
+
+
+def _tiny(run_dir: str) -> Experiment:
+    return Experiment(
+        name="locked", model=ModelConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=264, max_seq_len=16),
+        data=DataConfig(source=f"text:{run_dir}-corpus/*.txt", tokenizer="byte", seq_len=16, batch_size=8),
+        optim=OptimConfig(warmup_steps=1), train=TrainConfig(steps=2, out_dir=run_dir),
+    )
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_local_run_directory_gets_one_line_naming_the_holder(tmp_path):
+    run_dir = str(tmp_path / "run")
+    holder = _holder(run_dir)
+    try:
+        # The command line of a real experiment module, on the directory the holder has: refused before any work.
+        args = ["--train.out-dir", run_dir, "--train.steps", "20", "--optim.warmup-steps", "2"]
+        second = subprocess.run([sys.executable, "-m", "experiments.quickstart", *args], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        lines = second.stderr.strip().splitlines()
+        assert second.returncode == 2 and len(lines) == 1, second.stderr
+        assert f"host {socket.gethostname()}, pid {holder.pid}, since " in lines[0] and "--train.out-dir" in lines[0]
+        assert os.listdir(run_dir) == [LOCK_FILE]  # nothing else written: no config.json, no metrics
+    finally:
+        _kill(holder)
+    with RunLock(run_dir) as lock:  # the kernel gave the dead holder's lock back
+        assert lock.took_over["pid"] == holder.pid
+    with RunLock(run_dir) as lock:  # a lock given back properly leaves no holder to take over from
+        assert lock.took_over is None
+
+
+def test_a_run_refuses_a_run_directory_whose_lock_is_held(tmp_path):
+    run_dir = str(tmp_path / "run")
+    with RunLock(run_dir):  # another open file description: flock refuses it even in this process
+        from jaxlm.train import train
+
+        with pytest.raises(RunInUseError, match=rf"pid {os.getpid()}, since .*: wait for it to end"):
+            train(_tiny(run_dir))  # refused before the missing corpus is even looked for
+        assert os.listdir(run_dir) == [LOCK_FILE]
+
+
+def test_the_emulator_honours_create_if_absent_among_concurrent_writers(gcs):
+    path = f"{gcs}/once"
+    winners = []
+
+    def create(i):
+        if storage.create_exclusive(path, f"writer {i}"):
+            winners.append(i)
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(winners) == 1 and storage.read_text(path) == f"writer {winners[0]}"
+    assert not storage.create_exclusive(path, "late")
+    text, generation = storage.read_generation(path)
+    assert storage.replace_if_generation(path, "stale", generation + 1) is None  # precondition fails: unchanged
+    assert storage.remove_if_generation(path, generation + 1) is False and storage.read_text(path) == text
+    new = storage.replace_if_generation(path, "renewed", generation)
+    assert new is not None and new != generation and storage.read_text(path) == "renewed"
+    assert storage.remove_if_generation(path, new) and not storage.exists(path)
+
+
+@pytest.mark.slow
+def test_a_bucket_run_directory_has_one_writer_and_a_dead_holders_lease_is_taken_over(gcs):
+    run_dir = f"{gcs}/run"
+    holder = _holder(run_dir)
+    try:
+        with pytest.raises(RunInUseError, match=rf"host {socket.gethostname()}, pid {holder.pid}, since "):
+            RunLock(run_dir).acquire()
+    finally:
+        _kill(holder)  # its lease is still in the bucket, unrenewed; its pid is gone from this host
+    with RunLock(run_dir) as lock:
+        assert lock.took_over["pid"] == holder.pid
+        with pytest.raises(RunInUseError, match=rf"pid {os.getpid()}"):
+            RunLock(run_dir).acquire()
+    assert not storage.exists(f"{run_dir}/{LOCK_FILE}")  # given back
+
+
+def test_a_lease_of_another_host_is_kept_while_renewed_and_taken_over_once_expired(gcs):
+    run_dir = f"{gcs}/run"
+    path = f"{run_dir}/{LOCK_FILE}"
+    fresh = {"host": "tpu-vm-7", "pid": 4242, "since": "2026-12-07 01:00:00 UTC", "renewed": time.time()}
+    assert storage.create_exclusive(path, json.dumps(fresh))
+    with pytest.raises(RunInUseError, match="host tpu-vm-7, pid 4242, since 2026-12-07 01:00:00 UTC"):
+        RunLock(run_dir).acquire()
+    _, generation = storage.read_generation(path)
+    expired = {**fresh, "renewed": time.time() - LEASE_S - 1}
+    assert storage.replace_if_generation(path, json.dumps(expired), generation) is not None
+    with RunLock(run_dir) as lock:
+        assert lock.took_over["host"] == "tpu-vm-7"
+        assert json.loads(storage.read_text(path))["pid"] == os.getpid()
