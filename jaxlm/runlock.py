@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 from jaxlm import storage
-from jaxlm.errors import RunInUseError
+from jaxlm.errors import CheckpointError, RunInUseError
 
 LOCK_FILE = "writer.lock"
 LEASE_S = 300.0  # a Cloud Storage lock not renewed for this long is stale
@@ -170,7 +170,12 @@ class RunLock:
     # ------------------------------------------------------------------------------------------------------
 
     def acquire(self) -> RunLock:
-        storage.makedirs(self.run_dir)
+        try:
+            storage.makedirs(self.run_dir)
+        except OSError as e:
+            raise CheckpointError(
+                f"cannot create the run directory {self.run_dir} ({e.strerror}): choose another --train.out-dir"
+            ) from None
         if storage.is_uri(self.path):
             self._acquire_gcs()
         else:

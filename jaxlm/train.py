@@ -184,6 +184,65 @@ def jit_step(task: Task, mesh: jax.sharding.Mesh):
     )
 
 
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def _shard_bytes(abstract: Params) -> int:
+    """The bytes of one device's shards of an abstract tree."""
+    return sum(
+        int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize for a in jax.tree.leaves(abstract)
+    )
+
+
+def _host_available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def device_memory(mesh: jax.sharding.Mesh) -> tuple[int | None, str]:
+    """The memory free for a run on each of the mesh's devices, and what that memory is (None where unknown).
+
+    Accelerators report their own; CPU devices share the host's available memory."""
+    device = mesh.devices.flat[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return stats["bytes_limit"] - stats.get("bytes_in_use", 0), f"a {device.device_kind} has"
+    available = _host_available_bytes()
+    if device.platform != "cpu" or available is None:
+        return None, ""
+    local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    return available // local, f"{local} CPU device(s) share this host's {_gib(available)} available, each"
+
+
+def compile_within_memory(step, abstract_state: Params, abstract_frozen: Params, batch: Batch, mesh):
+    """The jitted step compiled for the run's shapes, once the compiler's own memory analysis says that one
+    device holds its state, its frozen params, the batch and the step's temporaries; else a ConfigError giving
+    the sizes and what to change, before any of the state is allocated."""
+    abstract_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), batch)
+    compiled = step.lower(abstract_state, abstract_frozen, abstract_batch).compile()
+    stats = compiled.memory_analysis()
+    available, where = device_memory(mesh)
+    if stats is None or available is None:
+        return compiled
+    # Donated state: its output reuses (aliases) its input's buffers.
+    needed = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+              + stats.temp_size_in_bytes)
+    if needed <= available:
+        return compiled
+    params, opt_state = _shard_bytes(abstract_state["params"]), _shard_bytes(abstract_state["opt_state"])
+    raise ConfigError(
+        f"the run needs {_gib(needed)} per device (params {_gib(params)}, optimizer state {_gib(opt_state)}, the "
+        f"step's temporaries {_gib(stats.temp_size_in_bytes)}) but {where} {_gib(available)}: shard the state over "
+        "the devices (--mesh.fsdp -1 --mesh.data 1), recompute activations (--model.remat full), lower "
+        "--data.batch-size or raise --train.grad-accum, or train a smaller model"
+    )
+
+
 def place(tree: Params, shardings: Params) -> Params:
     """Host or single-device arrays put on the mesh, each with its sharding."""
     return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
@@ -485,7 +544,9 @@ def fit(task: Task, devices: list | None = None) -> dict[str, Any]:
     sharding.initialize_distributed(task.experiment.mesh)
     mesh = sharding.make_mesh(task.experiment.mesh, devices)
     sharding.check_fits(task.experiment, mesh)  # a bad mesh is refused before any data work
-    # One writer per run directory: process 0 holds the lock from before any work to the end.
+    task.setup()  # may complete the experiment: a finetuning run's model is that of its Hugging Face start
+    sharding.check_fits(task.experiment, mesh)
+    # One writer per run directory: process 0 holds the lock from before anything is written there to the end.
     lock = RunLock(task.experiment.run_dir).acquire() if jax.process_index() == 0 else None
     try:
         return _fit(task, mesh)
@@ -495,9 +556,7 @@ def fit(task: Task, devices: list | None = None) -> dict[str, Any]:
 
 
 def _fit(task: Task, mesh: jax.sharding.Mesh) -> dict[str, Any]:
-    task.setup()  # may complete the experiment: a finetuning run's model is that of its Hugging Face start
     experiment = task.experiment
-    sharding.check_fits(experiment, mesh)
     run_dir = experiment.run_dir
     primary = jax.process_index() == 0
     write_or_check_config(sharding.run_config(experiment))
@@ -515,6 +574,12 @@ def _fit(task: Task, mesh: jax.sharding.Mesh) -> dict[str, Any]:
     boxed = _boxed_state(task)
     state_sharding, frozen_sharding = task_shardings(task, mesh, boxed)
     train_iter = task.train_batches()
+    train_step, first_batch = jit_step(task, mesh), None
+    if latest is None:  # a resumed state fitted when it was saved
+        first_batch = sharding.global_batch(next(train_iter), mesh)
+        train_step = compile_within_memory(
+            train_step, _abstract(boxed[0], state_sharding), _abstract(boxed[1], frozen_sharding), first_batch, mesh
+        )
     frozen = task.init_frozen(frozen_sharding)
     if latest is not None:
         state, data_state = checkpoints.restore(latest, _abstract(boxed[0], state_sharding))
@@ -530,7 +595,6 @@ def _fit(task: Task, mesh: jax.sharding.Mesh) -> dict[str, Any]:
         state = {"step": step0, "params": params, "opt_state": opt_state}
     start_step = int(state["step"])
 
-    train_step = jit_step(task, mesh)
     eval_fn = jax.jit(
         sharding.traced_with_activation_sharding(task.eval_sums, mesh), compiler_options=compiler_options()
     )
@@ -606,7 +670,8 @@ def _fit(task: Task, mesh: jax.sharding.Mesh) -> dict[str, Any]:
             total=steps, initial=start_step, desc=experiment.name, disable=not primary, dynamic_ncols=True
         ) as bar:
             for step in range(start_step + 1, steps + 1):
-                batch = sharding.global_batch(next(train_iter), mesh)
+                batch = first_batch if first_batch is not None else sharding.global_batch(next(train_iter), mesh)
+                first_batch = None
                 state, metrics = train_step(state, frozen, batch)
                 if pending is not None:
                     read(*pending)

@@ -148,6 +148,19 @@ def test_a_padded_vocabulary_decodes_ids_the_tokenizer_lacks():
 
 # ------------------------------------------------------------------------------------ one writer per run directory
 
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    """A folder with a small corpus, prepared (so that the processes a test starts find it built)."""
+    from jaxlm.data import prepare_data
+
+    root = tmp_path_factory.mktemp("robust")
+    (root / "corpus").mkdir()
+    for i in range(40):
+        (root / "corpus" / f"{i}.txt").write_text(f"def f{i}(x):\n    return x * {i}\n" * 20)
+    prepare_data(_tiny(root, str(root / "unused")).data)
+    return root
+
+
 HOLDER = """
 import sys, time
 from jaxlm.runlock import RunLock
@@ -169,23 +182,39 @@ def _kill(child: subprocess.Popen) -> None:
     child.wait()  # reaped: its pid no longer exists
 
 
-def _tiny(run_dir: str) -> Experiment:
-    return Experiment(
-        name="locked", model=ModelConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=264, max_seq_len=16),
-        data=DataConfig(source=f"text:{run_dir}-corpus/*.txt", tokenizer="byte", seq_len=16, batch_size=8),
-        optim=OptimConfig(warmup_steps=1), train=TrainConfig(steps=2, out_dir=run_dir),
-    )
+EXPERIMENT_MODULE = """
+from jaxlm.cli import run
+from jaxlm.config import DataConfig, Experiment, ModelConfig, OptimConfig, TrainConfig
+
+EXPERIMENT = Experiment(
+    name="tiny", model=ModelConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=264, max_seq_len=16),
+    data=DataConfig(source="text:{corpus}/corpus/*.txt", tokenizer="byte", seq_len=16, batch_size=8,
+                    cache_dir="{corpus}/cache", val_fraction=0.25),
+    optim=OptimConfig(warmup_steps=1), train=TrainConfig(steps=2, samples=0),
+)
+
+if __name__ == "__main__":
+    run(EXPERIMENT)
+"""
+
+
+def _tiny(corpus, run_dir: str) -> Experiment:
+    namespace: dict = {}
+    exec(EXPERIMENT_MODULE.format(corpus=corpus), namespace)
+    experiment = namespace["EXPERIMENT"]
+    return dataclasses.replace(experiment, train=dataclasses.replace(experiment.train, out_dir=run_dir))
 
 
 @pytest.mark.slow
-def test_a_second_run_on_a_local_run_directory_gets_one_line_naming_the_holder(tmp_path):
+def test_a_second_run_on_a_local_run_directory_gets_one_line_naming_the_holder(tiny_corpus, tmp_path):
     run_dir = str(tmp_path / "run")
+    script = tmp_path / "tiny.py"
+    script.write_text(EXPERIMENT_MODULE.format(corpus=tiny_corpus))
     holder = _holder(run_dir)
     try:
-        # The command line of a real experiment module, on the directory the holder has: refused before any work.
-        args = ["--train.out-dir", run_dir, "--train.steps", "20", "--optim.warmup-steps", "2"]
-        second = subprocess.run([sys.executable, "-m", "experiments.quickstart", *args], cwd=ROOT,
-                                capture_output=True, text=True, timeout=120)
+        # The command line of an experiment module, on the directory the holder has: refused before writing.
+        second = subprocess.run([sys.executable, str(script), "--train.out-dir", run_dir], cwd=ROOT,
+                                capture_output=True, text=True, timeout=300)
         lines = second.stderr.strip().splitlines()
         assert second.returncode == 2 and len(lines) == 1, second.stderr
         assert f"host {socket.gethostname()}, pid {holder.pid}, since " in lines[0] and "--train.out-dir" in lines[0]
@@ -198,13 +227,13 @@ def test_a_second_run_on_a_local_run_directory_gets_one_line_naming_the_holder(t
         assert lock.took_over is None
 
 
-def test_a_run_refuses_a_run_directory_whose_lock_is_held(tmp_path):
+def test_a_run_refuses_a_run_directory_whose_lock_is_held(tiny_corpus, tmp_path):
+    from jaxlm.train import train
+
     run_dir = str(tmp_path / "run")
     with RunLock(run_dir):  # another open file description: flock refuses it even in this process
-        from jaxlm.train import train
-
         with pytest.raises(RunInUseError, match=rf"pid {os.getpid()}, since .*: wait for it to end"):
-            train(_tiny(run_dir))  # refused before the missing corpus is even looked for
+            train(_tiny(tiny_corpus, run_dir))
         assert os.listdir(run_dir) == [LOCK_FILE]
 
 
@@ -260,3 +289,29 @@ def test_a_lease_of_another_host_is_kept_while_renewed_and_taken_over_once_expir
     with RunLock(run_dir) as lock:
         assert lock.took_over["host"] == "tpu-vm-7"
         assert json.loads(storage.read_text(path))["pid"] == os.getpid()
+
+
+# -------------------------------------------------------------------------------- a state too large for memory
+
+
+@pytest.mark.slow  # compiles the step of a model too large to build
+def test_a_model_too_large_for_memory_stops_before_allocating_with_the_sizes(tiny_corpus, tmp_path):
+    from jaxlm.train import train
+
+    d, layers, vocab, seq = 16384, 2, 264, 16
+    model = ModelConfig(family="gpt2", n_layers=layers, d_model=d, n_heads=64, vocab_size=vocab, max_seq_len=seq)
+    experiment = Experiment(
+        name="huge", model=model,
+        data=DataConfig(source=f"text:{tiny_corpus}/corpus/*.txt", tokenizer="byte", seq_len=seq, batch_size=8,
+                        cache_dir=str(tiny_corpus / "cache"), val_fraction=0.25),
+        optim=OptimConfig(warmup_steps=1), train=TrainConfig(steps=2, out_dir=str(tmp_path / "run"), samples=0),
+    )
+    # GPT-2's parameters by hand: per block two LayerNorms, qkv and output projections, a 4x MLP; embeddings tied.
+    block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (8 * d * d + 5 * d)
+    params = layers * block + vocab * d + seq * d + 2 * d
+    with pytest.raises(ConfigError) as error:
+        train(experiment)
+    message = str(error.value)
+    assert f"params {params * 4 / 2**30:,.1f} GiB, optimizer state {2 * params * 4 / 2**30:,.1f} GiB" in message
+    assert "--mesh.fsdp -1" in message and "--model.remat full" in message and "\n" not in message
+    assert not os.path.exists(tmp_path / "run" / "checkpoints" / "1")
