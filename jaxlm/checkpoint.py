@@ -9,7 +9,9 @@ process killed mid-save leaves the previous checkpoint as the latest.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 from typing import Any
 
 import grain
@@ -19,7 +21,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from jaxlm import storage
 from jaxlm.config import Experiment
-from jaxlm.errors import CheckpointError, ConfigError
+from jaxlm.errors import CheckpointError, ConfigError, StorageError
 from jaxlm.model import init_params
 
 CONFIG_FILE = "config.json"
@@ -41,6 +43,14 @@ class _IteratorState:
 
     def start_prefetch(self) -> None:
         pass
+
+
+def _local_bytes(state: Any) -> int:
+    """The bytes this process writes of a state: one copy of each of its shards."""
+    return sum(
+        shard.data.nbytes for leaf in jax.tree.leaves(state) for shard in getattr(leaf, "addressable_shards", ())
+        if shard.replica_id == 0
+    )
 
 
 def _one_line(e: BaseException) -> str:
@@ -90,10 +100,44 @@ class Checkpoints:
         return latest
 
     def save(self, step: int, state: Any, data_state: dict | None, metrics: dict | None = None) -> None:
+        """Start saving `step` (in the background with async saves). Where the local disk lacks the room for it,
+        a StorageError before anything is written, so that the latest complete checkpoint stays the latest."""
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_IteratorState(data_state))
         )
-        self.manager.save(step, args=args, metrics=metrics, force=True)
+        with self._reported(step):
+            self.manager.wait_until_finished()  # the previous save's bytes are on disk before counting free space
+            self._check_room(step, state)
+            self.manager.save(step, args=args, metrics=metrics, force=True)
+
+    def _check_room(self, step: int, state: Any) -> None:
+        if storage.is_uri(self.directory):
+            return
+        needed = int(_local_bytes(state) * 1.05) + (512 << 10)  # the arrays, and a margin for orbax's metadata
+        free = shutil.disk_usage(self.directory).free
+        if free < needed:
+            raise StorageError(
+                f"no space left for checkpoint {step} in {self.directory} (it needs about {needed / 2**20:,.1f} MiB, "
+                f"{free / 2**20:,.1f} MiB are free): free some space and rerun to resume, or move the run "
+                f"elsewhere; {self._intact()}"
+            )
+
+    def _intact(self) -> str:
+        latest = self.manager.latest_step()
+        return f"checkpoint {latest} is intact" if latest is not None else "no checkpoint was saved before"
+
+    @contextlib.contextmanager
+    def _reported(self, step: int):
+        """Errors of a save that the user can fix (a full or read-only disk, permissions) as one StorageError."""
+        try:
+            yield
+        except StorageError:
+            raise
+        except Exception as e:  # orbax and tensorstore wrap the OSError, or give only its text
+            error = storage.as_storage_error(f"{self.directory}/{step}", "write checkpoint", e)
+            if error is None:
+                raise
+            raise StorageError(f"{error}; {self._intact()}") from None
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict | None]:
         """The train state (placed like `abstract_state`'s shardings) and the data state saved at `step`."""
@@ -110,7 +154,8 @@ class Checkpoints:
         return restored["state"], restored["data"].state
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._reported(self.manager.latest_step() or 0):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()

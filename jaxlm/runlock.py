@@ -98,7 +98,8 @@ class RunLock:
     def _acquire_local(self) -> None:
         import fcntl
 
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        with storage.io_errors(self.path, "write"):  # a read-only directory: one line, not a traceback
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

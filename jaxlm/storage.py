@@ -125,7 +125,7 @@ def _forbidden(e: BaseException) -> bool:
     return type(e) is OSError and text.startswith(("Forbidden", "Unauthorized"))  # gcsfs: 403 -> OSError
 
 
-def _storage_error(path: str, action: str, e: BaseException) -> StorageError | None:
+def as_storage_error(path: str, action: str, e: BaseException) -> StorageError | None:
     """The StorageError that `e` (raised while doing `action` on `path`) stands for, or None to let it pass."""
     first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     if _forbidden(e):
@@ -134,13 +134,18 @@ def _storage_error(path: str, action: str, e: BaseException) -> StorageError | N
             f"permission denied to {action} {path} ({first_line}): give this machine's credentials access to "
             f"{where}, or choose another path"
         )
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+    code = e.errno if isinstance(e, OSError) else _os_error_code(str(e))
+    if code in (errno.ENOSPC, errno.EDQUOT):
         return StorageError(f"no space left to {action} {path}: free some space or choose another path")
+    if code == errno.EROFS:
+        return StorageError(f"cannot {action} {path}: its file system is read-only; choose a writable path")
+    if code == errno.EACCES:
+        return StorageError(f"permission denied to {action} {path}: make it writable or choose another path")
     if isinstance(e, FileNotFoundError) and _is_gcs(path):
         try:
             bucket_exists = _gcs().exists(_bucket(path))
         except Exception as check:  # noqa: BLE001  (a bucket we may not even look at)
-            return _storage_error(path, action, check) if _forbidden(check) else None
+            return as_storage_error(path, action, check) if _forbidden(check) else None
         if not bucket_exists:
             return StorageError(
                 f"the bucket gs://{_bucket(path)} does not exist (cannot {action} {path}): create it "
@@ -154,12 +159,20 @@ def _storage_error(path: str, action: str, e: BaseException) -> StorageError | N
     return None
 
 
+def _os_error_code(text: str) -> int | None:
+    """The errno in an error of a library that reports it in words (tensorstore: `[os_error_code='28']`)."""
+    found = re.search(r"os_error_code='?(\d+)", text)
+    return int(found.group(1)) if found else None
+
+
 @contextlib.contextmanager
-def _errors(path: str, action: str) -> Iterator[None]:
+def io_errors(path: str, action: str) -> Iterator[None]:
+    """Errors a user can fix (permissions, a full or read-only disk, a missing bucket, credentials) raised in the
+    block, as one-line StorageErrors saying what could not be done to `path`; other errors pass unchanged."""
     try:
         yield
     except Exception as e:
-        error = _storage_error(path, action, e)
+        error = as_storage_error(path, action, e)
         if error is None:
             raise
         raise error from None
@@ -171,7 +184,7 @@ def _path(path: str | os.PathLike) -> epath.Path:
 
 def exists(path: str | os.PathLike) -> bool:
     path = os.fspath(path)
-    with _errors(path, "read"):
+    with io_errors(path, "read"):
         _forget_listings(path)
         return _path(path).exists()
 
@@ -179,14 +192,14 @@ def exists(path: str | os.PathLike) -> bool:
 def isdir(path: str | os.PathLike) -> bool:
     """Whether `path` is a directory; on Cloud Storage, whether any object's name starts with `path/`."""
     path = os.fspath(path)
-    with _errors(path, "read"):
+    with io_errors(path, "read"):
         _forget_listings(path)
         return _path(path).is_dir()
 
 
 def isfile(path: str | os.PathLike) -> bool:
     path = os.fspath(path)
-    with _errors(path, "read"):
+    with io_errors(path, "read"):
         _forget_listings(path)
         return _path(path).is_file()
 
@@ -194,7 +207,7 @@ def isfile(path: str | os.PathLike) -> bool:
 def listdir(path: str | os.PathLike) -> list[str]:
     """The names (not paths) in a directory, sorted; FileNotFoundError when there is none."""
     path = os.fspath(path)
-    with _errors(path, "list"):
+    with io_errors(path, "list"):
         _forget_listings(path)
         if not _path(path).is_dir():  # gcsfs lists a file as itself
             raise FileNotFoundError(errno.ENOENT, "no such directory", path)
@@ -212,7 +225,7 @@ def glob(pattern: str) -> list[tuple[str, int]]:
     On Cloud Storage one listing gives the names and sizes, rather than a request per file.
     """
     pattern = os.fspath(pattern)
-    with _errors(pattern, "list"):
+    with io_errors(pattern, "list"):
         if _is_gcs(pattern):
             _forget_listings(pattern.split("*", 1)[0].rsplit("/", 1)[0])
             found = _gcs().glob(pattern, detail=True)
@@ -233,7 +246,7 @@ def makedirs(path: str | os.PathLike) -> None:
     the wrong thing to do.
     """
     path = os.fspath(path)
-    with _errors(path, "create"):
+    with io_errors(path, "create"):
         if _is_gcs(path):
             if not _gcs().exists(_bucket(path)):
                 raise FileNotFoundError(errno.ENOENT, "no such bucket", path)
@@ -259,7 +272,7 @@ def open(path: str | os.PathLike, mode: str = "r") -> contextlib.AbstractContext
 
 @contextlib.contextmanager
 def _open(path: str, mode: str) -> Iterator[IO[Any]]:
-    with _errors(path, "read" if "r" in mode else "write"):
+    with io_errors(path, "read" if "r" in mode else "write"):
         _forget_listings(path)
         encoding = None if "b" in mode else "utf-8"
         if not _is_gcs(path):
@@ -322,7 +335,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     if is_uri(path):
         write_text(path, text)
         return
-    with _errors(path, "write"):
+    with io_errors(path, "write"):
         tmp = _temporary_name(path)
         try:
             with builtins.open(tmp, "x", encoding="utf-8") as f:
@@ -347,7 +360,7 @@ def append_line(path: str | os.PathLike, line: str) -> None:
     if "\n" in line:
         raise ValueError(f"append_line takes a single line, not {line!r}")
     data = (line + "\n").encode()
-    with _errors(path, "write"):
+    with io_errors(path, "write"):
         if not _is_gcs(path):
             if is_uri(path):
                 raise StorageError(f"{path}: only local paths and gs:// URIs can be appended to; use one of them for the run")
@@ -376,7 +389,7 @@ def create_exclusive(path: str | os.PathLike, text: str) -> bool:
     """
     path = os.fspath(path)
     data = text.encode("utf-8")
-    with _errors(path, "write"):
+    with io_errors(path, "write"):
         if _is_gcs(path):
             try:
                 _gcs().pipe_file(path, data, mode="create")
@@ -405,7 +418,7 @@ def _object(path: str) -> tuple[str, str]:
 
 def read_generation(path: str) -> tuple[str, int]:
     """A Cloud Storage object's text and generation (FileNotFoundError if there is none)."""
-    with _errors(path, "read"):
+    with io_errors(path, "read"):
         headers, content = _gcs().call("GET", "b/{}/o/{}", *_object(path), alt="media")
         return content.decode("utf-8", errors="replace"), int(headers["x-goog-generation"])
 
@@ -415,7 +428,7 @@ def replace_if_generation(path: str, text: str, generation: int) -> int | None:
     or None when the object has changed or gone since."""
     bucket, key = _object(path)
     gcs = _gcs()
-    with _errors(path, "write"):
+    with io_errors(path, "write"):
         try:
             reply = gcs.call(
                 "POST", gcs.base.replace("/storage/v1/", "/upload/storage/v1/") + "b/{}/o", bucket, uploadType="media",
@@ -432,7 +445,7 @@ def replace_if_generation(path: str, text: str, generation: int) -> int | None:
 
 def remove_if_generation(path: str, generation: int) -> bool:
     """Delete a Cloud Storage object only while its generation is `generation`: whether this call deleted it."""
-    with _errors(path, "delete"):
+    with io_errors(path, "delete"):
         try:
             _gcs().call("DELETE", "b/{}/o/{}", *_object(path), ifGenerationMatch=str(generation))
         except (FileExistsError, FileNotFoundError):
@@ -445,7 +458,7 @@ def remove_if_generation(path: str, generation: int) -> bool:
 def getsize(path: str | os.PathLike) -> int:
     """A file's size in bytes."""
     path = os.fspath(path)
-    with _errors(path, "read"):
+    with io_errors(path, "read"):
         _forget_listings(path)
         if not is_uri(path):
             return os.path.getsize(path)
@@ -458,7 +471,7 @@ def getsize(path: str | os.PathLike) -> int:
 def remove(path: str | os.PathLike) -> None:
     """Delete a file (FileNotFoundError if there is none)."""
     path = os.fspath(path)
-    with _errors(path, "delete"):
+    with io_errors(path, "delete"):
         _forget_listings(path)
         if is_uri(path):
             if not _path(path).is_file():
@@ -472,7 +485,7 @@ def remove(path: str | os.PathLike) -> None:
 def rmtree(path: str | os.PathLike, missing_ok: bool = False) -> None:
     """Delete a directory and everything under it."""
     path = os.fspath(path)
-    with _errors(path, "delete"):
+    with io_errors(path, "delete"):
         _forget_listings(path)
         if is_uri(path):
             if not _path(path).is_dir():
@@ -507,7 +520,7 @@ def local_copy(path: str | os.PathLike, mode: str = "r") -> Iterator[str]:
         tmp = _temporary_name(path)
         try:
             yield tmp
-            with _errors(path, "write"):
+            with io_errors(path, "write"):
                 os.replace(tmp, path)
         finally:
             with contextlib.suppress(FileNotFoundError):

@@ -315,3 +315,73 @@ def test_a_model_too_large_for_memory_stops_before_allocating_with_the_sizes(tin
     assert f"params {params * 4 / 2**30:,.1f} GiB, optimizer state {2 * params * 4 / 2**30:,.1f} GiB" in message
     assert "--mesh.fsdp -1" in message and "--model.remat full" in message and "\n" not in message
     assert not os.path.exists(tmp_path / "run" / "checkpoints" / "1")
+
+
+# ------------------------------------------------------------------------------- a full or read-only disk
+
+
+def _mount_namespace_reason(tmp_path) -> str | None:
+    """Why a tmpfs cannot be mounted here (None when it can): the disk tests mount one in a namespace of their own,
+    which vanishes with the process, so nothing is left mounted whatever happens."""
+    target = tmp_path / "probe"
+    target.mkdir()
+    try:
+        probe = subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(target)],
+                               capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        return "unshare(1) is not installed"
+    return None if probe.returncode == 0 else f"mounting a tmpfs is not permitted: {probe.stderr.strip()}"
+
+
+DISK_SCRIPT = """
+set -u
+mount -t tmpfs -o size={size}k tmpfs {mnt}
+run() {{ {python} {script} --train.out-dir {mnt}/run --train.steps 6 --train.ckpt-every 2 --train.keep-checkpoints 3 \\
+         >{out}/$1.out 2>{out}/$1.err; echo $? >{out}/$1.rc; }}
+run full
+ls {mnt}/run/checkpoints >{out}/full.ls
+{python} -c "from jaxlm.checkpoint import load_params; import sys; load_params(sys.argv[1])" {mnt}/run/checkpoints/2 \\
+    && echo yes >{out}/intact
+mount -o remount,size=64m {mnt}
+run resumed
+mount -o remount,ro {mnt}
+run readonly
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_and_a_read_only_run_directory_give_one_line_and_lose_nothing(tiny_corpus, tmp_path):
+    reason = _mount_namespace_reason(tmp_path)
+    if reason:
+        print(f"skipped: {reason}")
+        pytest.skip(reason)
+    script = tmp_path / "tiny.py"
+    script.write_text(EXPERIMENT_MODULE.format(corpus=tiny_corpus))
+    mnt, out = tmp_path / "mnt", tmp_path / "out"
+    mnt.mkdir()
+    out.mkdir()
+    # The tiny model's state by hand (GPT-2 blocks, tied embeddings): params, and AdamW's two moments of them.
+    d, layers, vocab, seq = 32, 2, 264, 16
+    params = layers * (12 * d * d + 13 * d) + vocab * d + seq * d + 2 * d
+    state_kib = 3 * params * 4 / 1024
+    # Room for one checkpoint with orbax's metadata (about 1.5 x the state here), not for a second.
+    size = int(1.7 * state_kib + 512)
+    commands = DISK_SCRIPT.format(size=size, mnt=mnt, out=out, python=sys.executable, script=script)
+    subprocess.run(["unshare", "-rm", "sh", "-c", commands], cwd=ROOT, timeout=600, check=True)
+
+    def result(name):
+        errors = [line for line in (out / f"{name}.err").read_text().splitlines() if line.startswith("error:")]
+        return int((out / f"{name}.rc").read_text()), errors, (out / f"{name}.err").read_text()
+
+    # The save of step 4 is refused whole, before orbax writes any of it.
+    rc, errors, stderr = result("full")
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert "no space left for checkpoint 4 in" in errors[0] and "checkpoint 2 is intact" in errors[0]
+    assert (out / "full.ls").read_text().split() == ["2"] and (out / "intact").exists()
+    # With room again, the run resumes from it and finishes.
+    rc, errors, stderr = result("resumed")
+    assert rc == 0 and not errors and "resuming" in (out / "resumed.out").read_text(), stderr[-3000:]
+    # A read-only run directory: one line naming it.
+    rc, errors, stderr = result("readonly")
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert f"{mnt}/run" in errors[0] and "read-only" in errors[0]
