@@ -385,3 +385,31 @@ def test_a_full_disk_and_a_read_only_run_directory_give_one_line_and_lose_nothin
     rc, errors, stderr = result("readonly")
     assert rc == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
     assert f"{mnt}/run" in errors[0] and "read-only" in errors[0]
+
+
+# ------------------------------------------------------------------------------------- one enormous line
+
+
+@pytest.mark.slow  # trains a tokenizer
+def test_tokenizer_training_reads_a_50_mb_single_line_document_in_linear_time():
+    from jaxlm.data import tokenizer as tokenizers
+
+    words = ["alpha", "beta", "gamma", "delta", "return", "lambda", "(x)", "+", "1"]
+    unit = " ".join(words[(i * 7 + i // 3) % len(words)] for i in range(4096)) + " "
+    line = (unit * (50 * 2**20 // len(unit) + 1))[: 50 * 2**20]  # 50 MiB, no newline
+    done: list = []
+
+    def work():
+        # Every piece of the whole line, in order: cutting each piece off the rest would copy the rest each time,
+        # some 100,000 copies of up to 50 MB (hours); cutting by index is one pass.
+        pieces = list(tokenizers._chunks([line], sample_bytes=len(line)))
+        done.append("".join(pieces) == line and max(map(len, pieces)) <= tokenizers._CHUNK_BYTES)
+        done.append(tokenizers.train_sentencepiece([line], "bpe", 300, sample_bytes=2**20))
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    worker.join(timeout=300)
+    assert len(done) == 2, "reading or training on one long line did not finish"
+    assert done[0] is True
+    tokenizer = tokenizers.SentencePieceTokenizer(done[1])
+    assert tokenizer.decode(tokenizer.encode(line[:1000])) == line[:1000]
