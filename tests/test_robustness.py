@@ -413,3 +413,41 @@ def test_tokenizer_training_reads_a_50_mb_single_line_document_in_linear_time():
     assert done[0] is True
     tokenizer = tokenizers.SentencePieceTokenizer(done[1])
     assert tokenizer.decode(tokenizer.encode(line[:1000])) == line[:1000]
+
+
+# --------------------------------------------------------------------------------------- damaged prepared data
+
+
+def test_a_damaged_token_cache_or_corpus_is_detected_at_open_naming_the_file(tiny_corpus, tmp_path):
+    import glob
+    import shutil
+
+    import numpy as np
+
+    from jaxlm.data import prepare_data
+    from jaxlm.errors import DataError
+
+    shutil.copytree(tiny_corpus / "cache", tmp_path / "cache")
+    config = dataclasses.replace(_tiny(tiny_corpus, "unused").data, cache_dir=str(tmp_path / "cache"))
+    prepared = prepare_data(config)  # all of it from the copied cache
+    tokens_path, _ = prepared.token_files("train")
+    original = open(tokens_path, "rb").read()
+    rebuild = re.escape(f"delete {prepared.tokens_dir} and rerun")
+
+    open(tokens_path, "wb").write(original[: len(original) // 2])  # a truncated file
+    with pytest.raises(DataError, match=rf"{re.escape(tokens_path)} has {len(original) // 2:,} bytes.*{rebuild}"):
+        prepare_data(config)
+    # Ids within the vocabulary, where the tokens were: garbage a model would train on without a word.
+    garbage = np.random.default_rng(0).integers(0, 256, len(original) // 2, dtype=np.uint16).tobytes()
+    open(tokens_path, "wb").write(garbage + original[len(garbage):])
+    with pytest.raises(DataError, match=rf"{re.escape(tokens_path)} does not match the checksum .*{rebuild}"):
+        prepare_data(config)
+    open(tokens_path, "wb").write(original)
+    assert prepare_data(config).stats == prepared.stats  # whole again: accepted
+
+    [record] = [p for p in glob.glob(f"{tmp_path}/cache/corpora/**/*train.array_record*", recursive=True)]
+    data = bytearray(open(record, "rb").read())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the ArrayRecord file
+    open(record, "wb").write(bytes(data))
+    with pytest.raises(DataError, match=rf"corpus file {re.escape(record)} does not match the checksum.*delete"):
+        prepare_data(config)
