@@ -53,6 +53,20 @@ def _local_bytes(state: Any) -> int:
     )
 
 
+def _other_shapes(e: BaseException) -> bool:
+    """Whether a restore failed on arrays whose shapes differ from the target's (orbax says "shape")."""
+    return "shape" in str(e).lower()
+
+
+def _edited_config(where: str, run_dir: str, e: BaseException) -> CheckpointError:
+    # The checkpoint is whole; the config beside it no longer describes it. Deleting checkpoints would not help.
+    return CheckpointError(
+        f"{where} holds arrays of other shapes than the model in {run_dir}/{CONFIG_FILE} ({_one_line(e)[:160]}): "
+        f"was {CONFIG_FILE} changed after the run started? Put back the config it was started with (the "
+        "checkpoint is kept as it is), or start a new run directory"
+    )
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else type(e).__name__
@@ -147,9 +161,12 @@ class Checkpoints:
         try:
             restored = self.manager.restore(step, args=args)
         except Exception as e:
+            where = f"checkpoint {self.directory}/{step}"
+            if _other_shapes(e):
+                raise _edited_config(where, storage.dirname(self.directory), e) from None
             raise CheckpointError(
-                f"checkpoint {self.directory}/{step} cannot be restored ({_one_line(e)}): delete that step's "
-                "directory to fall back to an earlier checkpoint, or start a new run directory"
+                f"{where} cannot be restored ({_one_line(e)}): move that step's directory out of "
+                f"{self.directory} to fall back to an earlier checkpoint, or start a new run directory"
             ) from None
         return restored["state"], restored["data"].state
 
@@ -271,6 +288,8 @@ def load_params(path: str) -> tuple[Experiment, Any]:
             item, args=ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
         )
     except Exception as e:
+        if _other_shapes(e):
+            raise _edited_config(item, run_dir, e) from None
         raise CheckpointError(
             f"{item} holds no params of the model in {run_dir}/{CONFIG_FILE} ({_one_line(e)}): is it a "
             "language-model run of jaxlm?"

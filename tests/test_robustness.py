@@ -451,3 +451,30 @@ def test_a_damaged_token_cache_or_corpus_is_detected_at_open_naming_the_file(tin
     open(record, "wb").write(bytes(data))
     with pytest.raises(DataError, match=rf"corpus file {re.escape(record)} does not match the checksum.*delete"):
         prepare_data(config)
+
+
+# ---------------------------------------------------------------------------------------------- advice that harms
+
+
+@pytest.mark.slow  # writes and reads a checkpoint
+def test_a_config_edited_by_hand_is_named_and_no_checkpoint_is_to_be_deleted(tmp_path):
+    import jax
+
+    from jaxlm.checkpoint import load_params, save_params, write_or_check_config
+    from jaxlm.errors import CheckpointError
+    from jaxlm.model import init_params
+
+    model = ModelConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=264, max_seq_len=16)
+    experiment = Experiment(name="edited", model=model, data=DataConfig(tokenizer="byte", seq_len=16),
+                            train=TrainConfig(out_dir=str(tmp_path / "run")))
+    write_or_check_config(experiment)
+    save_params(experiment, init_params(model, jax.random.key(0), seq_len=1))
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["model"].update(d_model=64, d_ff=256, head_dim=16)  # edited by hand after the run started
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as error:
+        load_params(str(tmp_path / "run"))
+    message = str(error.value)
+    assert "other shapes than the model in" in message and "Put back the config" in message
+    assert "delete" not in message
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["0"]
