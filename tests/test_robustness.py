@@ -478,3 +478,27 @@ def test_a_config_edited_by_hand_is_named_and_no_checkpoint_is_to_be_deleted(tmp
     assert "other shapes than the model in" in message and "Put back the config" in message
     assert "delete" not in message
     assert os.listdir(tmp_path / "run" / "checkpoints") == ["0"]
+
+
+# ------------------------------------------------------------------------------------------ a torn metrics file
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_said_and_a_damaged_middle_line_is_named(tmp_path, capsys):
+    from jaxlm.errors import DataError
+    from jaxlm.logging import MetricsWriter, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 5.0 - s} for s in (1, 2, 3, 4)]
+    whole = "".join(json.dumps(r) + "\n" for r in rows)
+    path.write_text(whole + '{"step": 5, "lo')  # a crash in the middle of writing row 5
+    MetricsWriter(str(tmp_path), resume_step=3)  # the resume from step 3's checkpoint
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:3]
+    assert "its last line (5) was cut short" in capsys.readouterr().err
+    assert not [p for p in os.listdir(tmp_path) if p != "metrics.jsonl"]  # rewritten in place, no leftovers
+
+    path.write_text(whole.replace('"step": 2', '"st-ep": 2', 1))
+    with pytest.raises(DataError, match=r"metrics.jsonl line 2 has no 'step'"):
+        read_metrics(str(path), drop_torn_tail=True)
+    path.write_text(whole.replace('{"step": 2', '{"step": 2,,', 1))
+    with pytest.raises(DataError, match=r"metrics.jsonl line 2 is not JSON: .* delete that line"):
+        MetricsWriter(str(tmp_path), resume_step=3)
