@@ -502,3 +502,17 @@ def test_a_torn_last_metrics_line_is_dropped_and_said_and_a_damaged_middle_line_
     path.write_text(whole.replace('{"step": 2', '{"step": 2,,', 1))
     with pytest.raises(DataError, match=r"metrics.jsonl line 2 is not JSON: .* delete that line"):
         MetricsWriter(str(tmp_path), resume_step=3)
+
+
+def test_samples_that_cannot_fit_the_context_are_refused_before_any_step(tiny_corpus, tmp_path):
+    from jaxlm.train import train
+
+    experiment = _tiny(tiny_corpus, str(tmp_path / "run"))
+    model = dataclasses.replace(experiment.model, max_seq_len=4)
+    data = dataclasses.replace(experiment.data, seq_len=4)
+    # The byte tokenizer's prompts are an end-of-document token and "def " / "import " / "class ": 5 to 8 tokens.
+    with pytest.raises(ConfigError, match=r"max_seq_len=4 leaves no room to sample after the 8-token sample "
+                                          r"prompts: set --train.samples 0, or --model.max-seq-len to at least 9"):
+        train(dataclasses.replace(experiment, model=model, data=data,
+                                  train=dataclasses.replace(experiment.train, samples=3)))
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
