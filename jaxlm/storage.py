@@ -259,8 +259,9 @@ def makedirs(path: str | os.PathLike) -> None:
 def open(path: str | os.PathLike, mode: str = "r") -> contextlib.AbstractContextManager[IO[Any]]:
     """Open a file to read ('r', 'rb'), write ('w', 'wb') or, locally, append ('a', 'ab'); use it in a `with`.
 
-    Text is UTF-8. On Cloud Storage a written file is uploaded when the block ends, and nothing is uploaded when
-    the block raises (the old object, if any, stays); appending there is `append_line`.
+    Text is UTF-8. A written file appears whole when the block ends, and not at all when it raises (the old file,
+    if any, stays): locally it is written under a temporary name and renamed; on Cloud Storage it is uploaded
+    then. Appending to an object is `append_line`.
     """
     if mode not in ("r", "rb", "w", "wb", "a", "ab"):
         raise ValueError(f"storage.open mode is one of r, rb, w, wb, a, ab, not {mode!r}")
@@ -275,6 +276,20 @@ def _open(path: str, mode: str) -> Iterator[IO[Any]]:
     with io_errors(path, "read" if "r" in mode else "write"):
         _forget_listings(path)
         encoding = None if "b" in mode else "utf-8"
+        if not is_uri(path) and mode in ("w", "wb"):
+            # A temporary file renamed over `path` once complete: readers and a crash see all of it or none.
+            tmp = _temporary_name(path)
+            try:
+                with builtins.open(tmp, mode.replace("w", "x"), encoding=encoding) as f:
+                    yield f
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise
+            return
         if not _is_gcs(path):
             with (_path(path).open(mode) if is_uri(path) else builtins.open(path, mode, encoding=encoding)) as f:
                 yield f
@@ -326,27 +341,9 @@ def _temporary_name(path: str) -> str:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Replace a file's content so that readers (and a crash) see the old content or the new, never a part.
-
-    Locally: a temporary file beside it, flushed to disk, then renamed over it. On Cloud Storage one upload
-    already is atomic.
-    """
-    path = os.fspath(path)
-    if is_uri(path):
-        write_text(path, text)
-        return
-    with io_errors(path, "write"):
-        tmp = _temporary_name(path)
-        try:
-            with builtins.open(tmp, "x", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
+    """Replace a file's content so that readers (and a crash) see the old content or the new, never a part: what
+    every write through `open` does (locally a temporary file renamed over it; on Cloud Storage one upload)."""
+    write_text(path, text)
 
 
 def append_line(path: str | os.PathLike, line: str) -> None:

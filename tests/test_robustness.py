@@ -516,3 +516,20 @@ def test_samples_that_cannot_fit_the_context_are_refused_before_any_step(tiny_co
         train(dataclasses.replace(experiment, model=model, data=data,
                                   train=dataclasses.replace(experiment.train, samples=3)))
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+# ----------------------------------------------------------------------------------------------- atomic writes
+
+
+def test_a_file_written_through_storage_appears_whole_or_not_at_all(tmp_path):
+    path = str(tmp_path / "samples.txt")
+    storage.write_text(path, "old\n")
+    with storage.open(path, "w") as f:
+        f.write("new, first half\n")
+        assert storage.read_text(path) == "old\n"  # a reader meanwhile sees the old file, not a part of the new
+    assert storage.read_text(path) == "new, first half\n"
+    with pytest.raises(RuntimeError):
+        with storage.open(path, "wb") as f:
+            f.write(b"cut short")
+            raise RuntimeError("a crash in the middle of writing")
+    assert storage.read_text(path) == "new, first half\n" and os.listdir(tmp_path) == ["samples.txt"]
