@@ -22,7 +22,7 @@ import tyro
 
 from jaxlm import storage
 from jaxlm.config import Experiment, ModelConfig
-from jaxlm.errors import JaxlmError
+from jaxlm.errors import JaxlmError, StorageUnavailableError
 
 USAGE_ERROR = 2
 
@@ -272,13 +272,17 @@ def run_sweep(
 
 
 def guarded(command: Callable[[], Any]) -> Any:
-    """Run an entry point's work: errors a user can fix end in one line on stderr and exit status 2; a run
-    preempted by SIGTERM (its checkpoint saved) exits with status 75; Ctrl-C says how to resume."""
+    """Run an entry point's work: errors a user can fix end in one line on stderr and exit status 2; storage that
+    cannot be reached, and a run preempted by SIGTERM (its checkpoint saved), exit with status 75 (a rerun may
+    succeed); Ctrl-C says how to resume."""
     from jaxlm.train import PREEMPTED_EXIT_CODE, Preempted
 
     quiet_library_logs()
     try:
         return command()
+    except StorageUnavailableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)  # EX_TEMPFAIL: a rerun may succeed
     except JaxlmError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(USAGE_ERROR)

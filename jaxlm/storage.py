@@ -43,7 +43,7 @@ from typing import IO, Any
 
 from etils import epath
 
-from jaxlm.errors import StorageError
+from jaxlm.errors import StorageError, StorageUnavailableError
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -125,6 +125,19 @@ def _forbidden(e: BaseException) -> bool:
     return type(e) is OSError and text.startswith(("Forbidden", "Unauthorized"))  # gcsfs: 403 -> OSError
 
 
+_UNREACHABLE_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
+
+
+def _unreachable(e: BaseException) -> bool:
+    """A failure to reach the storage service (after the client's own retries), rather than a refusal by it."""
+    if isinstance(e, TimeoutError) or (isinstance(e, OSError) and e.errno in _UNREACHABLE_ERRNOS):
+        return True
+    if type(e).__name__ in ("ClientConnectorError", "ServerDisconnectedError", "ClientConnectionError"):
+        return True  # aiohttp, under gcsfs
+    code = getattr(e, "code", None)
+    return isinstance(code, int) and (code == 429 or 500 <= code < 600)
+
+
 def as_storage_error(path: str, action: str, e: BaseException) -> StorageError | None:
     """The StorageError that `e` (raised while doing `action` on `path`) stands for, or None to let it pass."""
     first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -151,6 +164,12 @@ def as_storage_error(path: str, action: str, e: BaseException) -> StorageError |
                 f"the bucket gs://{_bucket(path)} does not exist (cannot {action} {path}): create it "
                 f"(`gcloud storage buckets create gs://{_bucket(path)}`) or correct the path"
             )
+    if _unreachable(e):
+        where = f"the bucket gs://{_bucket(path)}" if _is_gcs(path) else path
+        return StorageUnavailableError(
+            f"cannot reach {where} to {action} {path} ({first_line}): check the network, then rerun the same "
+            "command (a run resumes from its last checkpoint)"
+        )
     if type(e).__name__ == "DefaultCredentialsError":
         return StorageError(
             f"no Google Cloud credentials to {action} {path}: run `gcloud auth application-default login`, or run "

@@ -533,3 +533,37 @@ def test_a_file_written_through_storage_appears_whole_or_not_at_all(tmp_path):
             f.write(b"cut short")
             raise RuntimeError("a crash in the middle of writing")
     assert storage.read_text(path) == "new, first half\n" and os.listdir(tmp_path) == ["samples.txt"]
+
+
+# --------------------------------------------------------------------------------------- an unreachable bucket
+
+
+def test_an_unreachable_bucket_is_one_line_and_exit_75_where_a_rerun_may_succeed(capsys):
+    import asyncio
+
+    import aiohttp
+
+    from jaxlm.cli import guarded
+    from jaxlm.errors import StorageUnavailableError
+
+    with socket.socket() as s:  # a port that nothing listens on: connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def connect():
+        async with aiohttp.ClientSession() as session:
+            await session.get(f"http://127.0.0.1:{port}/storage/v1/b/jaxlm-test")
+
+    with pytest.raises(aiohttp.ClientConnectorError) as refused:  # what gcsfs raises once its retries are spent
+        asyncio.run(connect())
+    error = storage.as_storage_error("gs://jaxlm-test/run/config.json", "write", refused.value)
+    assert isinstance(error, StorageUnavailableError)
+    assert str(error).startswith("cannot reach the bucket gs://jaxlm-test to write gs://jaxlm-test/run/config.json")
+
+    def unreachable():
+        raise error
+
+    with pytest.raises(SystemExit) as exit_info:
+        guarded(unreachable)
+    assert exit_info.value.code == 75
+    assert capsys.readouterr().err.count("\n") == 1
