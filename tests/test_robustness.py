@@ -291,6 +291,28 @@ def test_a_lease_of_another_host_is_kept_while_renewed_and_taken_over_once_expir
         assert json.loads(storage.read_text(path))["pid"] == os.getpid()
 
 
+def test_a_bucket_lease_is_renewed_while_held_and_stops_when_taken_over(gcs, monkeypatch):
+    from jaxlm import runlock
+
+    monkeypatch.setattr(runlock, "RENEW_S", 0.2)
+    run_dir = f"{gcs}/run"
+    path = f"{run_dir}/{LOCK_FILE}"
+    lock = RunLock(run_dir).acquire()
+    first = json.loads(storage.read_text(path))["renewed"]
+    deadline = time.monotonic() + 60
+    while json.loads(storage.read_text(path))["renewed"] == first and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert json.loads(storage.read_text(path))["renewed"] > first
+    # Another process judged the lease stale and took it: the holder's next renewal fails its precondition.
+    text, generation = storage.read_generation(path)
+    assert storage.remove_if_generation(path, generation)
+    assert storage.create_exclusive(path, json.dumps({"host": "other", "pid": 1, "since": "now", "renewed": 1e12}))
+    time.sleep(1.0)
+    assert json.loads(storage.read_text(path))["host"] == "other"  # not overwritten by the old holder
+    lock.release()
+    assert json.loads(storage.read_text(path))["host"] == "other"  # nor deleted
+
+
 # -------------------------------------------------------------------------------- a state too large for memory
 
 
