@@ -576,10 +576,16 @@ def _fit(task: Task, mesh: jax.sharding.Mesh) -> dict[str, Any]:
     train_iter = task.train_batches()
     train_step, first_batch = jit_step(task, mesh), None
     if latest is None:  # a resumed state fitted when it was saved
-        first_batch = sharding.global_batch(next(train_iter), mesh)
-        train_step = compile_within_memory(
-            train_step, _abstract(boxed[0], state_sharding), _abstract(boxed[1], frozen_sharding), first_batch, mesh
-        )
+        try:
+            first_batch = sharding.global_batch(next(train_iter), mesh)
+            train_step = compile_within_memory(
+                train_step, _abstract(boxed[0], state_sharding), _abstract(boxed[1], frozen_sharding), first_batch,
+                mesh,
+            )
+        except BaseException:  # a run refused here leaves nothing open (a sweep goes on with its next member)
+            train_iter.close()
+            checkpoints.close()
+            raise
     frozen = task.init_frozen(frozen_sharding)
     if latest is not None:
         state, data_state = checkpoints.restore(latest, _abstract(boxed[0], state_sharding))
