@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 from typing import Any
 
@@ -64,6 +65,13 @@ def _edited_config(where: str, run_dir: str, e: BaseException) -> CheckpointErro
         f"{where} holds arrays of other shapes than the model in {run_dir}/{CONFIG_FILE} ({_one_line(e)[:160]}): "
         f"was {CONFIG_FILE} changed after the run started? Put back the config it was started with (the "
         "checkpoint is kept as it is), or start a new run directory"
+    )
+
+
+def _disk_bytes(directory: str) -> int:
+    """The space the files under a local directory take on its disk."""
+    return sum(
+        os.stat(os.path.join(d, n)).st_blocks * 512 for d, _, names in os.walk(directory) for n in names
     )
 
 
@@ -127,7 +135,11 @@ class Checkpoints:
     def _check_room(self, step: int, state: Any) -> None:
         if storage.is_uri(self.directory):
             return
-        needed = int(_local_bytes(state) * 1.05) + (512 << 10)  # the arrays, and a margin for orbax's metadata
+        # The last checkpoint's footprint on disk (its files and orbax's metadata) where there is one; else the
+        # arrays with a margin for the metadata.
+        latest = self.manager.latest_step()
+        previous = _disk_bytes(storage.join(self.directory, str(latest))) if latest is not None else 0
+        needed = int(max(previous, _local_bytes(state) + (512 << 10)) * 1.05)
         free = shutil.disk_usage(self.directory).free
         if free < needed:
             raise StorageError(
