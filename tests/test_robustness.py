@@ -74,6 +74,7 @@ def _field(experiment: Experiment, flag: str) -> tuple[dataclasses.Field | None,
     return fields.get(name), getattr(owner, name, None)
 
 
+@pytest.mark.slow  # a hundred command-line parses
 def test_every_flag_that_a_message_suggests_is_one_the_command_line_accepts():
     from experiments import chinchilla_cpu, quickstart
 
@@ -237,6 +238,7 @@ def test_a_run_refuses_a_run_directory_whose_lock_is_held(tiny_corpus, tmp_path)
         assert os.listdir(run_dir) == [LOCK_FILE]
 
 
+@pytest.mark.slow  # starts the GCS API server
 def test_the_emulator_honours_create_if_absent_among_concurrent_writers(gcs):
     path = f"{gcs}/once"
     winners = []
@@ -276,6 +278,7 @@ def test_a_bucket_run_directory_has_one_writer_and_a_dead_holders_lease_is_taken
     assert not storage.exists(f"{run_dir}/{LOCK_FILE}")  # given back
 
 
+@pytest.mark.slow  # the GCS API server
 def test_a_lease_of_another_host_is_kept_while_renewed_and_taken_over_once_expired(gcs):
     run_dir = f"{gcs}/run"
     path = f"{run_dir}/{LOCK_FILE}"
@@ -291,6 +294,7 @@ def test_a_lease_of_another_host_is_kept_while_renewed_and_taken_over_once_expir
         assert json.loads(storage.read_text(path))["pid"] == os.getpid()
 
 
+@pytest.mark.slow  # the GCS API server
 def test_a_bucket_lease_is_renewed_while_held_and_stops_when_taken_over(gcs, monkeypatch):
     from jaxlm import runlock
 
