@@ -9,7 +9,10 @@ process killed mid-save leaves the previous checkpoint as the latest.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 from typing import Any
 
 import grain
@@ -19,7 +22,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from jaxlm import storage
 from jaxlm.config import Experiment
-from jaxlm.errors import CheckpointError, ConfigError
+from jaxlm.errors import CheckpointError, ConfigError, StorageError
 from jaxlm.model import init_params
 
 CONFIG_FILE = "config.json"
@@ -41,6 +44,35 @@ class _IteratorState:
 
     def start_prefetch(self) -> None:
         pass
+
+
+def _local_bytes(state: Any) -> int:
+    """The bytes this process writes of a state: one copy of each of its shards."""
+    return sum(
+        shard.data.nbytes for leaf in jax.tree.leaves(state) for shard in getattr(leaf, "addressable_shards", ())
+        if shard.replica_id == 0
+    )
+
+
+def _other_shapes(e: BaseException) -> bool:
+    """Whether a restore failed on arrays whose shapes differ from the target's (orbax says "shape")."""
+    return "shape" in str(e).lower()
+
+
+def _edited_config(where: str, run_dir: str, e: BaseException) -> CheckpointError:
+    # The checkpoint is whole; the config beside it no longer describes it. Deleting checkpoints would not help.
+    return CheckpointError(
+        f"{where} holds arrays of other shapes than the model in {run_dir}/{CONFIG_FILE} ({_one_line(e)[:160]}): "
+        f"was {CONFIG_FILE} changed after the run started? Put back the config it was started with (the "
+        "checkpoint is kept as it is), or start a new run directory"
+    )
+
+
+def _disk_bytes(directory: str) -> int:
+    """The space the files under a local directory take on its disk."""
+    return sum(
+        os.stat(os.path.join(d, n)).st_blocks * 512 for d, _, names in os.walk(directory) for n in names
+    )
 
 
 def _one_line(e: BaseException) -> str:
@@ -90,10 +122,48 @@ class Checkpoints:
         return latest
 
     def save(self, step: int, state: Any, data_state: dict | None, metrics: dict | None = None) -> None:
+        """Start saving `step` (in the background with async saves). Where the local disk lacks the room for it,
+        a StorageError before anything is written, so that the latest complete checkpoint stays the latest."""
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_IteratorState(data_state))
         )
-        self.manager.save(step, args=args, metrics=metrics, force=True)
+        with self._reported(step):
+            self.manager.wait_until_finished()  # the previous save's bytes are on disk before counting free space
+            self._check_room(step, state)
+            self.manager.save(step, args=args, metrics=metrics, force=True)
+
+    def _check_room(self, step: int, state: Any) -> None:
+        if storage.is_uri(self.directory):
+            return
+        # The last checkpoint's footprint on disk (its files and orbax's metadata) where there is one; else the
+        # arrays with a margin for the metadata.
+        latest = self.manager.latest_step()
+        previous = _disk_bytes(storage.join(self.directory, str(latest))) if latest is not None else 0
+        needed = int(max(previous, _local_bytes(state) + (512 << 10)) * 1.05)
+        free = shutil.disk_usage(self.directory).free
+        if free < needed:
+            raise StorageError(
+                f"no space left for checkpoint {step} in {self.directory} (it needs about {needed / 2**20:,.1f} MiB, "
+                f"{free / 2**20:,.1f} MiB are free): free some space and rerun to resume, or move the run "
+                f"elsewhere; {self._intact()}"
+            )
+
+    def _intact(self) -> str:
+        latest = self.manager.latest_step()
+        return f"checkpoint {latest} is intact" if latest is not None else "no checkpoint was saved before"
+
+    @contextlib.contextmanager
+    def _reported(self, step: int):
+        """Errors of a save that the user can fix (a full or read-only disk, permissions) as one StorageError."""
+        try:
+            yield
+        except StorageError:
+            raise
+        except Exception as e:  # orbax and tensorstore wrap the OSError, or give only its text
+            error = storage.as_storage_error(f"{self.directory}/{step}", "write checkpoint", e)
+            if error is None:
+                raise
+            raise StorageError(f"{error}; {self._intact()}") from None
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict | None]:
         """The train state (placed like `abstract_state`'s shardings) and the data state saved at `step`."""
@@ -103,14 +173,18 @@ class Checkpoints:
         try:
             restored = self.manager.restore(step, args=args)
         except Exception as e:
+            where = f"checkpoint {self.directory}/{step}"
+            if _other_shapes(e):
+                raise _edited_config(where, storage.dirname(self.directory), e) from None
             raise CheckpointError(
-                f"checkpoint {self.directory}/{step} cannot be restored ({_one_line(e)}): delete that step's "
-                "directory to fall back to an earlier checkpoint, or start a new run directory"
+                f"{where} cannot be restored ({_one_line(e)}): move that step's directory out of "
+                f"{self.directory} to fall back to an earlier checkpoint, or start a new run directory"
             ) from None
         return restored["state"], restored["data"].state
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._reported(self.manager.latest_step() or 0):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
@@ -227,6 +301,8 @@ def load_params(path: str) -> tuple[Experiment, Any]:
             item, args=ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
         )
     except Exception as e:
+        if _other_shapes(e):
+            raise _edited_config(item, run_dir, e) from None
         raise CheckpointError(
             f"{item} holds no params of the model in {run_dir}/{CONFIG_FILE} ({_one_line(e)}): is it a "
             "language-model run of jaxlm?"

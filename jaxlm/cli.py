@@ -22,7 +22,7 @@ import tyro
 
 from jaxlm import storage
 from jaxlm.config import Experiment, ModelConfig
-from jaxlm.errors import JaxlmError
+from jaxlm.errors import JaxlmError, StorageUnavailableError
 
 USAGE_ERROR = 2
 
@@ -120,8 +120,16 @@ def parse(
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or program_name()
     if isinstance(default, Experiment):
-        return [tyro.cli(Experiment, default=_open(default), args=argv, description=_doc(), prog=prog)]
+        experiment = tyro.cli(Experiment, default=_open(default), args=argv, description=_doc(), prog=prog)
+        _check_named_warmup(argv, [experiment])
+        return [experiment]
     return parse_sweep(default, argv, prog)[1]
+
+
+def _check_named_warmup(argv: Sequence[str], experiments: Sequence[Experiment]) -> None:
+    if experiments and ("optim", "warmup_steps") in _named(argv, experiments[0]):
+        for experiment in experiments:
+            experiment.check_warmup()
 
 
 def parse_sweep(
@@ -146,6 +154,7 @@ def parse_sweep(
     if out_dir is not None:  # the sweep's directory: each member keeps a directory of its own inside it
         everyone = [dataclasses.replace(m, train=dataclasses.replace(m.train, out_dir=storage.join(out_dir, m.name)))
                     for m in everyone]
+    _check_named_warmup(argv, [everyone[i] for i in chosen])
     return command.sweep, [everyone[i] for i in chosen], everyone
 
 
@@ -263,13 +272,17 @@ def run_sweep(
 
 
 def guarded(command: Callable[[], Any]) -> Any:
-    """Run an entry point's work: errors a user can fix end in one line on stderr and exit status 2; a run
-    preempted by SIGTERM (its checkpoint saved) exits with status 75; Ctrl-C says how to resume."""
+    """Run an entry point's work: errors a user can fix end in one line on stderr and exit status 2; storage that
+    cannot be reached, and a run preempted by SIGTERM (its checkpoint saved), exit with status 75 (a rerun may
+    succeed); Ctrl-C says how to resume."""
     from jaxlm.train import PREEMPTED_EXIT_CODE, Preempted
 
     quiet_library_logs()
     try:
         return command()
+    except StorageUnavailableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)  # EX_TEMPFAIL: a rerun may succeed
     except JaxlmError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(USAGE_ERROR)

@@ -30,6 +30,8 @@ REMAT_POLICIES = ("auto", "none", "full", "dots", "attn_mlp")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum", "blocked")
 SCHEDULES = ("cosine", "wsd", "constant")
 OPTIMIZERS = ("adamw",)
+# The model's vocabulary may exceed a trained tokenizer's only by padding it to a multiple of this.
+VOCAB_PADDING = 128
 
 
 def _require(condition: bool, message: str) -> None:
@@ -361,10 +363,27 @@ class Experiment:
             f"ModelConfig.vocab_size={self.model.vocab_size} is smaller than DataConfig.vocab_size="
             f"{self.data.vocab_size}: set --model.vocab-size to at least {self.data.vocab_size}",
         )
+        padded = -(-self.data.vocab_size // VOCAB_PADDING) * VOCAB_PADDING
+        _require(
+            not trained or self.model.vocab_size <= padded,
+            f"ModelConfig.vocab_size={self.model.vocab_size} is beyond the tokenizer's DataConfig.vocab_size="
+            f"{self.data.vocab_size} (rows it never produces, which samples could still draw): set --model.vocab-size "
+            f"{self.data.vocab_size} (up to {padded} to pad), or --data.vocab-size {self.model.vocab_size}",
+        )
         _require(
             self.data.batch_size % self.train.grad_accum == 0,
             f"DataConfig.batch_size={self.data.batch_size} must be divisible by TrainConfig.grad_accum="
             f"{self.train.grad_accum}",
+        )
+
+    def check_warmup(self) -> None:
+        """A warmup asked for beyond the run's last step is a ConfigError. Not checked when a config is built:
+        a run shortened from an experiment keeps that experiment's warmup, which the schedule then cuts to the
+        run (jaxlm.optim); the command line checks it when it sets the warmup."""
+        _require(
+            self.optim.warmup_steps <= self.train.steps,
+            f"OptimConfig.warmup_steps={self.optim.warmup_steps} is longer than the run's TrainConfig.steps="
+            f"{self.train.steps}: set --optim.warmup-steps to at most {self.train.steps}",
         )
 
     @property

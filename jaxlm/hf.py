@@ -30,6 +30,7 @@ import jax
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from jaxlm import storage
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
 from jaxlm.model import init_params
@@ -495,15 +496,15 @@ def save_hf(
         size += array.nbytes
     metadata = {"format": "pt"}  # transformers expects the tensors in its own (PyTorch) layout
     if len(shards) == 1:
-        save_file(shards[0], os.path.join(path, WEIGHTS_FILE), metadata=metadata)
+        with storage.local_copy(os.path.join(path, WEIGHTS_FILE), "w") as tmp:  # renamed into place once whole
+            save_file(shards[0], tmp, metadata=metadata)
     else:
         weight_map = {}
         for k, shard in enumerate(shards):
             name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(path, name), metadata=metadata)
+            with storage.local_copy(os.path.join(path, name), "w") as tmp:
+                save_file(shard, tmp, metadata=metadata)
             weight_map.update(dict.fromkeys(shard, name))
         index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map}
-        with open(os.path.join(path, INDEX_FILE), "w") as f:
-            json.dump(index, f, indent=2)
-    with open(os.path.join(path, CONFIG_FILE), "w") as f:
-        json.dump(hf, f, indent=2)
+        storage.write_text(os.path.join(path, INDEX_FILE), json.dumps(index, indent=2))
+    storage.write_text(os.path.join(path, CONFIG_FILE), json.dumps(hf, indent=2))

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Sequence
@@ -40,10 +41,14 @@ def read_metrics(path: str, *, drop_torn_tail: bool = False) -> list[dict[str, A
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            if drop_torn_tail and i == len(lines) - 1:
-                break
-            raise DataError(f"{path} line {number} is not JSON: the file is damaged; delete that line") from None
+            row = None
         if not isinstance(row, dict) or "step" not in row:
+            if drop_torn_tail and i == len(lines) - 1:
+                print(f"{path}: its last line ({number}) was cut short, by a crash while it was written; "
+                      "reading the rows before it", file=sys.stderr)
+                break
+            if row is None:
+                raise DataError(f"{path} line {number} is not JSON: the file is damaged; delete that line")
             raise DataError(f"{path} line {number} has no 'step': not a jaxlm metrics file")
         rows.append(row)
     return rows

@@ -43,7 +43,7 @@ from typing import IO, Any
 
 from etils import epath
 
-from jaxlm.errors import StorageError
+from jaxlm.errors import StorageError, StorageUnavailableError
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -125,7 +125,20 @@ def _forbidden(e: BaseException) -> bool:
     return type(e) is OSError and text.startswith(("Forbidden", "Unauthorized"))  # gcsfs: 403 -> OSError
 
 
-def _storage_error(path: str, action: str, e: BaseException) -> StorageError | None:
+_UNREACHABLE_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
+
+
+def _unreachable(e: BaseException) -> bool:
+    """A failure to reach the storage service (after the client's own retries), rather than a refusal by it."""
+    if isinstance(e, TimeoutError) or (isinstance(e, OSError) and e.errno in _UNREACHABLE_ERRNOS):
+        return True
+    if type(e).__name__ in ("ClientConnectorError", "ServerDisconnectedError", "ClientConnectionError"):
+        return True  # aiohttp, under gcsfs
+    code = getattr(e, "code", None)
+    return isinstance(code, int) and (code == 429 or 500 <= code < 600)
+
+
+def as_storage_error(path: str, action: str, e: BaseException) -> StorageError | None:
     """The StorageError that `e` (raised while doing `action` on `path`) stands for, or None to let it pass."""
     first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     if _forbidden(e):
@@ -134,18 +147,29 @@ def _storage_error(path: str, action: str, e: BaseException) -> StorageError | N
             f"permission denied to {action} {path} ({first_line}): give this machine's credentials access to "
             f"{where}, or choose another path"
         )
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+    code = e.errno if isinstance(e, OSError) else _os_error_code(str(e))
+    if code in (errno.ENOSPC, errno.EDQUOT):
         return StorageError(f"no space left to {action} {path}: free some space or choose another path")
+    if code == errno.EROFS:
+        return StorageError(f"cannot {action} {path}: its file system is read-only; choose a writable path")
+    if code == errno.EACCES:
+        return StorageError(f"permission denied to {action} {path}: make it writable or choose another path")
     if isinstance(e, FileNotFoundError) and _is_gcs(path):
         try:
             bucket_exists = _gcs().exists(_bucket(path))
         except Exception as check:  # noqa: BLE001  (a bucket we may not even look at)
-            return _storage_error(path, action, check) if _forbidden(check) else None
+            return as_storage_error(path, action, check) if _forbidden(check) else None
         if not bucket_exists:
             return StorageError(
                 f"the bucket gs://{_bucket(path)} does not exist (cannot {action} {path}): create it "
                 f"(`gcloud storage buckets create gs://{_bucket(path)}`) or correct the path"
             )
+    if _unreachable(e):
+        where = f"the bucket gs://{_bucket(path)}" if _is_gcs(path) else path
+        return StorageUnavailableError(
+            f"cannot reach {where} to {action} {path} ({first_line}): check the network, then rerun the same "
+            "command (a run resumes from its last checkpoint)"
+        )
     if type(e).__name__ == "DefaultCredentialsError":
         return StorageError(
             f"no Google Cloud credentials to {action} {path}: run `gcloud auth application-default login`, or run "
@@ -154,12 +178,20 @@ def _storage_error(path: str, action: str, e: BaseException) -> StorageError | N
     return None
 
 
+def _os_error_code(text: str) -> int | None:
+    """The errno in an error of a library that reports it in words (tensorstore: `[os_error_code='28']`)."""
+    found = re.search(r"os_error_code='?(\d+)", text)
+    return int(found.group(1)) if found else None
+
+
 @contextlib.contextmanager
-def _errors(path: str, action: str) -> Iterator[None]:
+def io_errors(path: str, action: str) -> Iterator[None]:
+    """Errors a user can fix (permissions, a full or read-only disk, a missing bucket, credentials) raised in the
+    block, as one-line StorageErrors saying what could not be done to `path`; other errors pass unchanged."""
     try:
         yield
     except Exception as e:
-        error = _storage_error(path, action, e)
+        error = as_storage_error(path, action, e)
         if error is None:
             raise
         raise error from None
@@ -171,7 +203,7 @@ def _path(path: str | os.PathLike) -> epath.Path:
 
 def exists(path: str | os.PathLike) -> bool:
     path = os.fspath(path)
-    with _errors(path, "read"):
+    with io_errors(path, "read"):
         _forget_listings(path)
         return _path(path).exists()
 
@@ -179,14 +211,14 @@ def exists(path: str | os.PathLike) -> bool:
 def isdir(path: str | os.PathLike) -> bool:
     """Whether `path` is a directory; on Cloud Storage, whether any object's name starts with `path/`."""
     path = os.fspath(path)
-    with _errors(path, "read"):
+    with io_errors(path, "read"):
         _forget_listings(path)
         return _path(path).is_dir()
 
 
 def isfile(path: str | os.PathLike) -> bool:
     path = os.fspath(path)
-    with _errors(path, "read"):
+    with io_errors(path, "read"):
         _forget_listings(path)
         return _path(path).is_file()
 
@@ -194,7 +226,7 @@ def isfile(path: str | os.PathLike) -> bool:
 def listdir(path: str | os.PathLike) -> list[str]:
     """The names (not paths) in a directory, sorted; FileNotFoundError when there is none."""
     path = os.fspath(path)
-    with _errors(path, "list"):
+    with io_errors(path, "list"):
         _forget_listings(path)
         if not _path(path).is_dir():  # gcsfs lists a file as itself
             raise FileNotFoundError(errno.ENOENT, "no such directory", path)
@@ -212,7 +244,7 @@ def glob(pattern: str) -> list[tuple[str, int]]:
     On Cloud Storage one listing gives the names and sizes, rather than a request per file.
     """
     pattern = os.fspath(pattern)
-    with _errors(pattern, "list"):
+    with io_errors(pattern, "list"):
         if _is_gcs(pattern):
             _forget_listings(pattern.split("*", 1)[0].rsplit("/", 1)[0])
             found = _gcs().glob(pattern, detail=True)
@@ -233,7 +265,7 @@ def makedirs(path: str | os.PathLike) -> None:
     the wrong thing to do.
     """
     path = os.fspath(path)
-    with _errors(path, "create"):
+    with io_errors(path, "create"):
         if _is_gcs(path):
             if not _gcs().exists(_bucket(path)):
                 raise FileNotFoundError(errno.ENOENT, "no such bucket", path)
@@ -246,8 +278,9 @@ def makedirs(path: str | os.PathLike) -> None:
 def open(path: str | os.PathLike, mode: str = "r") -> contextlib.AbstractContextManager[IO[Any]]:
     """Open a file to read ('r', 'rb'), write ('w', 'wb') or, locally, append ('a', 'ab'); use it in a `with`.
 
-    Text is UTF-8. On Cloud Storage a written file is uploaded when the block ends, and nothing is uploaded when
-    the block raises (the old object, if any, stays); appending there is `append_line`.
+    Text is UTF-8. A written file appears whole when the block ends, and not at all when it raises (the old file,
+    if any, stays): locally it is written under a temporary name and renamed; on Cloud Storage it is uploaded
+    then. Appending to an object is `append_line`.
     """
     if mode not in ("r", "rb", "w", "wb", "a", "ab"):
         raise ValueError(f"storage.open mode is one of r, rb, w, wb, a, ab, not {mode!r}")
@@ -259,9 +292,23 @@ def open(path: str | os.PathLike, mode: str = "r") -> contextlib.AbstractContext
 
 @contextlib.contextmanager
 def _open(path: str, mode: str) -> Iterator[IO[Any]]:
-    with _errors(path, "read" if "r" in mode else "write"):
+    with io_errors(path, "read" if "r" in mode else "write"):
         _forget_listings(path)
         encoding = None if "b" in mode else "utf-8"
+        if not is_uri(path) and mode in ("w", "wb"):
+            # A temporary file renamed over `path` once complete: readers and a crash see all of it or none.
+            tmp = _temporary_name(path)
+            try:
+                with builtins.open(tmp, mode.replace("w", "x"), encoding=encoding) as f:
+                    yield f
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise
+            return
         if not _is_gcs(path):
             with (_path(path).open(mode) if is_uri(path) else builtins.open(path, mode, encoding=encoding)) as f:
                 yield f
@@ -313,27 +360,9 @@ def _temporary_name(path: str) -> str:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Replace a file's content so that readers (and a crash) see the old content or the new, never a part.
-
-    Locally: a temporary file beside it, flushed to disk, then renamed over it. On Cloud Storage one upload
-    already is atomic.
-    """
-    path = os.fspath(path)
-    if is_uri(path):
-        write_text(path, text)
-        return
-    with _errors(path, "write"):
-        tmp = _temporary_name(path)
-        try:
-            with builtins.open(tmp, "x", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
+    """Replace a file's content so that readers (and a crash) see the old content or the new, never a part: what
+    every write through `open` does (locally a temporary file renamed over it; on Cloud Storage one upload)."""
+    write_text(path, text)
 
 
 def append_line(path: str | os.PathLike, line: str) -> None:
@@ -347,7 +376,7 @@ def append_line(path: str | os.PathLike, line: str) -> None:
     if "\n" in line:
         raise ValueError(f"append_line takes a single line, not {line!r}")
     data = (line + "\n").encode()
-    with _errors(path, "write"):
+    with io_errors(path, "write"):
         if not _is_gcs(path):
             if is_uri(path):
                 raise StorageError(f"{path}: only local paths and gs:// URIs can be appended to; use one of them for the run")
@@ -368,10 +397,84 @@ def append_line(path: str | os.PathLike, line: str) -> None:
             fs.invalidate_cache(path)
 
 
+def create_exclusive(path: str | os.PathLike, text: str) -> bool:
+    """Create a file holding `text` unless one exists: True if this call created it, False if it existed.
+
+    Among concurrent callers exactly one creates it: locally through O_EXCL, on Cloud Storage through an upload
+    with the precondition ifGenerationMatch=0 (only if no live object has the name), which the server checks.
+    """
+    path = os.fspath(path)
+    data = text.encode("utf-8")
+    with io_errors(path, "write"):
+        if _is_gcs(path):
+            try:
+                _gcs().pipe_file(path, data, mode="create")
+            except FileExistsError:  # gcsfs: 412 Precondition Failed
+                return False
+            finally:
+                _forget_listings(path)
+            return True
+        if is_uri(path):
+            raise StorageError(f"{path}: only local paths and gs:// URIs can be used for a run")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with builtins.open(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+
+def _object(path: str) -> tuple[str, str]:
+    bucket, _, key = path[len("gs://") :].partition("/")
+    return bucket, key
+
+
+def read_generation(path: str) -> tuple[str, int]:
+    """A Cloud Storage object's text and generation (FileNotFoundError if there is none)."""
+    with io_errors(path, "read"):
+        headers, content = _gcs().call("GET", "b/{}/o/{}", *_object(path), alt="media")
+        return content.decode("utf-8", errors="replace"), int(headers["x-goog-generation"])
+
+
+def replace_if_generation(path: str, text: str, generation: int) -> int | None:
+    """Upload `text` over a Cloud Storage object only while its generation is `generation`; the new generation,
+    or None when the object has changed or gone since."""
+    bucket, key = _object(path)
+    gcs = _gcs()
+    with io_errors(path, "write"):
+        try:
+            reply = gcs.call(
+                "POST", gcs.base.replace("/storage/v1/", "/upload/storage/v1/") + "b/{}/o", bucket, uploadType="media",
+                name=key,
+                ifGenerationMatch=str(generation), data=text.encode("utf-8"), json_out=True,
+                headers={"Content-Type": "application/octet-stream"},
+            )
+        except (FileExistsError, FileNotFoundError):
+            return None
+        finally:
+            _forget_listings(path)
+        return int(reply["generation"])
+
+
+def remove_if_generation(path: str, generation: int) -> bool:
+    """Delete a Cloud Storage object only while its generation is `generation`: whether this call deleted it."""
+    with io_errors(path, "delete"):
+        try:
+            _gcs().call("DELETE", "b/{}/o/{}", *_object(path), ifGenerationMatch=str(generation))
+        except (FileExistsError, FileNotFoundError):
+            return False
+        finally:
+            _forget_listings(path)
+        return True
+
+
 def getsize(path: str | os.PathLike) -> int:
     """A file's size in bytes."""
     path = os.fspath(path)
-    with _errors(path, "read"):
+    with io_errors(path, "read"):
         _forget_listings(path)
         if not is_uri(path):
             return os.path.getsize(path)
@@ -384,7 +487,7 @@ def getsize(path: str | os.PathLike) -> int:
 def remove(path: str | os.PathLike) -> None:
     """Delete a file (FileNotFoundError if there is none)."""
     path = os.fspath(path)
-    with _errors(path, "delete"):
+    with io_errors(path, "delete"):
         _forget_listings(path)
         if is_uri(path):
             if not _path(path).is_file():
@@ -398,7 +501,7 @@ def remove(path: str | os.PathLike) -> None:
 def rmtree(path: str | os.PathLike, missing_ok: bool = False) -> None:
     """Delete a directory and everything under it."""
     path = os.fspath(path)
-    with _errors(path, "delete"):
+    with io_errors(path, "delete"):
         _forget_listings(path)
         if is_uri(path):
             if not _path(path).is_dir():
@@ -433,7 +536,7 @@ def local_copy(path: str | os.PathLike, mode: str = "r") -> Iterator[str]:
         tmp = _temporary_name(path)
         try:
             yield tmp
-            with _errors(path, "write"):
+            with io_errors(path, "write"):
                 os.replace(tmp, path)
         finally:
             with contextlib.suppress(FileNotFoundError):

@@ -36,6 +36,7 @@ from jaxlm.errors import CheckpointError, ConfigError, NonFiniteError
 from jaxlm.logging import MetricsWriter, ProfileWindow, check_wandb, plot_losses
 from jaxlm.model import Transformer, bits_per_byte, compiler_options, token_loss_sums
 from jaxlm.optim import make_optimizer, make_schedule
+from jaxlm.runlock import RunLock
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run saved a checkpoint on SIGTERM; rerun the command to resume
 SUMMARY_FILE = "summary.json"
@@ -184,6 +185,65 @@ def jit_step(task: Task, mesh: jax.sharding.Mesh):
     )
 
 
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def _shard_bytes(abstract: Params) -> int:
+    """The bytes of one device's shards of an abstract tree."""
+    return sum(
+        int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize for a in jax.tree.leaves(abstract)
+    )
+
+
+def _host_available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def device_memory(mesh: jax.sharding.Mesh) -> tuple[int | None, str]:
+    """The memory free for a run on each of the mesh's devices, and what that memory is (None where unknown).
+
+    Accelerators report their own; CPU devices share the host's available memory."""
+    device = mesh.devices.flat[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return stats["bytes_limit"] - stats.get("bytes_in_use", 0), f"a {device.device_kind} has"
+    available = _host_available_bytes()
+    if device.platform != "cpu" or available is None:
+        return None, ""
+    local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    return available // local, f"{local} CPU device(s) share this host's {_gib(available)} available, each"
+
+
+def compile_within_memory(step, abstract_state: Params, abstract_frozen: Params, batch: Batch, mesh):
+    """The jitted step compiled for the run's shapes, once the compiler's own memory analysis says that one
+    device holds its state, its frozen params, the batch and the step's temporaries; else a ConfigError giving
+    the sizes and what to change, before any of the state is allocated."""
+    abstract_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), batch)
+    compiled = step.lower(abstract_state, abstract_frozen, abstract_batch).compile()
+    stats = compiled.memory_analysis()
+    available, where = device_memory(mesh)
+    if stats is None or available is None:
+        return compiled
+    # Donated state: its output reuses (aliases) its input's buffers.
+    needed = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+              + stats.temp_size_in_bytes)
+    if needed <= available:
+        return compiled
+    params, opt_state = _shard_bytes(abstract_state["params"]), _shard_bytes(abstract_state["opt_state"])
+    raise ConfigError(
+        f"the run needs {_gib(needed)} per device (params {_gib(params)}, optimizer state {_gib(opt_state)}, the "
+        f"step's temporaries {_gib(stats.temp_size_in_bytes)}) but {where} {_gib(available)}: shard the state over "
+        "the devices (--mesh.fsdp -1 --mesh.data 1), recompute activations (--model.remat full), lower "
+        "--data.batch-size or raise --train.grad-accum, or train a smaller model"
+    )
+
+
 def place(tree: Params, shardings: Params) -> Params:
     """Host or single-device arrays put on the mesh, each with its sharding."""
     return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
@@ -208,6 +268,8 @@ class Pretraining:
                 f"the tokenizer has {self.prepared.vocab_size} tokens but ModelConfig.vocab_size="
                 f"{self.experiment.model.vocab_size}: set --model.vocab-size to at least {self.prepared.vocab_size}"
             )
+        if self.experiment.train.samples:
+            _sample_prompts(self.experiment, self.prepared.tokenizer)  # the samples must fit, before any step
 
     def _init_boxed(self, rng: jax.Array) -> Params:
         tokens = jnp.zeros((1, self.experiment.data.seq_len), jnp.int32)
@@ -309,14 +371,26 @@ def _prepare_once(experiment: Experiment):
 SAMPLE_PROMPTS = ("def ", "import ", "class ")
 
 
+def _sample_prompts(experiment: Experiment, tokenizer) -> tuple[list[str], list[list[int]], int]:
+    """The samples' prompts, their ids, and how many new tokens the context leaves after the longest (at least 1)."""
+    prompts = [SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)] for i in range(experiment.train.samples)]
+    prompt_ids = [[tokenizer.eos_id, *tokenizer.encode(p)] for p in prompts]
+    longest = max(len(ids) for ids in prompt_ids)
+    budget = experiment.model.max_seq_len - longest
+    if budget < 1:
+        raise ConfigError(
+            f"ModelConfig.max_seq_len={experiment.model.max_seq_len} leaves no room to sample after the "
+            f"{longest}-token sample prompts: set --train.samples 0, or --model.max-seq-len to at least {longest + 1}"
+        )
+    return prompts, prompt_ids, budget
+
+
 def write_samples(experiment: Experiment, params: Params, prepared, path: str) -> None:
     """Samples from fixed prompts, each after an end-of-document token (where documents start in training rows)."""
     from jaxlm.generate import generate
 
     tokenizer = prepared.tokenizer
-    prompts = [SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)] for i in range(experiment.train.samples)]
-    prompt_ids = [[tokenizer.eos_id, *tokenizer.encode(p)] for p in prompts]
-    budget = experiment.model.max_seq_len - max(len(ids) for ids in prompt_ids)
+    prompts, prompt_ids, budget = _sample_prompts(experiment, tokenizer)
     outputs = generate(
         experiment.model, params, prompt_ids, max_new_tokens=min(experiment.train.sample_tokens, budget),
         temperature=0.8, top_k=40, seed=experiment.train.seed, eos_id=tokenizer.eos_id,
@@ -473,8 +547,18 @@ def fit(task: Task, devices: list | None = None) -> dict[str, Any]:
     mesh = sharding.make_mesh(task.experiment.mesh, devices)
     sharding.check_fits(task.experiment, mesh)  # a bad mesh is refused before any data work
     task.setup()  # may complete the experiment: a finetuning run's model is that of its Hugging Face start
+    sharding.check_fits(task.experiment, mesh)
+    # One writer per run directory: process 0 holds the lock from before anything is written there to the end.
+    lock = RunLock(task.experiment.run_dir).acquire() if jax.process_index() == 0 else None
+    try:
+        return _fit(task, mesh)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit(task: Task, mesh: jax.sharding.Mesh) -> dict[str, Any]:
     experiment = task.experiment
-    sharding.check_fits(experiment, mesh)
     run_dir = experiment.run_dir
     primary = jax.process_index() == 0
     write_or_check_config(sharding.run_config(experiment))
@@ -492,6 +576,18 @@ def fit(task: Task, devices: list | None = None) -> dict[str, Any]:
     boxed = _boxed_state(task)
     state_sharding, frozen_sharding = task_shardings(task, mesh, boxed)
     train_iter = task.train_batches()
+    train_step, first_batch = jit_step(task, mesh), None
+    if latest is None:  # a resumed state fitted when it was saved
+        try:
+            first_batch = sharding.global_batch(next(train_iter), mesh)
+            train_step = compile_within_memory(
+                train_step, _abstract(boxed[0], state_sharding), _abstract(boxed[1], frozen_sharding), first_batch,
+                mesh,
+            )
+        except BaseException:  # a run refused here leaves nothing open (a sweep goes on with its next member)
+            train_iter.close()
+            checkpoints.close()
+            raise
     frozen = task.init_frozen(frozen_sharding)
     if latest is not None:
         state, data_state = checkpoints.restore(latest, _abstract(boxed[0], state_sharding))
@@ -507,7 +603,6 @@ def fit(task: Task, devices: list | None = None) -> dict[str, Any]:
         state = {"step": step0, "params": params, "opt_state": opt_state}
     start_step = int(state["step"])
 
-    train_step = jit_step(task, mesh)
     eval_fn = jax.jit(
         sharding.traced_with_activation_sharding(task.eval_sums, mesh), compiler_options=compiler_options()
     )
@@ -587,7 +682,8 @@ def fit(task: Task, devices: list | None = None) -> dict[str, Any]:
             total=steps, initial=start_step, desc=experiment.name, disable=not primary, dynamic_ncols=True
         ) as bar:
             for step in range(start_step + 1, steps + 1):
-                batch = sharding.global_batch(next(train_iter), mesh)
+                batch = first_batch if first_batch is not None else sharding.global_batch(next(train_iter), mesh)
+                first_batch = None
                 with profile.step(step):
                     state, metrics = train_step(state, frozen, batch)
                 profile.stepped(step, metrics)

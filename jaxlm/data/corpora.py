@@ -186,7 +186,7 @@ def _text_documents(
                                 continue
                             raise DataError(
                                 f"{path}:{lineno} is not a JSON object with a string {text_field!r} field: fix the "
-                                "line, set --data.text-field, or pass --data.skip-bad-lines True"
+                                "line, set --data.text-field, or pass --data.skip-bad-lines"
                             ) from None
                         # Content decides the split, so duplicated documents never straddle train and validation.
                         yield Document(f"{path}:{lineno}", value, bad, _split_of(value, val_fraction))
@@ -288,6 +288,32 @@ class SplitSource:
         return f"SplitSource({self.dataset_dir!r}, {self.split!r})"
 
 
+def file_record(path: str, sha256: str | None = None) -> dict[str, Any]:
+    """What a prepared file must still be when it is opened: its size and SHA-256 (computed unless given)."""
+    if sha256 is None:
+        with open(path, "rb") as f:
+            sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"bytes": os.path.getsize(path), "sha256": sha256}
+
+
+def damage(path: str, expected: dict[str, Any]) -> str | None:
+    """How a prepared file differs from its `file_record` at writing (None: it does not)."""
+    if not os.path.isfile(path):
+        return "is missing"
+    size = os.path.getsize(path)
+    if size != expected["bytes"]:
+        return f"has {size:,} bytes, not the {expected['bytes']:,} written"
+    if file_record(path)["sha256"] != expected["sha256"]:
+        return "does not match the checksum it was written with"
+    return None
+
+
+def _dataset_files(dataset_dir: str) -> list[str]:
+    return sorted(
+        os.path.relpath(os.path.join(d, n), dataset_dir) for d, _, names in os.walk(dataset_dir) for n in names
+    )
+
+
 def _open_local(dataset_dir: str) -> Callable[[str], Sequence[Any]]:
     return lambda split: SplitSource(dataset_dir, split)
 
@@ -302,6 +328,13 @@ def _prepare_local(
     if os.path.isfile(meta_path):
         with open(meta_path, encoding="utf-8") as f:
             stats = json.load(f)
+        for name, expected in stats.get("files", {}).items():
+            why = damage(os.path.join(dataset_dir, name), expected)
+            if why:
+                raise DataError(
+                    f"the prepared corpus file {os.path.join(dataset_dir, name)} {why}: delete {data_dir} and rerun "
+                    f"to prepare {source} again"
+                )
     else:
         make_cache_dir(data_dir, cache_dir)  # before the scan: an unusable cache fails at once
         stats = _scan(documents)
@@ -318,6 +351,7 @@ def _prepare_local(
             )
         builder = LocalCorpus(documents=_nonempty(documents), data_dir=data_dir, file_format="array_record")
         builder.download_and_prepare()
+        stats["files"] = {name: file_record(os.path.join(dataset_dir, name)) for name in _dataset_files(dataset_dir)}
         os.makedirs(data_dir, exist_ok=True)
         tmp = f"{meta_path}.tmp{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:

@@ -34,13 +34,15 @@ import grain
 import numpy as np
 
 from jaxlm.config import DataConfig
-from jaxlm.data.corpora import Corpus, open_corpus, record_text, record_text_counting
+from jaxlm.data.corpora import Corpus, damage, file_record, open_corpus, record_text, record_text_counting
 from jaxlm.data.shards import ShardSet, prepare_shards, token_dtype
-from jaxlm.data.tokenizer import Tokenizer, TokenizerSpec, build_tokenizer, make_cache_dir, tokenizer_key
+from jaxlm.data.tokenizer import (
+    Tokenizer, TokenizerSpec, build_tokenizer, check_vocab_size, make_cache_dir, tokenizer_key,
+)
 from jaxlm.errors import DataError
 
 SPLITS = ("train", "validation")
-TOKENS_VERSION = 2  # bump when the token files change layout
+TOKENS_VERSION = 3  # bump when the token files change layout (3: their checksums in stats.json)
 _ENCODE_CHUNK = 256  # documents per sentencepiece batch call
 _STATS_SAMPLE_BYTES = 20_000_000  # streamed corpora: statistics come from this much text of each split
 
@@ -94,6 +96,7 @@ def _tokenize_split(corpus: Corpus, split: str, tokenizer: Tokenizer, tokens_pat
     lengths: list[int] = []
     nbytes = ntokens = bad_bytes = failures = 0
     tmp_tokens = f"{tokens_path}.tmp{os.getpid()}"
+    tokens_sha = hashlib.sha256()
     with open(tmp_tokens, "wb") as f:
         for start in range(0, len(src), _ENCODE_CHUNK):
             stop = min(start + _ENCODE_CHUNK, len(src))
@@ -103,7 +106,9 @@ def _tokenize_split(corpus: Corpus, split: str, tokenizer: Tokenizer, tokens_pat
             for (text, bad), ids in zip(decoded, encoded):
                 if not ids:
                     continue
-                f.write(np.asarray(ids, dtype=dtype).tobytes())
+                data = np.asarray(ids, dtype=dtype).tobytes()
+                f.write(data)
+                tokens_sha.update(data)
                 lengths.append(len(ids))
                 ntokens += len(ids)
                 nbytes += len(text.encode("utf-8"))
@@ -114,15 +119,32 @@ def _tokenize_split(corpus: Corpus, split: str, tokenizer: Tokenizer, tokens_pat
     np.cumsum(lengths, out=offsets[1:])
     tmp_offsets = f"{offsets_path}.tmp{os.getpid()}.npy"
     np.save(tmp_offsets, offsets)
+    files = {
+        os.path.basename(tokens_path): file_record(tmp_tokens, tokens_sha.hexdigest()),
+        os.path.basename(offsets_path): file_record(tmp_offsets),
+    }
     os.replace(tmp_tokens, tokens_path)
     os.replace(tmp_offsets, offsets_path)
     stats = {
         "documents": len(lengths), "bytes": nbytes, "tokens": ntokens, "bytes_per_token": nbytes / max(ntokens, 1),
-        "undecodable_bytes": bad_bytes, "token_dtype": dtype.name,
+        "undecodable_bytes": bad_bytes, "token_dtype": dtype.name, "files": files,
     }
     if split == "validation":
         stats["roundtrip_failures"] = failures
     return stats
+
+
+def _verify_token_files(prepared: Prepared, source: str) -> None:
+    """A token file damaged since it was written (truncated, overwritten) is a DataError naming it and how to
+    rebuild it, never a run on garbage."""
+    for split in SPLITS:
+        for path in prepared.token_files(split):
+            why = damage(path, prepared.stats[split]["files"][os.path.basename(path)])
+            if why:
+                raise DataError(
+                    f"the token cache file {path} {why}: delete {prepared.tokens_dir} and rerun to tokenize "
+                    f"{source} again"
+                )
 
 
 def _sample_split(corpus: Corpus, split: str, tokenizer: Tokenizer, sample_bytes: int) -> dict:
@@ -171,6 +193,7 @@ def prepare_data(data_config: DataConfig, process_index: int = 0, process_count:
 
     Sharded sources are tokenized by every process of a run together (process_index of process_count), each
     taking its share of the files; the other sources are built by the process that calls first."""
+    check_vocab_size(data_config.tokenizer, data_config.vocab_size)
     if data_config.source.startswith("shards:"):
         return _prepare_sharded(data_config, process_index, process_count)
     corpus = open_corpus(data_config)
@@ -192,8 +215,16 @@ def prepare_data(data_config: DataConfig, process_index: int = 0, process_count:
     prepared = Prepared(tokenizer, {}, corpus, tokens_dir, fingerprint, streaming)
     stats_path = os.path.join(tokens_dir, "stats.json")
     if os.path.isfile(stats_path):
-        with open(stats_path, encoding="utf-8") as f:
-            prepared.stats = json.load(f)
+        try:
+            with open(stats_path, encoding="utf-8") as f:
+                prepared.stats = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise DataError(
+                f"the token cache file {stats_path} is damaged: delete {tokens_dir} and rerun to tokenize "
+                f"{data_config.source} again"
+            ) from None
+        if not streaming:
+            _verify_token_files(prepared, data_config.source)
     else:
         make_cache_dir(tokens_dir, cache_dir)
         stats: dict[str, Any] = {

@@ -120,7 +120,7 @@ def _json_lines(f: IO[bytes], shard: ShardFile, text_field: str, skip_bad: bool,
                 continue
             raise DataError(
                 f"{shard.path}:{lineno} is not a JSON object with a string {text_field!r} field: fix the line, set "
-                "--data.text-field, or pass --data.skip-bad-lines True"
+                "--data.text-field, or pass --data.skip-bad-lines"
             ) from None
         yield value, bad
 

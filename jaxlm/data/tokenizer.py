@@ -23,7 +23,7 @@ import tokenizers
 from sentencepiece import sentencepiece_model_pb2 as sp_model
 
 from jaxlm import storage
-from jaxlm.errors import DataError
+from jaxlm.errors import ConfigError, DataError
 
 SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")  # ids 0..3 for trained and char tokenizers
 # Code needs newlines and tabs as whole pieces; sentencepiece would otherwise byte-encode them.
@@ -31,6 +31,8 @@ CODE_SYMBOLS = ("\n", "\t")
 # sentencepiece skips training sentences longer than max_sentence_length, so documents are cut into chunks.
 _CHUNK_BYTES = 2048
 _MARKER = "\u2581"  # sentencepiece's visible space
+# A trained model holds the 4 specials, the code symbols and 256 byte pieces before its first learned piece.
+MIN_TRAINED_VOCAB = len(SPECIALS) + len(CODE_SYMBOLS) + 256 + 1
 
 
 def _ids_list(ids: Sequence[int] | np.ndarray) -> list[int]:
@@ -84,7 +86,8 @@ class SentencePieceTokenizer:
         return out
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        return self._sp.decode(_ids_list(ids))
+        # A model whose vocabulary is padded beyond the tokenizer's may sample ids it has no piece for.
+        return self._sp.decode([i for i in _ids_list(ids) if 0 <= i < self.vocab_size])
 
 
 class ByteTokenizer:
@@ -331,8 +334,19 @@ def _chunks(texts: Iterable[str], sample_bytes: int) -> Iterator[str]:
             return
 
 
+def check_vocab_size(kind: str, vocab_size: int) -> None:
+    """A vocabulary too small for a trained tokenizer is a ConfigError, before any data is read."""
+    if kind.startswith("sentencepiece-") and vocab_size < MIN_TRAINED_VOCAB:
+        raise ConfigError(
+            f"DataConfig.vocab_size={vocab_size} is below the {MIN_TRAINED_VOCAB} pieces a trained sentencepiece "
+            f"tokenizer needs (4 special, newline and tab, 256 bytes, then learned ones): set --data.vocab-size to at "
+            f"least {MIN_TRAINED_VOCAB}, or use --data.tokenizer byte"
+        )
+
+
 def train_sentencepiece(texts: Iterable[str], model_type: str, vocab_size: int, sample_bytes: int) -> bytes:
     """Trains a byte-fallback sentencepiece model that reproduces code exactly; returns the model proto."""
+    check_vocab_size(f"sentencepiece-{model_type}", vocab_size)
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
