@@ -5,7 +5,8 @@ An experiment module declares `EXPERIMENT` (one run) or `SWEEP` (a tuple of runs
 experiment's defaults. For a sweep, an override applies to every selected member, `--train.out-dir D` puts each
 member in D/<member name>, and `--sweep.members 3:6` runs a slice (so several hosts can share one sweep). A member
 that fails is recorded in the sweep's status file and the sweep goes on (`run_sweep`: `--sweep.retries`,
-`--sweep.status`, `--sweep.restart`). Errors a user can fix print one line on stderr and exit with status 2.
+`--sweep.status`, `--sweep.restart`); `--sweep.ray` runs the members side by side on Ray, each in a process of
+its own started as `python -m jaxlm.cli '<member as JSON>'` (`run_member`). Errors a user can fix print one line on stderr and exit with status 2.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def import_ray():
         import ray
     except ImportError:
         raise ConfigError(
-            "--sweep.ray needs Ray, which is not installed: pip install -e '.[ray]' (or pip install 'ray[default]')"
+            "--sweep.ray needs Ray, which is not installed: pip install -e '.[ray]' (or pip install ray)"
         ) from None
     return ray
 
