@@ -37,7 +37,7 @@ class SweepArgs:
     status: bool = False  # print every member's state (from the sweep's status file) and run nothing
     restart: bool = False  # delete the selected members' run directories first: rerun them afresh, new flags allowed
     ray: bool = False  # run members side by side, each in its own process, on a Ray cluster (local unless ray_address)
-    ray_address: str = ""  # a Ray cluster to submit to (e.g. auto, or ray://head:10001); implies --sweep.ray
+    ray_address: str = ""  # a Ray cluster to join (auto, or the head's host:6379); implies --sweep.ray
     devices_per_member: int = 1  # on Ray: CPU devices, GPUs or TPU chips (of each host) per member
     device: str = "auto"  # on Ray: cpu, gpu or tpu; auto: TPUs, else GPUs, else CPUs, as the cluster has them
     parallel: int = 0  # on Ray: at most this many members at once (0: as many as the devices allow)
@@ -149,6 +149,11 @@ def parse_sweep(
         raise JaxlmError(f"--sweep.retries {command.sweep.retries}: use 0 or more")
     if command.sweep.ray_address:
         command = dataclasses.replace(command, sweep=dataclasses.replace(command.sweep, ray=True))
+    if command.sweep.ray:
+        from jaxlm.scaling.cluster import Placement
+
+        device = command.sweep.device if command.sweep.device != "auto" else "tpu" if command.sweep.tpu_slice else "cpu"
+        Placement(device, command.sweep.devices_per_member, command.sweep.parallel, command.sweep.tpu_slice)
     changes = _sweep_changes(argv, command.experiment)
     out_dir = changes.get("train", {}).pop("out_dir", None)
     chosen = _members(command.sweep.members, len(members))

@@ -136,3 +136,18 @@ def test_a_member_process_given_no_experiment_says_what_it_needs(capsys):
         run_member(["{not json"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("error: give an experiment as JSON, then any overrides")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sweep.devices-per-member", "0"], "--sweep.devices-per-member 0"),
+    (["--sweep.device", "npu"], "--sweep.device 'npu': use one of auto, cpu, gpu, tpu"),
+    (["--sweep.device", "gpu", "--sweep.tpu-slice", "v4-16"], "--sweep.tpu-slice v4-16 runs members on TPUs"),
+])
+def test_bad_ray_flags_are_refused_before_ray_is_needed(flags, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # the flags are checked first: no Ray is needed to refuse them
+    members = [Experiment(**{**BASE.__dict__, "name": n, "train": TrainConfig(steps=10)}) for n in ("a", "b")]
+    with pytest.raises(SystemExit) as exit_info:
+        run(members, argv=["--train.out-dir", str(tmp_path), "--sweep.ray", *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
