@@ -151,3 +151,12 @@ def test_bad_ray_flags_are_refused_before_ray_is_needed(flags, message, tmp_path
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_a_cluster_holds_as_many_members_as_its_devices_allow():
+    resources = {"CPU": 16.0, "GPU": 8.0, "TPU": 8.0, "TPU-v4-16-head": 3.0}
+    assert cluster.Placement("cpu", 2).capacity(resources) == 8
+    assert cluster.Placement("gpu", 3).capacity(resources) == 2
+    assert cluster.Placement("tpu", 4).capacity(resources) == 2
+    assert cluster.Placement("tpu", 4, tpu_slice="v4-16").capacity(resources) == 3
+    assert cluster.Placement("gpu", 1).capacity({"CPU": 2.0}) == 1  # none yet (an autoscaler adds them): one waits

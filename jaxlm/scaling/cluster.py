@@ -6,10 +6,10 @@ host devices, `member_env`), GPUs (Ray sets CUDA_VISIBLE_DEVICES), or a TPU host
 visibility variables). A member on a TPU slice runs as one task per host of the slice, all starting the same member
 with `jax.distributed` settings whose coordinator is the slice's first host (`host_launches`).
 
-`run_members` is the driver: it submits the members (at most `parallel` at once), retries a failed member at once
-until it has failed 1 + retries times (a killed member resumes from its last checkpoint), records every ending in
-the sweep's status file, and prints a table of every member's state, step and loss as they go. Ray is imported
-only here, and only when a sweep asks for it (`pip install -e '.[ray]'`).
+`run_members` is the driver: it submits the members (as many at once as the cluster holds, at most `parallel`),
+retries a failed member at once until it has failed 1 + retries times (a killed member resumes from its last
+checkpoint), records every ending in the sweep's status file, and prints a table of every member's state, step and
+loss as they go. Ray is imported only here, and only when a sweep asks for it (`pip install -e '.[ray]'`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +72,14 @@ class Placement:
         if self.tpu_slice and self.device != "tpu":
             raise ConfigError(f"--sweep.tpu-slice {self.tpu_slice} runs members on TPUs: drop --sweep.device "
                               f"{self.device} or set it to tpu")
+
+    def capacity(self, resources: dict[str, float]) -> int:
+        """How many members the cluster's `resources` (as `ray.cluster_resources()` gives them) hold at once."""
+        if self.tpu_slice:
+            fits = resources.get(f"TPU-{self.tpu_slice}-head", 0)
+        else:
+            fits = resources.get({"cpu": "CPU", "gpu": "GPU", "tpu": "TPU"}[self.device], 0) // self.devices
+        return max(1, int(fits))
 
     def task_options(self) -> dict[str, Any]:
         """The Ray resources of one member process."""
@@ -151,10 +160,12 @@ def run_process(command: list[str], env: dict[str, str], cwd: str, log_path: str
     os.makedirs(os.path.dirname(local_log) or ".", exist_ok=True)
     started = time.time()
     with open(local_log, "ab") as log:
-        process = subprocess.Popen(
-            command, env={**os.environ, **env}, cwd=cwd if os.path.isdir(cwd) else None, stdout=log,
-            stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
-        )
+        with warnings.catch_warnings():  # JAX warns of any fork in a process that imported it; this child execs
+            warnings.simplefilter("ignore", RuntimeWarning)
+            process = subprocess.Popen(
+                command, env={**os.environ, **env}, cwd=cwd if os.path.isdir(cwd) else None, stdout=log,
+                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+            )
         try:
             returncode = process.wait()
         finally:
@@ -227,9 +238,11 @@ def run_members(
     running: dict[Any, Experiment] = {}
     failed: list[str] = []
     last_table = 0.0
-    limit = placement.parallel or len(members)
     try:
         while waiting or running:
+            # Submit no more than the cluster holds, so that every submitted member is running (an autoscaling
+            # cluster's resources grow as it adds nodes).
+            limit = min(placement.parallel or len(members), placement.capacity(ray.cluster_resources()))
             while waiting and len(running) < limit:
                 member = waiting.pop(0)
                 running[submit(member)] = member
