@@ -283,6 +283,20 @@ def run_sweep(
     return [summaries[m.name] for m in selected if m.name in summaries], failed
 
 
+def _check_reachable(address: str) -> None:
+    """Refuse a Ray head given as host:port where nothing answers (Ray itself would retry for minutes)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return  # auto, or an address for Ray to resolve
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as e:
+        raise JaxlmError(f"--sweep.ray-address {address}: nothing answers there ({e}); start the cluster's head "
+                         "(`ray start --head` or `ray up`) or give its address (auto on a node of the cluster)") from None
+
+
 def run_on_ray(
     args: SweepArgs, members: Sequence[Experiment], everyone: Sequence[Experiment], status: dict[str, Any],
     directory: str,
@@ -297,8 +311,15 @@ def run_on_ray(
     if started_here:
         import time
 
+        _check_reachable(args.ray_address)
         clock = time.perf_counter()
-        ray.init(address=args.ray_address or None, include_dashboard=False, log_to_driver=False)
+        try:
+            ray.init(address=args.ray_address or None, include_dashboard=False, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            where = f"join the Ray cluster at {args.ray_address}" if args.ray_address else "start a local Ray"
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise JaxlmError(f"could not {where} ({first}): check the address (auto, or the head's host:6379) "
+                             "and that `ray status` answers there") from None
         where = f"the Ray cluster at {args.ray_address}" if args.ray_address else "a local Ray"
         print(f"connected to {where} in {time.perf_counter() - clock:.1f}s: {ray.cluster_resources()}")
     try:

@@ -4,6 +4,7 @@ failure messages, and the one-line error without Ray."""
 
 import json
 import math
+import socket
 import sys
 
 import numpy as np
@@ -160,3 +161,16 @@ def test_a_cluster_holds_as_many_members_as_its_devices_allow():
     assert cluster.Placement("tpu", 4).capacity(resources) == 2
     assert cluster.Placement("tpu", 4, tpu_slice="v4-16").capacity(resources) == 3
     assert cluster.Placement("gpu", 1).capacity({"CPU": 2.0}) == 1  # none yet (an autoscaler adds them): one waits
+
+
+def test_a_ray_address_where_nothing_answers_is_a_one_line_error(tmp_path, capsys):
+    pytest.importorskip("ray")
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    members = [Experiment(**{**BASE.__dict__, "name": n, "train": TrainConfig(steps=10)}) for n in ("a", "b")]
+    with pytest.raises(SystemExit) as exit_info:
+        run(members, argv=["--train.out-dir", str(tmp_path), "--sweep.ray-address", f"127.0.0.1:{port}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --sweep.ray-address 127.0.0.1:{port}: nothing answers there") and "\n" not in err
