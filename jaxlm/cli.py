@@ -6,7 +6,8 @@ experiment's defaults. For a sweep, an override applies to every selected member
 member in D/<member name>, and `--sweep.members 3:6` runs a slice (so several hosts can share one sweep). A member
 that fails is recorded in the sweep's status file and the sweep goes on (`run_sweep`: `--sweep.retries`,
 `--sweep.status`, `--sweep.restart`); `--sweep.ray` runs the members side by side on Ray, each in a process of
-its own started as `python -m jaxlm.cli '<member as JSON>'` (`run_member`). Errors a user can fix print one line on stderr and exit with status 2.
+its own started as `python -m jaxlm.cli '<member as JSON>'` (`run_member`). Errors a user can fix print one line
+on stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -259,7 +260,8 @@ def run_sweep(
         failed += run_on_ray(args, to_run, everyone, status, directory)
         summaries.update({m.name: json.loads(storage.read_text(storage.join(m.run_dir, "summary.json")))
                           for m in to_run if sweep_status.is_finished(m)})
-    for member in [] if args.ray else to_run:
+        to_run = []
+    for member in to_run:
         entry = status.get(member.name, {})
         try:
             summaries[member.name] = train(member)
@@ -293,8 +295,10 @@ def _check_reachable(address: str) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=10).close()
     except OSError as e:
-        raise JaxlmError(f"--sweep.ray-address {address}: nothing answers there ({e}); start the cluster's head "
-                         "(`ray start --head` or `ray up`) or give its address (auto on a node of the cluster)") from None
+        raise JaxlmError(
+            f"--sweep.ray-address {address}: nothing answers there ({e}); start the cluster's head (`ray start "
+            "--head` or `ray up`) or give its address (auto on a node of the cluster)"
+        ) from None
 
 
 def run_on_ray(
