@@ -5,7 +5,9 @@ An experiment module declares `EXPERIMENT` (one run) or `SWEEP` (a tuple of runs
 experiment's defaults. For a sweep, an override applies to every selected member, `--train.out-dir D` puts each
 member in D/<member name>, and `--sweep.members 3:6` runs a slice (so several hosts can share one sweep). A member
 that fails is recorded in the sweep's status file and the sweep goes on (`run_sweep`: `--sweep.retries`,
-`--sweep.status`, `--sweep.restart`). Errors a user can fix print one line on stderr and exit with status 2.
+`--sweep.status`, `--sweep.restart`); `--sweep.ray` runs the members side by side on Ray, each in a process of
+its own started as `python -m jaxlm.cli '<member as JSON>'` (`run_member`). Errors a user can fix print one line
+on stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -35,6 +37,13 @@ class SweepArgs:
     retries: int = 1  # a rerun runs a failed member again until it has failed 1 + retries times
     status: bool = False  # print every member's state (from the sweep's status file) and run nothing
     restart: bool = False  # delete the selected members' run directories first: rerun them afresh, new flags allowed
+    ray: bool = False  # run members side by side, each in its own process, on a Ray cluster (local unless ray_address)
+    ray_address: str = ""  # a Ray cluster to join (auto, or the head's host:6379); implies --sweep.ray
+    devices_per_member: int = 1  # on Ray: CPU devices, GPUs or TPU chips (of each host) per member
+    device: str = "auto"  # on Ray: cpu, gpu or tpu; auto: TPUs, else GPUs, else CPUs, as the cluster has them
+    parallel: int = 0  # on Ray: at most this many members at once (0: as many as the devices allow)
+    tpu_slice: str = ""  # on Ray: each member takes a whole TPU slice of this type (e.g. v4-16), one process a host
+    table_every: float = 30.0  # on Ray: seconds between two prints of the members' table (also printed as they end)
 
 
 @dataclass(frozen=True)
@@ -147,6 +156,13 @@ def parse_sweep(
     )
     if command.sweep.retries < 0:
         raise JaxlmError(f"--sweep.retries {command.sweep.retries}: use 0 or more")
+    if command.sweep.ray_address:
+        command = dataclasses.replace(command, sweep=dataclasses.replace(command.sweep, ray=True))
+    if command.sweep.ray:
+        from jaxlm.scaling.cluster import Placement
+
+        device = command.sweep.device if command.sweep.device != "auto" else "tpu" if command.sweep.tpu_slice else "cpu"
+        Placement(device, command.sweep.devices_per_member, command.sweep.parallel, command.sweep.tpu_slice)
     changes = _sweep_changes(argv, command.experiment)
     out_dir = changes.get("train", {}).pop("out_dir", None)
     chosen = _members(command.sweep.members, len(members))
@@ -207,7 +223,8 @@ SWEEP_FAILED = 1
 def run_sweep(
     args: SweepArgs, selected: Sequence[Experiment], everyone: Sequence[Experiment]
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Train the selected members one after another; returns their summaries and the names of those that failed.
+    """Train the selected members one after another, or side by side on Ray (`args.ray`, see `run_on_ray`);
+    returns their summaries and the names of those that failed.
 
     A member that raises (a non-finite loss, running out of memory, any error) is recorded as failed in the sweep
     directory's status file, with its error's first line, and the sweep goes on; finished members are skipped;
@@ -231,7 +248,8 @@ def run_sweep(
         print_grid(sweep_status.STATUS_HEADER, sweep_status.status_rows(everyone, status))
         return [], []
     primary = jax.process_index() == 0
-    summaries, failed = [], []
+    summaries: dict[str, dict[str, Any]] = {}
+    failed, to_run = [], []
     for member in selected:
         if args.restart:
             if primary:
@@ -240,17 +258,23 @@ def run_sweep(
         entry = status.get(member.name, {})
         if sweep_status.is_finished(member):
             print(f"{member.name} is finished: skipped")
-            summaries.append(json.loads(storage.read_text(storage.join(member.run_dir, "summary.json"))))
-            continue
-        if entry.get("state") == sweep_status.FAILED:
-            if entry["failures"] > args.retries:
-                print(f"{member.name}: skipped, it failed {entry['failures']} times ({entry['error']}); rerun it with "
-                      f"--sweep.retries {entry['failures']}, or afresh with --sweep.restart", file=sys.stderr)
-                failed.append(member.name)
-                continue
+            summaries[member.name] = json.loads(storage.read_text(storage.join(member.run_dir, "summary.json")))
+        elif entry.get("state") == sweep_status.FAILED and entry["failures"] > args.retries:
+            print(f"{member.name}: skipped, it failed {entry['failures']} times ({entry['error']}); rerun it with "
+                  f"--sweep.retries {entry['failures']}, or afresh with --sweep.restart", file=sys.stderr)
+            failed.append(member.name)
+        else:
+            to_run.append(member)
+    if args.ray and to_run:
+        failed += run_on_ray(args, to_run, everyone, status, directory)
+        summaries.update({m.name: json.loads(storage.read_text(storage.join(m.run_dir, "summary.json")))
+                          for m in to_run if sweep_status.is_finished(m)})
+        to_run = []
+    for member in to_run:
+        entry = status.get(member.name, {})
         try:
-            summaries.append(train(member))
-            status[member.name] = {"state": sweep_status.FINISHED}
+            summaries[member.name] = train(member)
+            status[member.name] = sweep_status.finished_entry(entry)
         except (Preempted, KeyboardInterrupt):
             raise
         except Exception as e:  # noqa: BLE001  (any failure of one member: recorded, and the sweep goes on)
@@ -259,8 +283,7 @@ def run_sweep(
             text = str(e).strip()
             error = text.splitlines()[0][:300] if text else ""
             error = error if isinstance(e, JaxlmError) else f"{type(e).__name__}: {error}"
-            status[member.name] = {"state": sweep_status.FAILED, "failures": entry.get("failures", 0) + 1,
-                                   "error": error}
+            status[member.name] = sweep_status.failed_entry(entry, error)
             failed.append(member.name)
             print(f"{member.name} failed: {error}; going on with the sweep", file=sys.stderr)
         if primary:
@@ -268,7 +291,60 @@ def run_sweep(
     if failed:
         print(f"{len(failed)} member(s) failed: {', '.join(failed)}; rerun the same command to retry them "
               "(--sweep.status shows every member)", file=sys.stderr)
-    return summaries, failed
+    return [summaries[m.name] for m in selected if m.name in summaries], failed
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse a Ray head given as host:port where nothing answers (Ray itself would retry for minutes)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return  # auto, or an address for Ray to resolve
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as e:
+        raise JaxlmError(
+            f"--sweep.ray-address {address}: nothing answers there ({e}); start the cluster's head (`ray start "
+            "--head` or `ray up`) or give its address (auto on a node of the cluster)"
+        ) from None
+
+
+def run_on_ray(
+    args: SweepArgs, members: Sequence[Experiment], everyone: Sequence[Experiment], status: dict[str, Any],
+    directory: str,
+) -> list[str]:
+    """Train `members` side by side on Ray, each in a process of its own (`jaxlm.scaling.cluster`): on the
+    cluster at `args.ray_address`, or on a Ray started here for this machine (and stopped at the end). A failed
+    member is retried at once until it has failed 1 + `args.retries` times. Returns the names of the failed."""
+    from jaxlm.scaling import cluster
+
+    ray = cluster.import_ray()
+    started_here = not ray.is_initialized()
+    if started_here:
+        import time
+
+        _check_reachable(args.ray_address)
+        clock = time.perf_counter()
+        try:
+            ray.init(address=args.ray_address or None, include_dashboard=False, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            where = f"join the Ray cluster at {args.ray_address}" if args.ray_address else "start a local Ray"
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise JaxlmError(f"could not {where} ({first}): check the address (auto, or the head's host:6379) "
+                             "and that `ray status` answers there") from None
+        where = f"the Ray cluster at {args.ray_address}" if args.ray_address else "a local Ray"
+        print(f"connected to {where} in {time.perf_counter() - clock:.1f}s: {ray.cluster_resources()}")
+    try:
+        device = args.device
+        if device == "auto":
+            resources = ray.cluster_resources()
+            device = "tpu" if resources.get("TPU") else "gpu" if resources.get("GPU") else "cpu"
+        placement = cluster.Placement(device, args.devices_per_member, args.parallel, args.tpu_slice)
+        return cluster.run_members(members, everyone, status, directory, placement, args.retries, args.table_every)
+    finally:
+        if started_here:
+            ray.shutdown()
 
 
 def guarded(command: Callable[[], Any]) -> Any:
@@ -350,3 +426,56 @@ def run_isoflop_sweep(
             guarded(lambda: scaling.fit_and_plot(sweep_dir, fits_dir, **options))
     if failed:
         sys.exit(SWEEP_FAILED)
+
+
+def run_search(sweep: Sequence[Experiment], fields: Sequence[str], argv: Sequence[str] | None = None) -> None:
+    """A hyperparameter search's `main`: train the members a command line selects (as `run` does a sweep), then,
+    once no member is unfinished, report the finished ones: a table sorted by final validation loss (printed,
+    and written as search.csv in the sweep's directory) and search.png, validation loss against each of `fields`.
+    Exits with status 1 when a member failed in this run."""
+    from jaxlm.logging import print_grid
+    from jaxlm.scaling import search
+    from jaxlm.scaling import status as sweep_status
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    sweep_args, members, everyone = guarded(lambda: parse_sweep(sweep, argv, program_name()))
+    _, failed = guarded(lambda: run_sweep(sweep_args, members, everyone))
+    if sweep_args.status:
+        return
+    directory = sweep_status.sweep_dir(everyone)
+    status = sweep_status.read_status(directory)
+    unfinished = [m.name for m in everyone if sweep_status.state_of(m, status) == sweep_status.UNFINISHED]
+    if unfinished:
+        print(f"{len(unfinished)} member(s) unfinished ({', '.join(unfinished)}): the report waits for them")
+    else:
+        rows = search.search_rows(everyone, fields)
+        storage.write_text(storage.join(directory, "search.csv"), search.rows_csv(rows))
+        if rows:
+            search.plot_search(rows, fields, storage.join(directory, "search.png"), title=storage.basename(directory))
+        print(f"{len(rows)} finished member(s) by final validation loss -> {storage.join(directory, 'search.csv')}, "
+              f"{storage.join(directory, 'search.png')}")
+        print_grid(list(rows[0]) if rows else ["name"], [
+            [f"{v:.4g}" if isinstance(v, float) else v for v in row.values()] for row in rows])
+    if failed:
+        sys.exit(SWEEP_FAILED)
+
+
+def run_member(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """`python -m jaxlm.cli '<experiment as JSON>' [--section.field value ...]`: train one experiment given whole,
+    as a sweep on Ray starts each member's process (a TPU host's adds its jax.distributed settings as flags)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def experiment() -> Experiment:
+        usage = "give an experiment as JSON, then any overrides (--section.field value), as jaxlm's sweeps do"
+        if not argv:
+            raise JaxlmError(usage)
+        try:
+            return Experiment.from_dict(json.loads(argv[0]))
+        except (ValueError, TypeError, AttributeError) as e:
+            raise JaxlmError(f"{usage}: {e}") from None
+
+    return run(guarded(experiment), argv[1:])
+
+
+if __name__ == "__main__":
+    run_member()

@@ -15,8 +15,13 @@ them with `fit_and_plot`, which is also what `python -m tools.fit_scaling` runs.
 Every fit validates its input and raises `ScalingError` (a `JaxlmError`) naming the budget, column or row at fault;
 a fit that does not converge raises rather than returning numbers.
 
+Hyperparameter searches (`search`): `grid_search` and seeded `random_search` over any config fields, and a report
+by final validation loss. Sweeps on Ray (`cluster`; Ray is imported only when a sweep asks for it): each member in
+a process of its own with its own devices.
+
 Modules: `parametric` (approach 3), `isoflop` (approach 2), `envelope` (approach 1), `sweeps` (declaring and
-checking sweeps), `results` (reading runs and results tables), `report` (fitting a sweep or table and plotting the
+checking sweeps), `search` (hyperparameter searches), `cluster` (sweeps on Ray), `status` (a sweep's record of its
+members), `results` (reading runs and results tables), `report` (fitting a sweep or table and plotting the
 fits); `_common` holds `ScalingError` and the checks the fits share.
 """
 

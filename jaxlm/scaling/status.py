@@ -1,8 +1,9 @@
 """A sweep's record of its members: `sweep_status.json` in the sweep's directory.
 
 Each member that ended is recorded as finished, or failed with its error's first line and how many times it
-failed; a member without a record (and without summary.json) is unfinished. The file is rewritten whole and
-atomically after each member, by process 0 only. `status_rows` adds each member's last logged step and loss, for
+failed (a member run on Ray also records when and on which host its last process started and ended); a member
+without a record (and without summary.json) is unfinished. The file is rewritten whole and atomically after each
+member, by process 0 only (by the driver, on Ray). `status_rows` adds each member's last logged step and loss, for
 `--sweep.status`.
 """
 
@@ -44,6 +45,17 @@ def read_status(directory: str) -> dict[str, dict[str, Any]]:
 def write_status(directory: str, status: dict[str, dict[str, Any]]) -> None:
     storage.makedirs(directory)
     storage.write_text_atomic(storage.join(directory, STATUS_FILE), json.dumps(status, indent=2, sort_keys=True))
+
+
+def finished_entry(previous: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A member's record once it has finished: the failures it had before, if any, are kept."""
+    failures = previous.get("failures", 0)
+    return {"state": FINISHED, **({"failures": failures} if failures else {}), **extra}
+
+
+def failed_entry(previous: dict[str, Any], error: str, **extra: Any) -> dict[str, Any]:
+    """A member's record once it has failed (once more): its error's first line and how many times it failed."""
+    return {"state": FAILED, "failures": previous.get("failures", 0) + 1, "error": error, **extra}
 
 
 def is_finished(member: Experiment) -> bool:

@@ -23,7 +23,7 @@ from jaxlm.flops import count_params, flops_per_token
 from jaxlm.logging import read_metrics
 
 
-def _member_train(base: Experiment, name: str, steps: int):
+def member_train(base: Experiment, name: str, steps: int):
     """A sweep member's train section: `steps` long, in its own directory under the sweep's, evaluating and
     logging at least at its last step."""
     return dataclasses.replace(
@@ -177,7 +177,7 @@ def isoflop_grid(
                     name=name,
                     model=cfg,
                     optim=dataclasses.replace(base.optim, warmup_steps=round(warmup_fraction * steps)),
-                    train=_member_train(base, name, steps),
+                    train=member_train(base, name, steps),
                 )
             )
     return tuple(members)
@@ -262,7 +262,7 @@ def wsd_branches(
     members = []
     for i, n_steps in enumerate(steps):
         name = f"{base.name}-wsd-D{n_steps * tokens_per_step:.0e}"
-        train = _member_train(base, name, n_steps)
+        train = member_train(base, name, n_steps)
         if i == 0 and starts:
             train = dataclasses.replace(train, ckpt_every=trunk_saves, keep_checkpoints=n_steps // trunk_saves + 1)
         members.append(dataclasses.replace(base, name=name, optim=optim, train=train))
