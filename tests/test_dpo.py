@@ -161,3 +161,19 @@ def test_a_dpo_run_measures_against_the_starting_model_through_a_resume(files, t
     again = [json.loads(line) for line in open(run / "metrics.jsonl")]
     pick = lambda rs: [(r["step"], r.get("loss"), r.get("val_loss")) for r in rs if r["step"] > 3]  # noqa: E731
     np.testing.assert_allclose(np.array(pick(again), dtype=float), np.array(pick(rows), dtype=float), rtol=1e-5)
+
+
+def test_demo_pairs_reject_another_functions_docstring():
+    from experiments.dpo_docstrings import preference_pairs
+
+    examples = [{"messages": [{"role": "user", "content": f"def f{i}(): ..."},
+                              {"role": "assistant", "content": f"Doc {i % 5}."}]} for i in range(12)]
+    pairs = preference_pairs(examples, seed=0)
+    # Every prompt keeps its own docstring as the chosen answer; the rejected one is another function's, and
+    # functions sharing a docstring (i and i + 5 here) are never paired.
+    assert 0 < len(pairs) <= 12
+    for pair in pairs:
+        i = int(pair["prompt"][0]["content"][5:].split("(")[0])
+        assert pair["chosen"][0]["content"] == f"Doc {i % 5}."
+        assert pair["rejected"][0]["content"] != pair["chosen"][0]["content"]
+    assert len({p["rejected"][0]["content"] for p in pairs}) > 1
