@@ -122,3 +122,10 @@ def test_mup_transfer_sweep_and_best_learning_rates():
     losses = {("sp", 32, 1e-3): 2.0, ("sp", 32, 3e-3): 1.9, ("sp", 32, 1e-2): float("nan"),
               ("mup", 64, 1e-3): 2.1, ("mup", 64, 3e-3): 2.2}
     assert mt.best_learning_rates(losses) == {("sp", 32): (3e-3, 1.9), ("mup", 64): (1e-3, 2.1)}
+
+
+def test_hf_export_refuses_a_mup_model_off_its_base_width(tmp_path):
+    from jaxlm.hf import save_hf
+
+    with pytest.raises(ConfigError, match="Hugging Face's GPT-2, Llama and Qwen3 cannot express"):
+        save_hf(model_at(64, "mup"), {}, str(tmp_path / "hf"))
