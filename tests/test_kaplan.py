@@ -31,7 +31,9 @@ def inside(fit, name, true):
     return lo <= true <= hi
 
 
-@pytest.mark.parametrize("variable, alpha, x_c, lo, hi", [("N", ALPHA_N, N_C, 1e6, 1e9), ("D", ALPHA_D, D_C, 2e7, 2e10)])
+@pytest.mark.parametrize(
+    "variable, alpha, x_c, lo, hi", [("N", ALPHA_N, N_C, 1e6, 1e9), ("D", ALPHA_D, D_C, 2e7, 2e10)]
+)
 def test_single_variable_laws_recover_kaplans_constants(variable, alpha, x_c, lo, hi):
     # The paper's ranges: N from 768 to 1.5e9 non-embedding parameters, D from 22M to 23B tokens.
     x = np.geomspace(lo, hi, 40)

@@ -199,7 +199,8 @@ class PreferenceTuning(FinetuneTask):
             return {"model": self.place_backbone(shardings["model"])}
         # A copy of its own: the policy starts from the same weights, and its buffers are donated at every step
         # (a device_put of the same array could hand both the one buffer). The host copy stays for the policy.
-        return {"reference": jax.tree.map(lambda x, s: jax.device_put(np.array(x), s), self.base, shardings["reference"])}
+        copy = jax.tree.map(lambda x, s: jax.device_put(np.array(x), s), self.base, shardings["reference"])
+        return {"reference": copy}
 
     def update_mask(self):
         return self.backbone_mask()
