@@ -76,11 +76,16 @@ def test_coordinate_check_and_base_width_equality():
         assert mup.max() / mup.min() < 1.6, (layer, mup)
     embed = [runs[p, w][1]["embed"] for p in ("sp", "mup") for w in WIDTHS]
     assert max(embed) / min(embed) < 1.5  # the input layer is the same under both
+    # Hidden matrices start with variance ~ 1/fan_in (std init_std sqrt(base / width)), embeddings as under SP.
+    params = jax.jit(init_params, static_argnums=0)(model_at(128, "mup"), jax.random.key(0))
+    kernel = np.asarray(params["block_0"]["attn"]["query"]["kernel"])
+    assert kernel.std() == pytest.approx(0.02 * (BASE / 128) ** 0.5, rel=0.05)
+    assert np.asarray(params["embed"]["embedding"]).std() == pytest.approx(0.02, rel=0.05)
 
 
-def test_mup_learning_rates_and_init():
+def test_mup_learning_rates_and_config():
     cfg = model_at(128, "mup")
-    params = init_params(cfg, jax.random.key(0))
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     scales = lr_scales(cfg, params)
     flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(scales)[0]}
     hidden = [k for k, v in flat.items() if v != 1.0]
@@ -89,10 +94,6 @@ def test_mup_learning_rates_and_init():
     assert sorted({k.split("'")[3] for k in hidden}) == ["attn", "mlp"]
     assert flat["['embed']['embedding']"] == 1.0 and flat["['pos_embed']['embedding']"] == 1.0
     assert all(lr == 1.0 for lr in jax.tree.leaves(lr_scales(model_at(128, "sp"), params)))
-    # Hidden matrices start with variance ~ 1/fan_in: std init_std sqrt(base / width).
-    kernel = np.asarray(params["block_0"]["attn"]["query"]["kernel"])
-    assert kernel.std() == pytest.approx(0.02 * (BASE / 128) ** 0.5, rel=0.05)
-    assert np.asarray(params["embed"]["embedding"]).std() == pytest.approx(0.02, rel=0.05)
     with pytest.raises(ConfigError, match="needs the base width: set --model.mup-base-width"):
         ModelConfig(parametrization="mup")
     with pytest.raises(ConfigError, match="parametrization='nt' is not one of sp, mup"):
