@@ -21,12 +21,14 @@ Found: not run yet.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import numpy as np
 
 from experiments.finetune_instruct import EXPERIMENT as INSTRUCT
+from experiments.finetune_instruct import FINETUNE as INSTRUCT_FINETUNE
 from experiments.finetune_instruct import docstring_examples
 from experiments.quickstart import EXPERIMENT as QUICKSTART
 from jaxlm.config import Experiment, OptimConfig, TrainConfig
@@ -45,18 +47,9 @@ EXPERIMENT = Experiment(
     mesh=INSTRUCT.mesh,
 )
 
-FINETUNE = FinetuneConfig(
-    task="dpo",
-    train_file=FILES["train"],
-    val_file=FILES["validation"],
-    layout="chat",
-    max_len=256,
-    dpo_beta=0.1,
-    lora_rank=0,  # 8: adapters instead of full finetuning, the base weights as the reference
-    lora_alpha=16.0,
-    lora_targets=("query", "key", "value", "out", "gate", "up", "proj"),
-    samples=4,
-    sample_tokens=64,
+# The instruction-tuning run's template, row length, LoRA targets and samples; pairs instead of packed examples.
+FINETUNE = dataclasses.replace(
+    INSTRUCT_FINETUNE, task="dpo", train_file=FILES["train"], val_file=FILES["validation"], pack=False, dpo_beta=0.1
 )
 
 
