@@ -319,7 +319,7 @@ def save_params(experiment: Experiment, params: Any, step: int = 0) -> None:
     try:
         if checkpoints.latest_step() is not None:
             raise CheckpointError(f"{experiment.run_dir} already holds a checkpoint: choose a new directory")
-        opt_state = jax.jit(make_optimizer(experiment.optim, experiment.train.steps).init)(params)
+        opt_state = jax.jit(make_optimizer(experiment.optim, experiment.train.steps, experiment.model).init)(params)
         state = {"step": jax.numpy.asarray(step, jax.numpy.int32), "params": params, "opt_state": opt_state}
         checkpoints.save(step, state, data_state=None)
         checkpoints.wait()

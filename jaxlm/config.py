@@ -86,6 +86,15 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0
     rope_original_max_len: int = 8192
     init_std: float = 0.02
+    # sp: standard parametrization. mup: the maximal update parametrization (Yang et al. 2022, Tensor Programs V)
+    # relative to a model of width mup_base_width, where it equals sp: hidden matrices initialised with std
+    # init_std sqrt(base/width) and trained at Adam learning rate lr base/width (jaxlm.optim), logits multiplied
+    # by base/width, attention logits scaled as 1/head_dim rather than 1/sqrt(head_dim).
+    parametrization: str = "sp"
+    mup_base_width: int = 0  # mup: the width d_model whose learning rate and initialisation the others inherit
+    # mup: the head width at the base width; 0: the heads widen with the model (head_dim x base / width). Set it to
+    # head_dim when widths add heads of a fixed size (then the attention scale does not change).
+    mup_base_head_dim: int = 0
     # What the backward pass recomputes: none | full | dots (keep matmul outputs) | attn_mlp (keep block outputs);
     # auto: dots on CPU (recomputing elementwise work beats storing it there), none on accelerators.
     remat: str = "auto"
@@ -134,6 +143,26 @@ class ModelConfig:
         _one_of(self, "dtype", DTYPES)
         _one_of(self, "remat", REMAT_POLICIES)
         _one_of(self, "attention", ATTENTION_IMPLS)
+        _one_of(self, "parametrization", ("sp", "mup"))
+        _require(
+            self.parametrization == "sp" or self.mup_base_width > 0,
+            "ModelConfig.parametrization='mup' needs the base width: set --model.mup-base-width (e.g. the proxy "
+            "model's d_model)",
+        )
+
+    @property
+    def width_ratio(self) -> float:
+        """base width / d_model under muP (what hidden learning rates, init variances and logits are scaled by);
+        1 under sp."""
+        return self.mup_base_width / self.d_model if self.parametrization == "mup" else 1.0
+
+    @property
+    def attention_ratio(self) -> float:
+        """muP's attention logit scale relative to 1/sqrt(head_dim): sqrt(base head width / head_dim); 1 under sp."""
+        if self.parametrization != "mup":
+            return 1.0
+        base = self.mup_base_head_dim or self.head_dim * self.width_ratio
+        return (base / self.head_dim) ** 0.5
 
     @property
     def architecture(self) -> str:

@@ -478,6 +478,11 @@ def save_hf(
     (in float32; `dtype="bfloat16"` halves the files at the cost of exactness). Large models are sharded."""
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype={dtype!r} is not one of float32, bfloat16, float16")
+    if cfg.width_ratio != 1.0 or cfg.attention_ratio != 1.0:
+        raise ConfigError(
+            "a muP model away from its base width scales its logits and attention, which Hugging Face's GPT-2, Llama "
+            "and Qwen3 cannot express: export a model at its base width, or one trained with parametrization sp"
+        )
     _check_tree(dataclasses.replace(cfg, scan_layers="blocks" in params), params)  # either layout will do
     hf = config_to_hf(cfg, bos_id=bos_id, eos_id=eos_id)
     hf["dtype"] = dtype

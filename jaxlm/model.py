@@ -54,6 +54,11 @@ def _ones(names: tuple[str, ...]):
     return nn.with_logical_partitioning(nn.initializers.ones_init(), names, rules=())
 
 
+def hidden_init_std(cfg: ModelConfig) -> float:
+    """The initial std of hidden matrices: init_std, and under muP init_std sqrt(base / width) (variance ~ 1/fan_in)."""
+    return cfg.init_std * cfg.width_ratio**0.5
+
+
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
     if cfg.norm == "layernorm":
         return nn.LayerNorm(
@@ -211,12 +216,13 @@ class Attention(nn.Module):
     ):
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
-        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5  # GPT-2's scaling of residual projections
+        hidden_std = hidden_init_std(cfg)
+        out_std = hidden_std / (2 * cfg.n_layers) ** 0.5  # GPT-2's scaling of residual projections
 
         def proj(name: str, heads: int, heads_axis: str) -> nn.Module:
             return nn.DenseGeneral(
                 features=(heads, cfg.head_dim), use_bias=cfg.qkv_bias, dtype=dtype, name=name,
-                kernel_init=_param_init(cfg.init_std, ("embed", heads_axis, "head_dim")),
+                kernel_init=_param_init(hidden_std, ("embed", heads_axis, "head_dim")),
                 bias_init=_zeros((heads_axis, "head_dim")),
             )
 
@@ -234,6 +240,10 @@ class Attention(nn.Module):
         if cfg.positions == "rope":
             inv_freq = rope_frequencies(cfg)
             q_BTHE, k_BTKE = apply_rope(q_BTHE, positions_BT, inv_freq), apply_rope(k_BTKE, positions_BT, inv_freq)
+        if cfg.attention_ratio != 1.0:
+            # muP's attention scale sqrt(E_base) / E, equal to 1/sqrt(E) at the base width: the kernels below
+            # divide by sqrt(E) themselves, so the queries carry sqrt(E_base / E).
+            q_BTHE = q_BTHE * jnp.asarray(cfg.attention_ratio, q_BTHE.dtype)
 
         if kv_cache is not None:
             kv_cache = tuple(
@@ -272,14 +282,15 @@ class MLP(nn.Module):
                 kernel_init=_param_init(std, axes), bias_init=_zeros(axes[1:]),
             )
 
-        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        hidden_std = hidden_init_std(cfg)
+        out_std = hidden_std / (2 * cfg.n_layers) ** 0.5
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)  # N = B*T tokens as one matrix, as in Attention
         if cfg.mlp == "gelu":
-            h_NF = nn.gelu(dense("fc", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_ND), approximate=True)
+            h_NF = nn.gelu(dense("fc", cfg.d_ff, ("embed", "mlp"), hidden_std)(x_ND), approximate=True)
         else:  # swiglu
-            gate_NF = dense("gate", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_ND)
-            up_NF = dense("up", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_ND)
+            gate_NF = dense("gate", cfg.d_ff, ("embed", "mlp"), hidden_std)(x_ND)
+            up_NF = dense("up", cfg.d_ff, ("embed", "mlp"), hidden_std)(x_ND)
             h_NF = nn.silu(gate_NF) * up_NF
         out_BTD = dense("proj", cfg.d_model, ("mlp", "embed"), out_std)(h_NF).reshape(B, T, D)
         return checkpoint_name(out_BTD, "mlp_out")
@@ -442,6 +453,8 @@ class Transformer(nn.Module):
                 cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name="lm_head",
                 kernel_init=_param_init(cfg.init_std, ("embed", "vocab")),
             )(x_ND)
+        if cfg.width_ratio != 1.0:
+            logits_NV = logits_NV * jnp.asarray(cfg.width_ratio, logits_NV.dtype)  # muP's output multiplier
         logits_BTV = logits_NV.reshape(B, T, -1)  # (-1: V, or D where jaxlm.finetune skips the projection)
         logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "seq", "vocab"))
         logits_BTV = logits_BTV.astype(jnp.float32)

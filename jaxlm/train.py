@@ -112,7 +112,7 @@ def make_step(task: Task, mesh: jax.sharding.Mesh | None = None):
     With `mesh`, the model's activation sharding constraints take effect (see jaxlm.sharding).
     """
     experiment = task.experiment
-    tx = make_optimizer(experiment.optim, experiment.train.steps)
+    tx = make_optimizer(experiment.optim, experiment.train.steps, experiment.model)
     schedule = make_schedule(experiment.optim, experiment.train.steps)
     accum = experiment.train.grad_accum
     mask = task.update_mask()
@@ -159,7 +159,9 @@ def make_step(task: Task, mesh: jax.sharding.Mesh | None = None):
 def _boxed_state(task: Task) -> tuple[Params, Params]:
     """The abstract train state and frozen params, boxed with logical axis names where the task gave them."""
     trainable, frozen = task.abstract_params()
-    opt_state = jax.eval_shape(make_optimizer(task.experiment.optim, task.experiment.train.steps).init, trainable)
+    experiment = task.experiment
+    tx = make_optimizer(experiment.optim, experiment.train.steps, experiment.model)
+    opt_state = jax.eval_shape(tx.init, trainable)
     step = jax.ShapeDtypeStruct((), jnp.int32)
     return {"step": step, "params": trainable, "opt_state": opt_state}, frozen
 
@@ -422,7 +424,8 @@ def init_train_state(experiment: Experiment, mesh: jax.sharding.Mesh) -> Params:
     shardings = state_shardings(experiment, mesh)
     params = task.init_trainable(jax.random.key(experiment.train.seed), shardings["params"])
     opt_state = jax.jit(
-        make_optimizer(experiment.optim, experiment.train.steps).init, out_shardings=shardings["opt_state"]
+        make_optimizer(experiment.optim, experiment.train.steps, experiment.model).init,
+        out_shardings=shardings["opt_state"],
     )(params)
     return {"step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]), "params": params, "opt_state": opt_state}
 
@@ -597,7 +600,8 @@ def _fit(task: Task, mesh: jax.sharding.Mesh) -> dict[str, Any]:
     else:
         params = task.init_trainable(jax.random.key(experiment.train.seed), state_sharding["params"])
         opt_state = jax.jit(
-            make_optimizer(experiment.optim, experiment.train.steps).init, out_shardings=state_sharding["opt_state"]
+            make_optimizer(experiment.optim, experiment.train.steps, experiment.model).init,
+            out_shardings=state_sharding["opt_state"],
         )(params)
         step0 = jax.device_put(jnp.zeros((), jnp.int32), state_sharding["step"])
         state = {"step": step0, "params": params, "opt_state": opt_state}

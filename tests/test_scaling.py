@@ -11,7 +11,7 @@ from scipy.special import huber, logsumexp
 from jaxlm import scaling
 from jaxlm.errors import JaxlmError
 from jaxlm.scaling import Curve, ParametricFit, ScalingError, fit_envelope, fit_isoflop, fit_parametric
-from jaxlm.scaling import parametric
+from jaxlm.scaling import lbfgs, parametric
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
 EPOCH_CSV = DATA / "chinchilla_epoch_2024.csv"
@@ -160,7 +160,7 @@ def test_batched_lbfgs_on_quadratics_and_rosenbrock():
         return value, grad
 
     x0 = np.array([[0.0, 0.0, 0.0], [3.0, -3.0, 1.0], [10.0, 10.0, 10.0], [-1.2, 1.0, 0.0]])
-    x, f, converged = parametric._batched_lbfgs(fun, x0, gtol=1e-9, ftol=0.0)
+    x, f, converged = lbfgs.batched_lbfgs(fun, x0, gtol=1e-9, ftol=0.0)
     assert converged.all()
     assert np.allclose(x[:3], centres[:3], atol=1e-6)
     assert np.allclose(x[3, :2], [1.0, 1.0], atol=1e-4)

@@ -3,7 +3,8 @@
 Input: a sweep's run directory (each member's config.json and metrics.jsonl), a results CSV written by
 `jaxlm.scaling.write_csv`, or Epoch AI's Chinchilla data (`Model Size`, `Training FLOP`, `loss`; D = C / 6N).
 Prints Chinchilla's approaches 1 (training-curve envelope, when curves are available), 2 (IsoFLOP parabolas) and
-3 (parametric L(N, D)) with bootstrap intervals, and writes PNG plots and fits.json to --out. Bad input or a fit
+3 (parametric L(N, D)) with bootstrap intervals (with --law kaplan or chinchilla,kaplan, Kaplan et al. 2020's L(N),
+L(D) and L(N, D) too), and writes PNG plots and fits.json to --out. Bad input or a fit
 that fails prints one line on stderr and exits with status 2. The work is `jaxlm.scaling.fit_and_plot`'s; this is
 its command line.
 """
@@ -36,7 +37,10 @@ def parse_args(argv):
                    help="an IsoFLOP budget without a bracketed optimum: fail, or leave it out (default: error, "
                         "but skip for Epoch's layout, whose runs are not one clean IsoFLOP grid)")
     p.add_argument("--allow-unfinished", action="store_true", help="leave unfinished runs out instead of failing")
-    p.add_argument("--approaches", default="1,2,3", help="which approaches to fit, e.g. 2,3")
+    p.add_argument("--approaches", default="1,2,3", help="which of Chinchilla's approaches to fit, e.g. 2,3")
+    p.add_argument("--law", default="chinchilla",
+                   help="chinchilla (approaches 1-3), kaplan (Kaplan et al. 2020: L(N), L(D), L(N, D)) or "
+                        "chinchilla,kaplan (both, and their compute-optimal frontiers side by side)")
     return p.parse_args(argv)
 
 
@@ -46,7 +50,7 @@ def main(argv=None) -> int:
         scaling.fit_and_plot(
             args.source, args.out, bootstrap=args.bootstrap, level=args.level, seed=args.seed, loss=args.loss,
             drop_highest=args.drop_highest, budget_rtol=args.budget_rtol, unfittable=args.unfittable,
-            allow_unfinished=args.allow_unfinished, approaches=args.approaches,
+            allow_unfinished=args.allow_unfinished, approaches=args.approaches, law=args.law,
         )
     except JaxlmError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Finetuning a pretrained model: a classifier, or an assistant (instruction tuning), fully or with LoRA.
+"""Finetuning a pretrained model: a classifier, or an assistant (instruction tuning, then preference tuning with
+DPO), fully or with LoRA.
 
 A finetuning run is an `Experiment` (model, tokenizer, optimizer, steps, batch size, seed, run directory;
 `TrainConfig.init_from` names the pretrained weights: a jaxlm run directory, a checkpoint step directory, or a
@@ -14,6 +15,10 @@ Instruction tuning: JSONL in the Alpaca layout (instruction, optional input, out
 (messages: a list of {role, content}), rendered by a prompt template; only response tokens count in the loss.
 Rows hold one example each (padded) or several (packed); segment ids keep attention inside each example and
 positions restart at each.
+
+Preference tuning (DPO, Rafailov et al. 2023): JSONL pairs (prompt, chosen, rejected; strings or chat messages);
+the policy learns to prefer the chosen answer relative to a frozen reference, the starting model (under LoRA its
+base weights). Validation logs the DPO loss, reward accuracy and margins.
 
 Every example starts after an end-of-sequence token, as documents do in pretraining, and responses end with one.
 
@@ -32,7 +37,7 @@ weights); samples.txt.
 
 The package: `config` (FinetuneConfig, constants), `data` (input files, encoding, templates, packing, batches),
 `backbone` (applying the model, pretrained weights, what is trained), `task` (what the two tasks share),
-`rundir` (the run directory), `classify` and `instruct` (the two tasks), `cli` (the command line).
+`rundir` (the run directory), `classify`, `instruct` and `preference` (the three tasks), `cli` (the command line).
 """
 
 from jaxlm.finetune.config import (
@@ -105,6 +110,15 @@ from jaxlm.finetune.instruct import (
     user_prompt,
     write_samples,
 )
+from jaxlm.finetune.preference import (
+    PreferenceSplit,
+    PreferenceTuning,
+    answer_logprobs,
+    dpo_terms,
+    pair_segments,
+    read_preferences,
+    train_dpo,
+)
 from jaxlm.finetune.cli import (
     parse,
     run_finetune,
@@ -168,6 +182,13 @@ __all__ = [
     "train_instruct",
     "user_prompt",
     "write_samples",
+    "PreferenceSplit",
+    "PreferenceTuning",
+    "answer_logprobs",
+    "dpo_terms",
+    "pair_segments",
+    "read_preferences",
+    "train_dpo",
     "parse",
     "run_finetune",
     "train_finetune",

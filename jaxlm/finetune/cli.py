@@ -15,6 +15,7 @@ from jaxlm.config import Experiment
 from jaxlm.finetune.classify import train_classifier
 from jaxlm.finetune.config import FinetuneConfig
 from jaxlm.finetune.instruct import train_instruct
+from jaxlm.finetune.preference import train_dpo
 
 
 # ----------------------------------------------------------------------------------------------- command line
@@ -23,6 +24,8 @@ from jaxlm.finetune.instruct import train_instruct
 def train_finetune(experiment: Experiment, ft: FinetuneConfig) -> dict[str, Any]:
     if ft.task == "classify":
         return train_classifier(experiment, ft)
+    if ft.task == "dpo":
+        return train_dpo(experiment, ft)
     return train_instruct(experiment, ft)
 
 

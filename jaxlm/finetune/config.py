@@ -10,7 +10,7 @@ from jaxlm import lora as lora_lib
 from jaxlm.config import Experiment
 from jaxlm.errors import ConfigError
 
-TASKS = ("classify", "instruct")
+TASKS = ("classify", "instruct", "dpo")
 LAYOUTS = ("auto", "alpaca", "chat")
 ROLES = ("system", "user", "assistant")
 FINETUNE_FILE = "finetune.json"
@@ -31,7 +31,7 @@ def _require(condition: bool, message: str) -> None:
 class FinetuneConfig:
     """What a finetuning run learns from, and which parameters it trains."""
 
-    task: str = "classify"  # classify | instruct
+    task: str = "classify"  # classify | instruct | dpo (preference pairs)
     train_file: str = ""
     val_file: str = ""  # "" skips validation
     test_file: str = ""  # "" skips the test split
@@ -39,7 +39,7 @@ class FinetuneConfig:
     label_column: str = "label"  # classify
     labels: tuple[str, ...] = ()  # classify: the classes in id order; () takes the sorted labels of train_file
     balanced: bool = False  # classify: draw every class equally often
-    layout: str = "auto"  # instruct: alpaca | chat | auto (each line by its fields)
+    layout: str = "auto"  # instruct, dpo: alpaca | chat | auto (each line by its fields)
     pack: bool = False  # instruct: several examples per row (attention kept inside each)
     max_len: int = 256  # tokens the model reads per example (classify: with both end tokens) or per row
     truncate: bool = True  # an example longer than max_len is cut (and counted); False: it is an error
@@ -48,7 +48,8 @@ class FinetuneConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("query", "value")
-    samples: int = 3  # instruct: validation prompts answered greedily at the end (samples.txt)
+    dpo_beta: float = 0.1  # dpo: the strength of the KL tie to the reference model (Rafailov et al. 2023's beta)
+    samples: int = 3  # instruct, dpo: validation prompts answered greedily at the end (samples.txt)
     sample_tokens: int = 96
 
     def __post_init__(self):
@@ -70,6 +71,7 @@ class FinetuneConfig:
             not self.balanced or self.task == "classify", "FinetuneConfig.balanced applies to --finetune.task classify"
         )
         _require(not self.pack or self.task == "instruct", "FinetuneConfig.pack applies to --finetune.task instruct")
+        _require(self.dpo_beta > 0, f"FinetuneConfig.dpo_beta must be positive, got {self.dpo_beta}")
         _require(len(set(self.labels)) == len(self.labels), f"FinetuneConfig.labels repeats a label: {self.labels}")
         _require(len(self.labels) != 1, "FinetuneConfig.labels needs at least two classes")
         _ = self.lora  # building the spec runs its checks

@@ -194,13 +194,14 @@ def run_layout(path: str) -> str:
 
 
 def instruction_tuned(path: str) -> bool:
-    """Whether `path` is an instruction-tuned run, or a checkpoints/<step> directory of one: its finetune.json
-    says task instruct. A pretraining run has none (its prompts were never wrapped in a template)."""
+    """Whether `path` is an instruction-tuned run (or one preference-tuned after it), or a checkpoints/<step>
+    directory of one: its finetune.json says task instruct or dpo. A pretraining run has none (its prompts were
+    never wrapped in a template)."""
     path = storage.abspath(path).rstrip("/")
     parent = storage.dirname(path)
     run_dir = storage.dirname(parent) if storage.basename(parent) == "checkpoints" else path
     try:
-        return json.loads(storage.read_text(storage.join(run_dir, FINETUNE_FILE))).get("task", "classify") == "instruct"
+        return json.loads(storage.read_text(storage.join(run_dir, FINETUNE_FILE))).get("task", "classify") in ("instruct", "dpo")
     except (OSError, ValueError, AttributeError):
         return False
 

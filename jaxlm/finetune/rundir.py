@@ -24,7 +24,8 @@ def write_or_check_finetune(run_dir: str, ft: FinetuneConfig) -> None:
     path = storage.join(run_dir, FINETUNE_FILE)
     mine = json.loads(json.dumps(ft.to_dict()))
     if storage.exists(path):
-        old = json.loads(storage.read_text(path))
+        # Read back through the config, so that a field added since the run began compares as its default.
+        old = json.loads(json.dumps(FinetuneConfig.from_dict(json.loads(storage.read_text(path))).to_dict()))
         if old != mine:
             changed = [k for k in mine if old.get(k) != mine[k]]
             raise CheckpointError(

@@ -73,3 +73,20 @@ class ComputeOptimal:
 
     def values(self) -> dict[str, float]:
         return {"a": self.a, "b": self.b, "k_n": self.k_n, "k_d": self.k_d}
+
+
+class JointLaw:
+    """The compute-optimal exponents of a law L(N, D) whose frontier under C = 6ND has N_opt ~ C^a, D_opt ~ C^b with
+    a = e_D / (e_N + e_D): e_N and e_D are the law's own exponents of N and D (`exponents`)."""
+
+    exponents: tuple[float, float]
+
+    @property
+    def a(self) -> float:
+        e_n, e_d = self.exponents
+        return e_d / (e_n + e_d)
+
+    @property
+    def b(self) -> float:
+        e_n, e_d = self.exponents
+        return e_n / (e_n + e_d)

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import minimize
 
-from jaxlm.scaling._common import ScalingError, check_bootstrap, positive_array, summarise, too_many_failures
+from jaxlm.scaling._common import JointLaw, ScalingError, check_bootstrap, positive_array, summarise, too_many_failures
+from jaxlm.scaling.lbfgs import batched_lbfgs
 
 
 # Epoch AI's grid of initialisations: alpha, beta, e = log E, a = log A, b = log B.
@@ -69,86 +70,8 @@ def _huber_objective(params, log_n, log_d, log_loss, weights, delta):
     return value, grad
 
 
-def _two_loop(g, S, Y, rho):
-    """L-BFGS direction -H g for each row; empty history slots have rho = 0 and drop out."""
-    q = g.copy()
-    m = S.shape[1]
-    alphas = np.zeros((g.shape[0], m))
-    for j in range(m - 1, -1, -1):
-        alphas[:, j] = rho[:, j] * np.einsum("ij,ij->i", S[:, j], q)
-        q -= alphas[:, j, None] * Y[:, j]
-    yy = np.einsum("ij,ij->i", Y[:, -1], Y[:, -1])
-    gamma = np.where(rho[:, -1] > 0, 1.0 / np.maximum(rho[:, -1] * yy, 1e-300), 1.0)
-    r = gamma[:, None] * q
-    for j in range(m):
-        beta = rho[:, j] * np.einsum("ij,ij->i", Y[:, j], r)
-        r += S[:, j] * (alphas[:, j] - beta)[:, None]
-    return -r
-
-
-def _batched_lbfgs(fun, x0, *, memory=10, max_iter=500, gtol=1e-5, ftol=1e7 * np.finfo(float).eps, max_ls=40):
-    """Minimise many independent problems at once with L-BFGS and a backtracking (Armijo) line search.
-
-    fun(x, rows) -> (values, grads) evaluates the problems `rows` at points x. The stopping rules are scipy's
-    L-BFGS-B defaults (projected gradient <= gtol, or relative reduction <= factr * eps). Returns x, f, converged.
-    """
-    x = np.array(x0, dtype=np.float64)
-    n_rows, dim = x.shape
-    f, g = fun(x, np.arange(n_rows))
-    S, Y = np.zeros((n_rows, memory, dim)), np.zeros((n_rows, memory, dim))
-    rho = np.zeros((n_rows, memory))
-    active = np.isfinite(f) & np.all(np.isfinite(g), axis=1)
-    converged = np.zeros(n_rows, dtype=bool)
-    done = active & (np.abs(g).max(axis=1) <= gtol)
-    converged[done], active[done] = True, False
-    for _ in range(max_iter):
-        rows = np.flatnonzero(active)
-        if len(rows) == 0:
-            break
-        xa, fa, ga = x[rows], f[rows], g[rows]
-        d = _two_loop(ga, S[rows], Y[rows], rho[rows])
-        slope = np.einsum("ij,ij->i", ga, d)
-        fresh = (rho[rows, -1] == 0) | ~(slope < 0)
-        if fresh.any():  # no usable curvature yet (or not a descent direction): a scaled gradient step
-            rho[rows[fresh]] = 0.0
-            d[fresh] = -ga[fresh]
-            slope[fresh] = -np.einsum("ij,ij->i", ga[fresh], ga[fresh])
-        step = np.where(fresh, np.minimum(1.0, 1.0 / np.sqrt(-slope)), 1.0)
-        pending = np.ones(len(rows), dtype=bool)
-        xn, fn, gn = xa.copy(), fa.copy(), ga.copy()
-        for _ in range(max_ls):
-            p = np.flatnonzero(pending)
-            xt = xa[p] + step[p, None] * d[p]
-            ft, gt = fun(xt, rows[p])
-            ok = np.isfinite(ft) & np.all(np.isfinite(gt), axis=1) & (ft <= fa[p] + 1e-4 * step[p] * slope[p])
-            xn[p[ok]], fn[p[ok]], gn[p[ok]] = xt[ok], ft[ok], gt[ok]
-            pending[p[ok]] = False
-            step[p[~ok]] *= 0.5
-            if not pending.any():
-                break
-        moved = ~pending
-        # Rows whose line search failed stop here, unconverged (the final polish with scipy decides).
-        active[rows[pending]] = False
-        upd = rows[moved]
-        s, y = xn[moved] - xa[moved], gn[moved] - ga[moved]
-        sy = np.einsum("ij,ij->i", s, y)
-        good = sy > np.finfo(float).eps * np.einsum("ij,ij->i", y, y)
-        ug = upd[good]
-        S[ug] = np.roll(S[ug], -1, axis=1)
-        Y[ug] = np.roll(Y[ug], -1, axis=1)
-        rho[ug] = np.roll(rho[ug], -1, axis=1)
-        S[ug, -1], Y[ug, -1], rho[ug, -1] = s[good], y[good], 1.0 / sy[good]
-        x[upd], f[upd], g[upd] = xn[moved], fn[moved], gn[moved]
-        small_step = (fa[moved] - fn[moved]) <= ftol * np.maximum(np.maximum(np.abs(fa[moved]), np.abs(fn[moved])), 1)
-        flat = np.abs(gn[moved]).max(axis=1) <= gtol
-        stop = small_step | flat
-        converged[upd[stop]] = True
-        active[upd[stop]] = False
-    return x, f, converged
-
-
 @dataclass(frozen=True, eq=False)
-class ParametricFit:
+class ParametricFit(JointLaw):
     """L(N, D) = E + A / N^alpha + B / D^beta, with bootstrap samples, intervals and standard errors (if any).
 
     `a` and `b` are the compute-optimal exponents N_opt ~ C^a, D_opt ~ C^b under C = 6ND.
@@ -167,12 +90,8 @@ class ParametricFit:
     bootstrap_failed: int = 0
 
     @property
-    def a(self) -> float:
-        return self.beta / (self.alpha + self.beta)
-
-    @property
-    def b(self) -> float:
-        return self.alpha / (self.alpha + self.beta)
+    def exponents(self) -> tuple[float, float]:
+        return self.alpha, self.beta
 
     def loss(self, N, D):
         N, D = np.asarray(N, dtype=np.float64), np.asarray(D, dtype=np.float64)
@@ -227,7 +146,7 @@ def _minimise_parametric(log_n, log_d, log_loss, weights, delta, starts, polish_
         w = weights if weights is None or weights.ndim == 1 else weights[rows]
         return _huber_objective(params, log_n, log_d, log_loss, w, delta)
 
-    x, f, converged = _batched_lbfgs(fun, starts)
+    x, f, converged = batched_lbfgs(fun, starts)
     ends = _distinct_best(x, f, converged, polish_count)
     polished = [_polish(log_n, log_d, log_loss, weights, delta, x[i]) for i in ends]
     good = [(px, pf) for px, pf, ok in polished if ok]
@@ -280,7 +199,7 @@ def fit_parametric(
         k = len(starts)
         counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(bootstrap)]).astype(float)
         # All resamples and starts in one batch: a resample is the original points weighted by their multiplicity.
-        bx, bf, bconv = _batched_lbfgs(
+        bx, bf, bconv = batched_lbfgs(
             lambda p, rows: _huber_objective(p, log_n, log_d, log_loss, counts[rows // k], delta),
             np.tile(starts, (bootstrap, 1)),
             gtol=_TIGHT["gtol"],

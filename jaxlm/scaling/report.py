@@ -22,6 +22,7 @@ from jaxlm import storage
 from jaxlm.scaling._common import ScalingError
 from jaxlm.scaling.envelope import fit_envelope
 from jaxlm.scaling.isoflop import fit_isoflop
+from jaxlm.scaling.kaplan import fit_kaplan, fit_power_law, lower_envelope
 from jaxlm.scaling.parametric import fit_parametric
 from jaxlm.scaling.results import collect_curves, collect_results, read_csv, write_csv
 
@@ -48,8 +49,9 @@ def fit_and_plot(
     unfittable: str | None = None,
     allow_unfinished: bool = False,
     approaches: str | Iterable[int | str] = "1,2,3",
+    law: str = "chinchilla",
 ) -> dict:
-    """Fit Chinchilla's approaches to `source`, print them, and write plots and fits.json to `out`.
+    """Fit Chinchilla's approaches (and Kaplan's laws) to `source`, print them, write plots and fits.json to `out`.
 
     `out` defaults to `default_out_dir(source)`. The options are tools.fit_scaling's flags (`drop_highest` is
     `--drop-highest`, ...), and errors name them as flags: `bootstrap` resamples per interval (0: none) at
@@ -58,9 +60,12 @@ def fit_and_plot(
     `budget_rtol` share an IsoFLOP budget; `unfittable` says what to do with an IsoFLOP budget without a bracketed
     optimum, "error" or "skip" (None: error, but skip for Epoch's layout, whose runs are not one clean IsoFLOP
     grid); `allow_unfinished` leaves unfinished runs of a sweep directory out instead of failing; `approaches`
-    picks approaches, as "2,3" or (2, 3). A sweep directory's results table is also written, as results.csv.
+    picks approaches, as "2,3" or (2, 3); `law` is "chinchilla", "kaplan" or "chinchilla,kaplan". Kaplan's laws are
+    L(N, D) over all runs and L(N), L(D) over each variable's `lower_envelope`; with both laws, frontiers.png puts
+    their compute-optimal frontiers side by side. A sweep directory's results table is also written, as results.csv.
 
-    Returns the fits by approach ("1", "2", "3": EnvelopeFit, IsoflopFit, ParametricFit). Bad input or a fit that
+    Returns the fits by approach ("1", "2", "3": EnvelopeFit, IsoflopFit, ParametricFit) and by Kaplan law ("L(N)",
+    "L(D)": PowerLawFit; "L(N,D)": KaplanFit). Bad input or a fit that
     fails raises ScalingError, before anything is written.
     """
     if bootstrap < 0:
@@ -69,12 +74,18 @@ def fit_and_plot(
         raise ScalingError(f"--loss {loss!r}: choose auto, val or train")
     if unfittable not in (None, "error", "skip"):
         raise ScalingError(f"--unfittable {unfittable!r}: choose error or skip")
+    laws = _laws(law)
     rows, column, curves, epoch = _load(source, loss, drop_highest, allow_unfinished)
-    fits, (N, D, C, losses) = _fit_all(
-        source, rows, column, curves, epoch, bootstrap=bootstrap, level=level, seed=seed, budget_rtol=budget_rtol,
-        unfittable=unfittable, approaches=approaches,
-    )
-    if not fits:
+    fits, kaplan, (N, D, C, losses) = {}, {}, _columns(rows, column)
+    common = dict(bootstrap=bootstrap, level=level, seed=seed)
+    if "chinchilla" in laws:
+        fits = _fit_all(
+            source, rows, column, curves, epoch, budget_rtol=budget_rtol, unfittable=unfittable,
+            approaches=approaches, **common,
+        )
+    if "kaplan" in laws:
+        kaplan = _fit_kaplan_laws(N, D, losses, **common)
+    if not fits and not kaplan:
         raise ScalingError("nothing was fitted: approach 1 needs a sweep directory's training curves")
     out = out or default_out_dir(source)
     storage.makedirs(out)
@@ -89,6 +100,10 @@ def fit_and_plot(
     if fits:
         _plot_optimal(fits, C, storage.join(out, "optimal.png"), credit)
         written.append("optimal.png")
+    if kaplan:
+        _plot_kaplan(kaplan, N, D, losses, storage.join(out, "kaplan.png"), credit)
+        _plot_frontiers(kaplan["L(N,D)"], fits.get("3"), fits.get("2"), C, storage.join(out, "frontiers.png"), credit)
+        written += ["kaplan.png", "frontiers.png"]
     if "3" in fits:
         _plot_parametric(fits["3"], N, C, losses, storage.join(out, "parametric.png"), credit)
         written.append("parametric.png")
@@ -98,10 +113,22 @@ def fit_and_plot(
     if storage.isdir(source):
         write_csv(rows, storage.join(out, "results.csv"))
         written.append("results.csv")
-    storage.write_text_atomic(storage.join(out, "fits.json"), json.dumps(_to_json(fits), indent=2))
+    storage.write_text_atomic(storage.join(out, "fits.json"), json.dumps(_to_json(fits, kaplan), indent=2))
     written.append("fits.json")
     print(f"wrote {', '.join(written)} to {out}")
-    return fits
+    return {**fits, **kaplan}
+
+
+def _laws(law: str) -> set[str]:
+    laws = {s.strip() for s in law.split(",") if s.strip()}
+    if not laws or not laws <= {"chinchilla", "kaplan"}:
+        raise ScalingError(f"--law {law!r}: choose chinchilla, kaplan or chinchilla,kaplan")
+    return laws
+
+
+def _columns(rows, column):
+    """N, D, C and the loss column of the rows as float arrays."""
+    return tuple(np.array([r[key] for r in rows], dtype=float) for key in ("N", "D", "C", column))
 
 
 def _load(source, loss, drop_highest, allow_unfinished):
@@ -153,10 +180,7 @@ def _wanted(approaches) -> set[str]:
 
 def _fit_all(source, rows, column, curves, epoch, *, bootstrap, level, seed, budget_rtol, unfittable, approaches):
     wanted = _wanted(approaches)
-    N = np.array([r["N"] for r in rows], dtype=float)
-    D = np.array([r["D"] for r in rows], dtype=float)
-    C = np.array([r["C"] for r in rows], dtype=float)
-    loss = np.array([r[column] for r in rows], dtype=float)
+    N, D, C, loss = _columns(rows, column)
     common = dict(bootstrap=bootstrap, seed=seed, level=level)
     fits: dict = {}
     pct = f"{100 * level:g}%"
@@ -195,10 +219,34 @@ def _fit_all(source, rows, column, curves, epoch, *, bootstrap, level, seed, bud
             print(f"    C={c:9.3g}  N_opt={n:.3g}  D_opt={d:.3g}  D/N={d / n:.1f}  loss={float(fit.loss(n, d)):.4f}")
         if fit.bootstrap_failed:
             print(f"  {fit.bootstrap_failed} of {bootstrap} resamples did not converge and are left out")
-    return fits, (N, D, C, loss)
+    return fits
 
 
-def _to_json(fits) -> dict:
+def _fit_kaplan_laws(N, D, loss, *, bootstrap, level, seed) -> dict:
+    """Kaplan et al. 2020's L(N) and L(D) on each variable's lower envelope, and L(N, D) on every run; printed."""
+    common = dict(bootstrap=bootstrap, level=level, seed=seed)
+    fits = {}
+    print("Kaplan et al. 2020 (least squares on log L):")
+    for variable, x in (("N", N), ("D", D)):
+        on = lower_envelope(x, loss)
+        fit = fit_power_law(x[on], loss[on], variable=variable, **common)
+        fits[f"L({variable})"] = fit
+        c, alpha = f"{variable}_c", f"alpha_{variable}"
+        print(f"  L({variable}) = ({c}/{variable})^{alpha}, on the {len(on)} runs no run with less {variable} beats:")
+        print(f"    {c:7s} = {_fmt_interval(fit, c, fit.x_c)}")
+        print(f"    {alpha:7s} = {_fmt_interval(fit, alpha, fit.alpha)}")
+    fit = fit_kaplan(N, D, loss, **common)
+    fits["L(N,D)"] = fit
+    print(f"  L(N, D) = [(N_c/N)^(alpha_N/alpha_D) + D_c/D]^alpha_D, on all {len(loss)} runs:")
+    for name in ("N_c", "D_c", "alpha_N", "alpha_D"):
+        print(f"    {name:7s} = {_fmt_interval(fit, name, getattr(fit, name))}")
+    print(f"    N_opt ~ C^a  a = {_fmt_interval(fit, 'a', fit.a)}")
+    if fit.bootstrap_failed:
+        print(f"    {fit.bootstrap_failed} of {bootstrap} resamples did not converge and are left out")
+    return fits
+
+
+def _to_json(fits, kaplan) -> dict:
     out = {}
     for key, fit in fits.items():
         entry = {"values": fit.values(), "intervals": fit.intervals, "stderrs": fit.stderrs}
@@ -208,6 +256,9 @@ def _to_json(fits) -> dict:
             entry["d_opt"] = fit.d_opt.tolist()
             entry["skipped"] = list(fit.skipped)
         out[f"approach{key}"] = entry
+    for key, fit in kaplan.items():
+        name = "kaplan_" + key[2:-1].replace(",", "")
+        out[name] = {"values": fit.values(), "intervals": fit.intervals, "stderrs": fit.stderrs}
     return out
 
 
@@ -273,15 +324,19 @@ def _plot_optimal(fits, C, path, credit=""):
             if key == "2":
                 pts = fit.n_opt if which == "N" else fit.d_opt
                 ax.scatter(fit.budgets, pts, color=colour, s=25, zorder=3)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("compute C (FLOPs)")
-        ax.set_ylabel("parameters N_opt" if which == "N" else "tokens D_opt")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _frontier_axes(ax, which)
     fig.suptitle("Compute-optimal model size and tokens (points: per-budget or envelope optima)")
     _finish(fig, path, credit)
     plt.close(fig)
+
+
+def _frontier_axes(ax, which):
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("compute C = 6ND (FLOPs)")
+    ax.set_ylabel("parameters N_opt" if which == "N" else "tokens D_opt")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def _plot_parametric(fit, N, C, loss, path, credit=""):
@@ -329,4 +384,64 @@ def _plot_envelope(fit, curves, path):
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     _finish(fig, path, "")
+    plt.close(fig)
+
+
+def _plot_kaplan(fits, N, D, loss, path, credit=""):
+    """Kaplan's L(N) and L(D) against their envelope points, and L(N, D) against every run."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, (variable, x) in zip(axes[:2], (("N", N), ("D", D))):
+        fit = fits[f"L({variable})"]
+        on = lower_envelope(x, loss)
+        ax.scatter(x, loss, color="0.7", s=12, label="runs")
+        ax.scatter(x[on], loss[on], color="tab:red", s=18, label="lower envelope (fitted)")
+        grid = np.geomspace(x.min(), x.max(), 100)
+        ax.plot(grid, fit.loss(grid), color="tab:red",
+                label=f"({fit.x_c:.3g}/{variable})^{_label_with_interval(fit, f'alpha_{variable}', fit.alpha)}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("parameters N" if variable == "N" else "tokens D")
+        ax.set_ylabel("loss")
+        ax.set_title(f"L({variable}) = ({variable}_c/{variable})^alpha_{variable}")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fit = fits["L(N,D)"]
+    ax = axes[2]
+    predicted = fit.loss(N, D)
+    ax.scatter(predicted, loss, c=np.log10(N), cmap="viridis", s=16)
+    lo, hi = min(predicted.min(), loss.min()), max(predicted.max(), loss.max())
+    ax.plot([lo, hi], [lo, hi], color="black", lw=0.8)
+    ax.set_xlabel("L(N, D) fitted")
+    ax.set_ylabel("loss of each run (colour: log10 N)")
+    ax.set_title(f"L(N, D): alpha_N {fit.alpha_N:.3f}, alpha_D {fit.alpha_D:.3f}, N_c {fit.N_c:.2g}, "
+                 f"D_c {fit.D_c:.2g}", fontsize=8)
+    ax.grid(alpha=0.3)
+    _finish(fig, path, credit)
+    plt.close(fig)
+
+
+def _plot_frontiers(kaplan, chinchilla, isoflop, C, path, credit=""):
+    """N_opt(C) and D_opt(C) of Kaplan's L(N, D) beside Chinchilla's parametric law (when fitted), with the
+    IsoFLOP optima (when fitted) as points."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    grid = np.logspace(np.log10(C.min()) - 0.5, np.log10(C.max()) + 0.5, 100)
+    laws = [("tab:purple", "Kaplan L(N, D)", kaplan)]
+    if chinchilla is not None:
+        laws.append(("tab:red", "Chinchilla L(N, D)", chinchilla))
+    for panel, (ax, which) in enumerate(zip(axes, ("N", "D"))):
+        name = "a" if which == "N" else "b"
+        for colour, label, fit in laws:
+            exponent = _label_with_interval(fit, name, getattr(fit, name))
+            ax.plot(grid, fit.compute_optimal(grid)[panel], color=colour,
+                    label=f"{label}: {which}_opt ~ C^{name}, {name} = {exponent}")
+        if isoflop is not None:
+            ax.scatter(isoflop.budgets, isoflop.n_opt if which == "N" else isoflop.d_opt, color="tab:blue", s=25,
+                       zorder=3, label="IsoFLOP optima (approach 2)")
+        _frontier_axes(ax, which)
+    fig.suptitle("Compute-optimal frontiers of Kaplan's and Chinchilla's laws fitted to the same runs")
+    _finish(fig, path, credit)
     plt.close(fig)
