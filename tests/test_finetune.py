@@ -30,7 +30,7 @@ def experiment(tmp_path, name="ft", steps=40, model=MODEL, **train_kw) -> Experi
         data=DataConfig(tokenizer="byte", seq_len=32, batch_size=8, cache_dir=str(tmp_path / "cache")),
         optim=OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=5, weight_decay=0.0),
         train=TrainConfig(steps=steps, eval_every=1000, log_every=10, out_dir=str(tmp_path / name), **train_kw),
-        mesh=MeshConfig(data=1),  # one device: the mesh cases are in test_finetune_loop.py
+        mesh=MeshConfig(),
     )
 
 
