@@ -27,7 +27,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("auto", "none", "full", "dots", "attn_mlp")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum", "blocked")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum", "blocked", "splash")
 SCHEDULES = ("cosine", "wsd", "constant")
 OPTIMIZERS = ("adamw",)
 
@@ -90,9 +90,10 @@ class ModelConfig:
     # nn.scan over the blocks: one block compiled and iterated, so compile time stays flat in depth; parameters
     # are stacked under `blocks` with a leading layers axis. False: the blocks unrolled (block_0, block_1, ...).
     scan_layers: bool = True
-    # xla: jax.nn.dot_product_attention's XLA form; cudnn: its fused GPU kernel; einsum: written out; blocked:
-    # written out one block of queries at a time, skipping masked key blocks; auto: on CPU blocked for sequences
-    # longer than one block (128) and xla for shorter ones, elsewhere jax.nn.dot_product_attention's own choice.
+    # xla: jax.nn.dot_product_attention's XLA form; cudnn: its fused GPU kernel; splash: jax's Pallas TPU kernel
+    # (sequences a multiple of 128; interpreted, slowly, off TPU); einsum: written out; blocked: written out one
+    # block of queries at a time, skipping masked key blocks. auto, by the devices the step is compiled for:
+    # splash on TPU, cudnn on GPU in bfloat16/float16, on CPU blocked beyond one block (128) else xla.
     attention: str = "auto"
 
     def __post_init__(self):

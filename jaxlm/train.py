@@ -179,7 +179,7 @@ def jit_step(task: Task, mesh: jax.sharding.Mesh):
     state_sharding, frozen_sharding = task_shardings(task, mesh)
     return jax.jit(
         make_step(task, mesh), in_shardings=(state_sharding, frozen_sharding, sharding.batch_sharding(mesh)),
-        out_shardings=(state_sharding, None), donate_argnums=0, compiler_options=compiler_options(),
+        out_shardings=(state_sharding, None), donate_argnums=0, compiler_options=compiler_options(mesh),
     )
 
 
@@ -364,7 +364,7 @@ def jit_train_step(experiment: Experiment, mesh: jax.sharding.Mesh):
     state_sharding = state_shardings(experiment, mesh)
     return jax.jit(
         make_train_step(experiment, mesh), in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-        out_shardings=(state_sharding, None), donate_argnums=0, compiler_options=compiler_options(),
+        out_shardings=(state_sharding, None), donate_argnums=0, compiler_options=compiler_options(mesh),
     )
 
 
@@ -507,7 +507,7 @@ def fit(task: Task, devices: list | None = None) -> dict[str, Any]:
 
     train_step = jit_step(task, mesh)
     eval_fn = jax.jit(
-        sharding.traced_with_activation_sharding(task.eval_sums, mesh), compiler_options=compiler_options()
+        sharding.traced_with_activation_sharding(task.eval_sums, mesh), compiler_options=compiler_options(mesh)
     )
     tokens_per_step = task.tokens_per_step
     peak, peak_source = flops.peak_flops()
