@@ -95,6 +95,10 @@ class ModelConfig:
     # block of queries at a time, skipping masked key blocks. auto, by the devices the step is compiled for:
     # splash on TPU, cudnn on GPU in bfloat16/float16, on CPU blocked beyond one block (128) else xla.
     attention: str = "auto"
+    # Positions per chunk of the loss: the float32 logits [B, T, V] never exist at once, only [B, chunk, V], and
+    # the backward pass computes them again instead of storing them. 0: the whole sequence at once; auto: 512 on
+    # accelerators, 0 on CPU.
+    loss_chunk: int | str = "auto"
 
     def __post_init__(self):
         # Resolved here, so that asdict (config.json) holds every feature, and a config.json written before a
@@ -133,6 +137,10 @@ class ModelConfig:
         _one_of(self, "dtype", DTYPES)
         _one_of(self, "remat", REMAT_POLICIES)
         _one_of(self, "attention", ATTENTION_IMPLS)
+        _require(
+            self.loss_chunk == "auto" or (isinstance(self.loss_chunk, int) and self.loss_chunk >= 0),
+            f"ModelConfig.loss_chunk={self.loss_chunk!r} must be 'auto' or a number of positions >= 0 (0: no chunks)",
+        )
 
     @property
     def architecture(self) -> str:

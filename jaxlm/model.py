@@ -490,6 +490,8 @@ class Transformer(nn.Module):
 
     With `cache`, the tokens fill the cache's next T slots and the call returns (logits, updated cache);
     positions then default to the slot numbers, and segment ids to 1 (real tokens).
+    With `loss_batch` (its `targets`, and `weights` or `segment_ids` if any), the call returns
+    `token_loss_sums` of the logits instead of them, computed `loss_chunk_size` positions at a time.
     """
 
     cfg: ModelConfig
@@ -503,6 +505,7 @@ class Transformer(nn.Module):
         segment_ids_BT: Array | None = None,
         deterministic: bool = True,
         cache: KVCache | None = None,
+        loss_batch: dict[str, Array] | None = None,
     ):
         cfg = self.cfg
         B, T = tokens_BT.shape
@@ -567,17 +570,22 @@ class Transformer(nn.Module):
                 new_caches.append(kv_cache)
             kv_caches = new_caches
 
-        x_ND = make_norm(cfg, "final_norm")(x_BTD).astype(cfg.dtype).reshape(B * T, cfg.d_model)
-        if cfg.tie_embeddings:
-            logits_NV = embed.attend(x_ND)
-        else:
-            logits_NV = nn.Dense(
-                cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name="lm_head",
-                kernel_init=_param_init(cfg.init_std, ("embed", "vocab")),
-            )(x_ND)
+        x_BTD = make_norm(cfg, "final_norm")(x_BTD).astype(cfg.dtype)
+        lm_head = None if cfg.tie_embeddings else nn.Dense(
+            cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name="lm_head",
+            kernel_init=_param_init(cfg.init_std, ("embed", "vocab")),
+        )
+        if loss_batch is not None and (chunk := loss_chunk_size(cfg, T)) and not self.is_initializing():
+            # The output matrix as an array, so that the chunks can be mapped over outside flax.
+            w_DV = embed.embedding.T if lm_head is None else nn.unbox(lm_head.variables["params"]["kernel"])
+            return chunked_token_loss_sums(x_BTD, w_DV.astype(cfg.dtype), loss_batch, chunk)
+        x_ND = x_BTD.reshape(B * T, cfg.d_model)
+        logits_NV = embed.attend(x_ND) if lm_head is None else lm_head(x_ND)
         logits_BTV = logits_NV.reshape(B, T, -1)  # (-1: V, or D where jaxlm.finetune skips the projection)
         logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "seq", "vocab"))
         logits_BTV = logits_BTV.astype(jnp.float32)
+        if loss_batch is not None:
+            return token_loss_sums(logits_BTV, loss_batch)
         if cache is None:
             return logits_BTV
         k, v = zip(*kv_caches)
@@ -628,10 +636,54 @@ def token_loss_sums(logits_BTV: Array, batch: dict[str, Array]) -> tuple[Array, 
     means, so that microbatches, devices and evaluation batches add up exactly before one division.
     """
     weights_BT = target_weights(batch)
+    return jnp.sum(_nll(logits_BTV, batch["targets"]) * weights_BT), jnp.sum(weights_BT)
+
+
+def _nll(logits_BTV: Array, targets_BT: Array) -> Array:
     logits_BTV = logits_BTV.astype(jnp.float32)
-    target_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
-    nll_BT = jax.nn.logsumexp(logits_BTV, axis=-1) - target_BT
-    return jnp.sum(nll_BT * weights_BT), jnp.sum(weights_BT)
+    target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits_BTV, axis=-1) - target_BT
+
+
+LOSS_CHUNK_AUTO = 512  # positions per chunk that loss_chunk="auto" takes on accelerators
+
+
+def loss_chunk_size(cfg: ModelConfig, seq_len: int) -> int:
+    """Positions per chunk of the loss for `cfg.loss_chunk` on the target devices (0: the whole sequence at once).
+    auto: LOSS_CHUNK_AUTO on accelerators, where the logits' memory counts; on CPU the plain loss, which skips
+    recomputing the output projection in the backward pass."""
+    if cfg.loss_chunk != "auto":
+        chunk = int(cfg.loss_chunk)
+    else:
+        chunk = 0 if target_device().platform == "cpu" else LOSS_CHUNK_AUTO
+    return chunk if 0 < chunk < seq_len else 0
+
+
+def chunked_token_loss_sums(
+    x_BTD: Array, w_DV: Array, batch: dict[str, Array], chunk: int
+) -> tuple[Array, Array]:
+    """`token_loss_sums` of the logits x_BTD @ w_DV, computed `chunk` positions at a time: each chunk's float32
+    logits [B, chunk, V] exist only while that chunk is summed, and are computed again (not stored) for the
+    backward pass. A last partial chunk is padded with positions of weight 0."""
+    B, T, D = x_BTD.shape
+    weights_BT = target_weights(batch)
+    targets_BT = batch["targets"]
+    n = -(-T // chunk)
+    if (pad := n * chunk - T):
+        x_BTD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0)))
+        weights_BT, targets_BT = (jnp.pad(a, ((0, 0), (0, pad))) for a in (weights_BT, targets_BT))
+
+    def chunks(a_BT_: Array) -> Array:  # [B, n * chunk, ...] -> [n, B, chunk, ...]
+        return jnp.moveaxis(a_BT_.reshape(B, n, chunk, *a_BT_.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def chunk_sum(x_BcD: Array, targets_Bc: Array, weights_Bc: Array) -> Array:
+        logits_BcV = jnp.einsum("bcd,dv->bcv", x_BcD, w_DV)
+        logits_BcV = nn.with_logical_constraint(logits_BcV, ("batch", "seq", "vocab"))
+        return jnp.sum(_nll(logits_BcV, targets_Bc) * weights_Bc)
+
+    sums_n = lax.map(lambda args: chunk_sum(*args), (chunks(x_BTD), chunks(targets_BT), chunks(weights_BT)))
+    return jnp.sum(sums_n), jnp.sum(weights_BT)
 
 
 def bits_per_byte(loss_nats_per_token: float, bytes_per_token: float) -> float:

@@ -33,7 +33,7 @@ from jaxlm.checkpoint import Checkpoints, load_params, write_or_check_config
 from jaxlm.config import Experiment
 from jaxlm.errors import CheckpointError, ConfigError, NonFiniteError
 from jaxlm.logging import MetricsWriter, plot_losses
-from jaxlm.model import Transformer, bits_per_byte, compiler_options, token_loss_sums
+from jaxlm.model import Transformer, bits_per_byte, compiler_options
 from jaxlm.optim import make_optimizer, make_schedule
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run saved a checkpoint on SIGTERM; rerun the command to resume
@@ -228,12 +228,11 @@ class Pretraining:
 
     def loss(self, params, frozen, batch, rng):
         dropout = self.experiment.model.dropout > 0 and rng is not None
-        logits_BTV = Transformer(self.experiment.model).apply(
+        return Transformer(self.experiment.model).apply(
             {"params": params}, batch["inputs"], positions_BT=batch.get("positions"),
             segment_ids_BT=batch.get("segment_ids"), deterministic=not dropout,
-            rngs={"dropout": rng} if dropout else {},
+            rngs={"dropout": rng} if dropout else {}, loss_batch=batch,
         )
-        return token_loss_sums(logits_BTV, batch)
 
     def train_batches(self) -> BatchSource:
         from jaxlm.data import make_iterator
