@@ -1,12 +1,14 @@
 """Accelerator kernels on CPU: the Pallas splash-attention kernel in interpret mode against the written-out
 attention, the choice of kernels by the target devices, and the chunked loss against the plain one and numpy."""
 
+import re
 import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import topologies
 
 from jaxlm import sharding
 from jaxlm.config import MeshConfig, ModelConfig
@@ -209,3 +211,41 @@ def test_loss_chunk_auto_is_plain_on_cpu_and_bad_values_are_refused():
         assert loss_chunk_size(cfg, 4096) == 512
     with pytest.raises(ConfigError, match="loss_chunk"):
         cfg.replace(loss_chunk=-1)
+
+
+# ---------------------------------------------------------------------------- compiled for a TPU topology
+
+
+@pytest.mark.slow
+def test_train_loss_compiles_for_a_tpu_topology_with_splash_attention_and_chunked_loss():
+    """On the devices of a v5e 2x2 slice (described by libtpu, compiled for by the TPU compiler on this CPU),
+    auto picks splash attention and a chunked loss; the program holds the Mosaic kernel and no [B, T, V] logits."""
+    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+    assert choose_attention("auto", devices[0], "bfloat16", 1024) == "splash"
+    assert choose_remat("auto", devices[0]) == "none"
+    B, T, V = 2, 1024, 384
+    cfg = ModelConfig(family="llama", n_layers=2, d_model=128, n_heads=4, n_kv_heads=2, vocab_size=V,
+                      max_seq_len=T, dtype="bfloat16")
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=2, tensor=2), devices)
+    boxed = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+    params = jax.tree.map(
+        lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+        jax.tree.map(lambda b: b.value if hasattr(b, "value") else b, boxed,
+                     is_leaf=lambda x: hasattr(x, "names")),
+        sharding.logical_shardings(boxed, mesh),
+    )
+    batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=sharding.batch_sharding(mesh))
+             for k in ("inputs", "targets", "segment_ids")}
+
+    def loss(params, batch):
+        total, count = Transformer(cfg).apply(
+            {"params": params}, batch["inputs"], segment_ids_BT=batch["segment_ids"], loss_batch=batch
+        )
+        return total / count
+
+    step = sharding.traced_with_activation_sharding(jax.value_and_grad(loss), mesh)
+    compiled = jax.jit(step).lower(params, batch).compile()
+    hlo = compiled.as_text()
+    assert "tpu_custom_call" in hlo and "splash" in hlo
+    # Each device's float32 logits: [B/2, 512, V/2] per chunk, never [B/2, T, V/2].
+    assert f"f32[{B // 2},512,{V // 2}]" in hlo and not re.search(rf"f32\[\d+,{T},({V}|{V // 2})\]", hlo)
