@@ -37,6 +37,19 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+SPLASH_MIN_BLOCK = 128  # the smallest block of queries and keys the splash-attention kernel takes
+
+
+def check_splash_length(seq_len: int) -> None:
+    """ConfigError unless the splash-attention kernel can take sequences of `seq_len` tokens."""
+    up = -(-seq_len // SPLASH_MIN_BLOCK) * SPLASH_MIN_BLOCK
+    _require(
+        seq_len % SPLASH_MIN_BLOCK == 0,
+        f"attention='splash' needs a sequence length that is a multiple of {SPLASH_MIN_BLOCK}, got {seq_len}: use "
+        f"DataConfig.seq_len={max(SPLASH_MIN_BLOCK, up - SPLASH_MIN_BLOCK)} or {up}, or ModelConfig.attention='auto'",
+    )
+
+
 def _positive(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -337,6 +350,8 @@ class Experiment:
             self.data.seq_len <= self.model.max_seq_len,
             f"DataConfig.seq_len={self.data.seq_len} is beyond ModelConfig.max_seq_len={self.model.max_seq_len}",
         )
+        if self.model.attention == "splash":
+            check_splash_length(self.data.seq_len)
         trained = self.data.tokenizer.startswith("sentencepiece-")
         _require(
             not trained or self.data.vocab_size <= self.model.vocab_size,

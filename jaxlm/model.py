@@ -38,7 +38,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from jaxlm.config import ModelConfig
+from jaxlm.config import SPLASH_MIN_BLOCK, ModelConfig, check_splash_length
 from jaxlm.errors import ConfigError
 
 Array = jax.Array
@@ -149,19 +149,13 @@ def blocked_causal_attention(
     return jnp.concatenate(outs, axis=1).reshape(B, T, H, E)
 
 
-SPLASH_BLOCKS = (512, 256, 128)  # block sizes the splash kernel is given, the largest that divides T
+SPLASH_BLOCKS = (512, 256, SPLASH_MIN_BLOCK)  # block sizes the splash kernel is given, the largest that divides T
 
 
 def splash_block(seq_len: int) -> int:
     """The splash kernel's block of queries and keys for `seq_len`; ConfigError where none fits."""
-    for block in SPLASH_BLOCKS:
-        if seq_len % block == 0:
-            return block
-    raise ConfigError(
-        f"attention='splash' needs a sequence length that is a multiple of 128 (its smallest block), got {seq_len}: "
-        f"use DataConfig.seq_len={max(128, seq_len // 128 * 128)} or {-(-seq_len // 128) * 128}, or "
-        "ModelConfig.attention='xla' (or 'auto')"
-    )
+    check_splash_length(seq_len)
+    return next(block for block in SPLASH_BLOCKS if seq_len % block == 0)
 
 
 def splash_attention(

@@ -1,7 +1,10 @@
 """Accelerator kernels on CPU: the Pallas splash-attention kernel in interpret mode against the written-out
 attention, the choice of kernels by the target devices, and the chunked loss against the plain one and numpy."""
 
+import os
 import re
+import subprocess
+import sys
 import types
 
 import jax
@@ -11,7 +14,7 @@ import pytest
 from jax.experimental import topologies
 
 from jaxlm import sharding
-from jaxlm.config import MeshConfig, ModelConfig
+from jaxlm.config import DataConfig, Experiment, MeshConfig, ModelConfig
 from jaxlm.errors import ConfigError
 from jaxlm.model import (
     Transformer, attention_impl, attention_mask, choose_attention, choose_remat, chunked_token_loss_sums,
@@ -95,8 +98,10 @@ def test_splash_attention_refuses_shapes_it_cannot_take():
         return [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in ((B, T, H, E), (B, T, K, E), (B, T, K, E))]
 
     attend = lambda q, k, v: splash_attention(q, k, v, None, interpret=True)  # noqa: E731
-    with pytest.raises(ConfigError, match=r"multiple of 128.*seq_len=128 or 256"):
+    with pytest.raises(ConfigError, match=r"multiple of 128, got 200: use DataConfig.seq_len=128 or 256"):
         jax.eval_shape(attend, *shapes(1, 200, 4, 2, 8))
+    with pytest.raises(ConfigError, match=r"multiple of 128, got 1000: use DataConfig.seq_len=896 or 1024"):
+        Experiment(model=ModelConfig(attention="splash"), data=DataConfig(seq_len=1000))
     # Key/value heads split over the tensor axis like the query heads: 1 of them cannot go to 2 devices.
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=2), jax.devices()[:2])
     with sharding.activation_sharding(mesh), pytest.raises(ConfigError, match="n_kv_heads=1"):
@@ -249,3 +254,19 @@ def test_train_loss_compiles_for_a_tpu_topology_with_splash_attention_and_chunke
     assert "tpu_custom_call" in hlo and "splash" in hlo
     # Each device's float32 logits: [B/2, 512, V/2] per chunk, never [B/2, T, V/2].
     assert f"f32[{B // 2},512,{V // 2}]" in hlo and not re.search(rf"f32\[\d+,{T},({V}|{V // 2})\]", hlo)
+
+
+@pytest.mark.slow
+def test_cpu_programs_print_nothing_of_libtpu():
+    """libtpu is installed (the test extra); on this machine without TPUs a JAX program that imports jaxlm says
+    nothing on stderr, while plain JAX prints libtpu's warnings about missing TPU metadata."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    program = "import jax; {}jax.numpy.ones(2).block_until_ready(); print(jax.default_backend())"
+
+    def run(prefix: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", program.format(prefix)], env=env, capture_output=True,
+                              text=True, timeout=120, check=True)
+
+    with_jaxlm, plain = run("import jaxlm.config; "), run("")
+    assert (with_jaxlm.stdout, with_jaxlm.stderr) == ("cpu\n", "")
+    assert "TPU" in plain.stderr
