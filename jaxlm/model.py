@@ -175,7 +175,6 @@ def splash_attention(
     K = k_BTKE.shape[2]
     block = splash_block(T)
     mesh = jax.sharding.get_abstract_mesh()
-    q_spec = k_spec = seg_spec = None
     head_shards = 1
     if not mesh.empty:
         q_spec = nn.logical_to_mesh_axes(("batch", None, "heads", None))
@@ -199,7 +198,7 @@ def splash_attention(
         causal, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret
     )
 
-    def attend(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT):
+    def attend(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT=None):
         # The kernel takes one row [heads, T, E] with queries already scaled (it applies no 1/sqrt(E)).
         q_BHTE = (q_BTHE * E**-0.5).astype(q_BTHE.dtype).transpose(0, 2, 1, 3)
         k_BKTE, v_BKTE = k_BTKE.transpose(0, 2, 1, 3), v_BTKE.transpose(0, 2, 1, 3)
@@ -210,18 +209,11 @@ def splash_attention(
             out_BHTE = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s))(q_BHTE, k_BKTE, v_BKTE, segments)
         return out_BHTE.transpose(0, 2, 1, 3).astype(q_BTHE.dtype)
 
+    args = (q_BTHE, k_BTKE, v_BTKE) + (() if segment_ids_BT is None else (segment_ids_BT,))
     if mesh.empty:
-        return attend(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT)
-    if segment_ids_BT is None:
-        sharded = jax.shard_map(
-            lambda q, k, v: attend(q, k, v, None), mesh=mesh,
-            in_specs=(q_spec, k_spec, k_spec), out_specs=q_spec, check_vma=False,
-        )
-        return sharded(q_BTHE, k_BTKE, v_BTKE)
-    sharded = jax.shard_map(
-        attend, mesh=mesh, in_specs=(q_spec, k_spec, k_spec, seg_spec), out_specs=q_spec, check_vma=False
-    )
-    return sharded(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT)
+        return attend(*args)
+    specs = (q_spec, k_spec, k_spec, seg_spec)[: len(args)]
+    return jax.shard_map(attend, mesh=mesh, in_specs=specs, out_specs=q_spec, check_vma=False)(*args)
 
 
 def _axes(spec_entry: Any) -> tuple[str, ...]:
