@@ -34,7 +34,7 @@ from jaxlm.checkpoint import Checkpoints, load_params, write_or_check_config
 from jaxlm.config import Experiment
 from jaxlm.errors import CheckpointError, ConfigError, NonFiniteError
 from jaxlm.logging import MetricsWriter, ProfileWindow, check_wandb, plot_losses
-from jaxlm.model import Transformer, bits_per_byte, compiler_options, token_loss_sums
+from jaxlm.model import Transformer, bits_per_byte, compiler_options
 from jaxlm.optim import make_optimizer, make_schedule
 from jaxlm.runlock import RunLock
 
@@ -183,7 +183,7 @@ def jit_step(task: Task, mesh: jax.sharding.Mesh):
     state_sharding, frozen_sharding = task_shardings(task, mesh)
     return jax.jit(
         make_step(task, mesh), in_shardings=(state_sharding, frozen_sharding, sharding.batch_sharding(mesh)),
-        out_shardings=(state_sharding, None), donate_argnums=0, compiler_options=compiler_options(),
+        out_shardings=(state_sharding, None), donate_argnums=0, compiler_options=compiler_options(mesh),
     )
 
 
@@ -293,12 +293,11 @@ class Pretraining:
 
     def loss(self, params, frozen, batch, rng):
         dropout = self.experiment.model.dropout > 0 and rng is not None
-        logits_BTV = Transformer(self.experiment.model).apply(
+        return Transformer(self.experiment.model).apply(
             {"params": params}, batch["inputs"], positions_BT=batch.get("positions"),
             segment_ids_BT=batch.get("segment_ids"), deterministic=not dropout,
-            rngs={"dropout": rng} if dropout else {},
+            rngs={"dropout": rng} if dropout else {}, loss_batch=batch,
         )
-        return token_loss_sums(logits_BTV, batch)
 
     def train_batches(self) -> BatchSource:
         from jaxlm.data import make_iterator
@@ -442,7 +441,7 @@ def jit_train_step(experiment: Experiment, mesh: jax.sharding.Mesh):
     state_sharding = state_shardings(experiment, mesh)
     return jax.jit(
         make_train_step(experiment, mesh), in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-        out_shardings=(state_sharding, None), donate_argnums=0, compiler_options=compiler_options(),
+        out_shardings=(state_sharding, None), donate_argnums=0, compiler_options=compiler_options(mesh),
     )
 
 
@@ -608,7 +607,7 @@ def _fit(task: Task, mesh: jax.sharding.Mesh) -> dict[str, Any]:
     start_step = int(state["step"])
 
     eval_fn = jax.jit(
-        sharding.traced_with_activation_sharding(task.eval_sums, mesh), compiler_options=compiler_options()
+        sharding.traced_with_activation_sharding(task.eval_sums, mesh), compiler_options=compiler_options(mesh)
     )
     tokens_per_step = task.tokens_per_step
     peak, peak_source = flops.peak_flops()
