@@ -174,12 +174,30 @@ def _abstract(boxed: Params, shardings: Params) -> Params:
     )
 
 
-def jit_step(task: Task, mesh: jax.sharding.Mesh):
-    """The step jitted over `mesh`: state donated, shardings pinned, the backend's compiler options."""
+def abstract_state(task: Task, mesh: jax.sharding.Mesh) -> tuple[Params, Params]:
+    """The train state and frozen params as ShapeDtypeStructs carrying their shardings over `mesh`: what the
+    steps compile against, with nothing allocated (no data, no parameters)."""
+    boxed = _boxed_state(task)
+    state_sharding, frozen_sharding = task_shardings(task, mesh, boxed)
+    return _abstract(boxed[0], state_sharding), _abstract(boxed[1], frozen_sharding)
+
+
+def jit_step(task: Task, mesh: jax.sharding.Mesh, options: dict[str, Any] | None = None):
+    """The step jitted over `mesh`: state donated, shardings pinned, `options` for the compiler (default: the
+    default backend's, see `jaxlm.model.compiler_options`)."""
     state_sharding, frozen_sharding = task_shardings(task, mesh)
     return jax.jit(
         make_step(task, mesh), in_shardings=(state_sharding, frozen_sharding, sharding.batch_sharding(mesh)),
-        out_shardings=(state_sharding, None), donate_argnums=0, compiler_options=compiler_options(),
+        out_shardings=(state_sharding, None), donate_argnums=0,
+        compiler_options=compiler_options() if options is None else options,
+    )
+
+
+def jit_eval(task: Task, mesh: jax.sharding.Mesh, options: dict[str, Any] | None = None):
+    """The task's `eval_sums` as (params, frozen, batch) -> sums, jitted over `mesh` (shardings from the arguments)."""
+    return jax.jit(
+        sharding.traced_with_activation_sharding(task.eval_sums, mesh),
+        compiler_options=compiler_options() if options is None else options,
     )
 
 
@@ -336,9 +354,14 @@ def state_shardings(experiment: Experiment, mesh: jax.sharding.Mesh) -> Params:
 def abstract_train_state(experiment: Experiment, mesh: jax.sharding.Mesh | None = None) -> Params:
     """The pretraining state's shapes, dtypes and shardings, computed without allocating it."""
     mesh = mesh or sharding.make_mesh(type(experiment.mesh)())
-    task = Pretraining(experiment)
-    boxed, _ = _boxed_state(task)
-    return _abstract(boxed, task_shardings(task, mesh)[0])
+    return abstract_state(Pretraining(experiment), mesh)[0]
+
+
+def abstract_batch(experiment: Experiment, mesh: jax.sharding.Mesh) -> Batch:
+    """A global pretraining batch's shapes and dtypes with its sharding over `mesh` (see jaxlm.data's batches)."""
+    keys = ("inputs", "targets", "segment_ids", "positions") if experiment.data.document_mask else ("inputs", "targets")
+    shape = (experiment.data.batch_size, experiment.data.seq_len)
+    return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(mesh)) for k in keys}
 
 
 def init_train_state(experiment: Experiment, mesh: jax.sharding.Mesh) -> Params:
@@ -506,9 +529,7 @@ def fit(task: Task, devices: list | None = None) -> dict[str, Any]:
     start_step = int(state["step"])
 
     train_step = jit_step(task, mesh)
-    eval_fn = jax.jit(
-        sharding.traced_with_activation_sharding(task.eval_sums, mesh), compiler_options=compiler_options()
-    )
+    eval_fn = jit_eval(task, mesh)
     tokens_per_step = task.tokens_per_step
     peak, peak_source = flops.peak_flops()
     log = MetricsWriter(run_dir, start_step)
