@@ -199,8 +199,12 @@ def test_gpu_check_runs_its_code_path_on_tiny_shapes(tmp_path, capsys):
     assert len((tmp_path / "gpu_results.jsonl").read_text().splitlines()) == len(records)
     summary = json.loads((tmp_path / "gpu_summary.json").read_text())
     assert summary["runs"] == len(records)
-    best_gpt2 = max(r["mfu"] for r in records if r["preset"] == "gpt2-124m")
-    assert summary["best"]["gpt2-124m"]["mfu"] == pytest.approx(best_gpt2)
+    best_gpt2 = max(r["mfu_per_gpu"] for r in records if r["preset"] == "gpt2-124m")
+    assert summary["best"]["gpt2-124m attention=auto"]["mfu_per_gpu"] == pytest.approx(best_gpt2)
+    # Per GPU: the machine's tokens/s over its devices, against one device's peak.
+    first = records[0]
+    per_device = first["tokens_per_sec"] / jax.device_count() * first["flops_per_token"]
+    assert first["mfu_per_gpu"] == pytest.approx(per_device / (first["peak_flops"] / jax.device_count()))
 
 
 def test_gpu_check_refuses_a_machine_without_a_gpu(tmp_path, capsys):
