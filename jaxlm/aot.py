@@ -56,7 +56,8 @@ def jax_topology_name(topology: str) -> str:
     text = topology.strip().lower()
     if ":" in text:
         generation, _, shape = text.partition(":")
-        if generation in GENERATIONS and re.fullmatch(r"\d+(x\d+){1,2}", shape):
+        if generation in GENERATIONS and re.fullmatch(r"\d+(x\d+)*", shape) \
+                and shape.count("x") + 1 == GENERATIONS[generation][2]:
             return f"{GENERATIONS[generation][0]}:{shape}"
     elif (match := re.fullmatch(r"(v\w+?)-(\d+)", text)) and match.group(1) in GENERATIONS:
         name, cores, dims = GENERATIONS[match.group(1)]
@@ -105,6 +106,7 @@ _INSTRUCTION = re.compile(
     r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<result>.*?)\s(?P<op>all-gather|reduce-scatter|all-reduce)"
     r"(?P<start>-start)?\((?P<operands>.*?)\)(?:,|$)"
 )
+_DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s[\w\-]+\(")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _CALLED = re.compile(r"\b(condition|body|calls|to_apply|branch_computations|called_computations)=\{?([^}\s]*)\}?")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
@@ -165,6 +167,13 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
     the gathered result, the operand before reduce-scattering, the all-reduced array."""
     bodies, entry = _computations(hlo)
     runs = _executions(bodies, entry)
+    # Operands are printed by name: their shapes are where they are defined.
+    shapes = {m.group(1): m.group(2) for lines in bodies.values() for line in lines if (m := _DEFINITION.match(line))}
+
+    def operand_bytes(operands: str) -> int:
+        named = re.findall(r"%([\w.\-]+)", operands)
+        return sum(_array_bytes(shapes.get(name, "")) for name in named) if named else _array_bytes(operands)
+
     found = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
     for name, lines in bodies.items():
         times = runs.get(name, 0)
@@ -172,7 +181,7 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
             match = _INSTRUCTION.match(line)
             if not match or not times:
                 continue
-            result, operand = _array_bytes(match.group("result")), _array_bytes(match.group("operands"))
+            result, operand = _array_bytes(match.group("result")), operand_bytes(match.group("operands"))
             if match.group("start") and result > operand > 0:
                 result -= operand  # an async start's result holds its operands beside its outputs
             found[match.group("op")]["count"] += times

@@ -1,0 +1,75 @@
+"""tools.aot: TPU topologies by name, collectives read off compiled programs, and train steps compiled for real TPU
+slices by libtpu on this CPU (no TPU needed)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxlm import aot, flops
+from jaxlm.errors import ConfigError
+
+
+# Slice shapes from the Cloud TPU docs' configuration tables (v5p, v4: TensorCores in the name, two per chip).
+@pytest.mark.parametrize("name, expected", [
+    ("v5p-8", "v5p:2x2x1"), ("v5p-16", "v5p:2x2x2"), ("v5p-32", "v5p:2x2x4"), ("v5p-64", "v5p:2x4x4"),
+    ("v5p-128", "v5p:4x4x4"), ("v5p-256", "v5p:4x4x8"), ("v4-32", "v4:2x2x4"), ("v4-128", "v4:4x4x4"),
+    ("v5e-1", "v5e:1x1"), ("v5litepod-4", "v5e:2x2"), ("v5e-8", "v5e:2x4"), ("v5e-16", "v5e:4x4"),
+    ("v5e-256", "v5e:16x16"), ("v6e-8", "v6e:2x4"), ("v6e-64", "v6e:8x8"), ("v5p:2x2x1", "v5p:2x2x1"),
+    ("V5E:2x2", "v5e:2x2"),
+])
+def test_accelerator_types_name_the_cloud_tpu_slices(name, expected):
+    assert aot.jax_topology_name(name) == expected
+
+
+@pytest.mark.parametrize("name", ["v5p-4", "v5p-12", "v5e-2", "v5e-12", "v7-8", "tpu", "v5p:2x2", "h100"])
+def test_a_bad_topology_is_one_line_listing_what_works(name):
+    with pytest.raises(ConfigError) as info:
+        aot.jax_topology_name(name)
+    message = str(info.value)
+    assert "\n" not in message and repr(name) in message and "v5p-8" in message and "v5p:2x2x1" in message
+
+
+def test_the_chip_table_tells_gpus_apart_by_their_datasheets():
+    # jax.Device.device_kind strings as CUDA reports them.
+    assert flops.chip("NVIDIA H100 80GB HBM3").bf16_flops == 989e12  # SXM
+    assert flops.chip("NVIDIA H100 PCIe").bf16_flops == 756e12
+    assert flops.chip("NVIDIA H200").hbm_bytes == 141e9
+    assert flops.chip("NVIDIA A100-SXM4-40GB").hbm_bytes == 40e9
+    assert flops.chip("NVIDIA A100-SXM4-80GB").hbm_bytes == 80e9
+    assert flops.chip("NVIDIA L4").bf16_flops == 121e12
+    assert flops.chip("TPU v5 lite").hbm_bytes == 16 * 2**30 and flops.chip("TPU v5p").bf16_flops == 459e12
+    assert flops.chip("cpu") is None
+
+
+def test_collectives_are_counted_per_execution_with_loop_trip_counts():
+    mesh = jax.make_mesh((8,), ("x",))
+    steps = 5
+
+    def body(i, carry):
+        a, b = carry
+        total = jax.lax.psum(a, "x")  # all-reduce of this device's f32[4, 256]: 4 KiB
+        gathered = jax.lax.all_gather(b, "x", tiled=True)  # f32[2, 128] -> f32[16, 128]: 8 KiB gathered
+        scattered = jax.lax.psum_scatter(gathered, "x", tiled=True)  # 8 KiB reduced and scattered
+        return total * 0.5, scattered * 0.5
+
+    @jax.jit
+    @jax.shard_map(mesh=mesh, in_specs=(P("x"), P("x")), out_specs=(P("x"), P("x")), check_vma=False)
+    def looped(a, b):
+        return jax.lax.fori_loop(0, steps, body, (a, b))
+
+    split = NamedSharding(mesh, P("x"))
+    hlo = looped.lower(
+        jax.ShapeDtypeStruct((32, 256), jnp.float32, sharding=split),
+        jax.ShapeDtypeStruct((16, 128), jnp.float32, sharding=split),
+    ).compile().as_text()
+    assert aot.collectives(hlo) == {
+        "all-reduce": {"count": steps, "bytes": steps * 4 * 256 * 4},
+        "all-gather": {"count": steps, "bytes": steps * 16 * 128 * 4},
+        "reduce-scatter": {"count": steps, "bytes": steps * 16 * 128 * 4},
+    }
