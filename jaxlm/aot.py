@@ -20,7 +20,7 @@ from typing import Any
 import jax
 
 from jaxlm import flops, sharding, train
-from jaxlm.config import Experiment, MeshConfig
+from jaxlm.config import Experiment
 from jaxlm.errors import ConfigError
 
 # --------------------------------------------------------------------------------------------------- topologies

@@ -4,7 +4,6 @@ slices by libtpu on this CPU (no TPU needed)."""
 from __future__ import annotations
 
 import json
-import math
 
 import jax
 import jax.numpy as jnp
@@ -73,3 +72,58 @@ def test_collectives_are_counted_per_execution_with_loop_trip_counts():
         "all-gather": {"count": steps, "bytes": steps * 16 * 128 * 4},
         "reduce-scatter": {"count": steps, "bytes": steps * 16 * 128 * 4},
     }
+
+
+# --------------------------------------------------------------------------- compiled for TPU slices by libtpu
+
+TINY = ["--model.n-layers", "2", "--model.d-model", "128", "--model.n-heads", "4", "--model.vocab-size", "512",
+        "--model.max-seq-len", "64", "--data.seq-len", "64", "--data.batch-size", "8", "--model.dtype", "bfloat16"]
+
+
+def _aot(capsys, *argv: str) -> list[dict]:
+    from tools import aot as aot_tool
+
+    aot_tool.main(list(argv))
+    lines = capsys.readouterr().out.strip().splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def _check_sharded_step(record: dict, *, devices: int, hosts: int, mesh: dict, n_layers: int = 2) -> None:
+    assert (record["devices"], record["hosts"], record["mesh"]) == (devices, hosts, mesh)
+    assert record["attention"] == "xla (dot)"
+    memory = record["bytes_per_device"]
+    # The state's shards are arguments; donated, the new state reuses them.
+    assert memory["arguments"] > 0 and memory["temp"] > 0 and 0 < memory["aliased"] <= memory["arguments"]
+    assert memory["total"] < record["hbm_per_device"] and record["fits"]
+    c = record["collectives"]
+    # FSDP: every layer's weights gathered (forward and backward) and the gradients reduced back to their shards;
+    # tensor parallelism: the partial sums of split heads and MLP width all-reduced.
+    assert c["all-gather"]["count"] >= n_layers and c["all-gather"]["bytes"] > 0
+    assert c["reduce-scatter"]["count"] + c["all-reduce"]["count"] >= n_layers
+    assert c["all-reduce"]["count"] > 0
+    # The compiler's count of the whole step over all chips agrees with the model's to within what each leaves out
+    # (the model: softmax, norms, optimizer; the compiler: the causal half of attention that is never skipped).
+    ratio = record["flops_per_step"]["compiler"] / record["flops_per_step"]["model"]
+    assert 0.8 < ratio < 1.6, ratio
+    bounds = record["bounds"]
+    assert bounds["step_s_lower_bound"] > 0 and 0 < bounds["mfu_upper_bound"] <= 1
+    assert "not measurements" in bounds["basis"]
+
+
+def test_llama_train_and_eval_steps_compile_for_one_v5e_host(capsys):
+    records = _aot(capsys, "--experiment", "quickstart", "--topology", "v5e:2x2", *TINY, "--model.n-kv-heads", "2",
+                   "--mesh.data", "1", "--mesh.fsdp", "2", "--mesh.tensor", "2")
+    train, evaluation = records
+    assert (train["step"], evaluation["step"]) == ("train", "eval")
+    assert train["chip"] == "TPU v5 lite" and train["hbm_per_device"] == 16 * 2**30
+    _check_sharded_step(train, devices=4, hosts=1, mesh={"data": 1, "fsdp": 2, "tensor": 2})
+    # Evaluation holds no optimizer state and no gradients.
+    assert evaluation["bytes_per_device"]["arguments"] < train["bytes_per_device"]["arguments"] / 2
+
+
+@pytest.mark.slow
+def test_gpt2_train_step_compiles_for_two_v5p_hosts(capsys):
+    (train,) = _aot(capsys, "--experiment", "quickstart_gpt2", "--topology", "v5p:2x2x2", "--train-only", *TINY,
+                    "--mesh.data", "2", "--mesh.fsdp", "2", "--mesh.tensor", "2")
+    assert train["chip"].startswith("TPU v5") and train["hbm_per_device"] == 95 * 2**30
+    _check_sharded_step(train, devices=8, hosts=2, mesh={"data": 2, "fsdp": 2, "tensor": 2})

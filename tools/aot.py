@@ -5,7 +5,7 @@
     python -m tools.aot --experiment chinchilla_c4 --sweep --topology v5p-64 --model.attention xla
 
 The steps are compiled from abstract shapes by the TPU compiler (libtpu: `pip install -e '.[tpu]'`): no data is
-prepared and no parameter allocated, so a 70B model compiles in minutes on a laptop. For each compiled step it
+prepared and no parameter allocated: a model of any size costs only its compile time. For each compiled step it
 prints a table row, then one JSON line: topology, devices, hosts, mesh, the attention kernel found in the compiled
 program, bytes per device (arguments, temp, total) against the chip's HBM and whether they fit, the compiler's FLOPs
 per step beside the model's own count, the all-gathers, reduce-scatters and all-reduces per step (count, bytes per
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--fit", action="store_true",
                         help="search the smallest change (remat, grad-accum, FSDP width) under which the step fits")
     parser.add_argument("--train-only", action="store_true", help="compile the train step only")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (for docs/)")
     args, overrides = parser.parse_known_args(argv)
 
     def command() -> list[dict[str, Any]]:
@@ -93,7 +94,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 fixes.append((experiment.name, found, flags))
             else:
                 records.extend(aot.compile_steps(experiment, args.topology, steps=steps, devices=devices))
-        print_grid(HEADER, [row(r) for r in records])
+        rows = [row(r) for r in records]
+        if args.markdown:
+            table = [HEADER, ["---"] * len(HEADER), *rows]
+            print("\n".join("| " + " | ".join(map(str, line)) + " |" for line in table))
+        else:
+            print_grid(HEADER, rows)
         for experiment_name, found, flags in fixes:
             if found is None:
                 print(f"{experiment_name}: no candidate fits (remat, grad-accum and FSDP width exhausted): "
