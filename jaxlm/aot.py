@@ -357,6 +357,19 @@ def _candidates(experiment: Experiment, n_devices: int) -> tuple[Change, list[Ch
     return base, sorted(valid, key=cost)
 
 
+def state_bytes_per_device(experiment: Experiment, devices: list) -> int:
+    """Bytes of the train state's shards on one device (parameters, optimizer state), from shapes alone."""
+    mesh = sharding.make_mesh(experiment.mesh, devices)
+    state, _ = train.abstract_state(train.Pretraining(experiment), mesh)
+    return sum(
+        math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree.leaves(state)
+    )
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def _saves_at_least(a: Change, b: Change) -> bool:
     """Whether `a` saves memory in every knob at least as much as `b`."""
     return a.fsdp >= b.fsdp and REMAT_ORDER.index(a.remat) >= REMAT_ORDER.index(b.remat) \
@@ -376,12 +389,19 @@ def fit_search(experiment: Experiment, topology: str, devices: list | None = Non
         if any(_saves_at_least(f, change) for f in failed):
             continue
         flags = change.overrides(base, experiment, len(devices))
-        record = compile_steps(change.apply(experiment, len(devices)), topology, steps=("train",), devices=devices)[0]
+        candidate = change.apply(experiment, len(devices))
+        state_bytes = state_bytes_per_device(for_target(candidate), devices)
+        if state_bytes > chip_of(devices).hbm_bytes:  # parameters and optimizer state alone: no need to compile
+            log(f"  {' '.join(flags) or '(as configured)'}: the state alone takes {_size(state_bytes)} per device: "
+                "does not fit")
+            failed.append(change)
+            continue
+        record = compile_steps(candidate, topology, steps=("train",), devices=devices)[0]
         record["overrides"] = " ".join(flags)
         tried.append(record)
         total = record["bytes_per_device"]["total"]
-        log(f"  {' '.join(flags) or '(as configured)'}: {total / 2**30:.2f} GiB per device of "
-            f"{record['hbm_per_device'] / 2**30:.0f}: {'fits' if record['fits'] else 'does not fit'}")
+        log(f"  {' '.join(flags) or '(as configured)'}: {_size(total)} per device of "
+            f"{_size(record['hbm_per_device'])}: {'fits' if record['fits'] else 'does not fit'}")
         if record["fits"]:
             return record, flags, tried
         failed.append(change)
