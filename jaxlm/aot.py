@@ -76,8 +76,13 @@ def jax_topology_name(topology: str) -> str:
 
 def topology_devices(topology: str) -> list:
     """The compile-only devices of a TPU slice (no hardware needed; libtpu must be installed)."""
+    import os
+
     from jax.experimental import topologies
 
+    # libtpu takes a lock file so that two processes never drive one TPU; compiling drives none, and a second
+    # compiling process (a test worker, another user's) would otherwise be refused.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     name = jax_topology_name(topology)
     try:
         return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
@@ -107,6 +112,11 @@ _INSTRUCTION = re.compile(
     r"(?P<start>-start)?\((?P<operands>.*?)\)(?:,|$)"
 )
 _DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s[\w\-]+\(")
+# The TPU compiler writes a reduce-scatter as a fusion calling a computation named all-reduce-scatter.N.
+_TPU_REDUCE_SCATTER = "all-reduce-scatter"
+_TPU_REDUCE_SCATTER_CALL = re.compile(
+    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\sfusion\((.*?)\),.*\bcalls=%?all-reduce-scatter[\w.\-]*"
+)
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _CALLED = re.compile(r"\b(condition|body|calls|to_apply|branch_computations|called_computations)=\{?([^}\s]*)\}?")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
@@ -137,13 +147,23 @@ def _computations(hlo: str) -> tuple[dict[str, list[str]], str | None]:
     return bodies, entry
 
 
+def _counted_loop(line: str, bodies: dict[str, list[str]]) -> int:
+    """The trip count of a while loop whose condition is `i < N` for a constant N (how jax writes scan and
+    fori_loop, counting from 0; the TPU compiler keeps no known_trip_count); 1 for anything else."""
+    match = re.search(r"\bwhile\(.*\bcondition=%?([\w.\-]+)", line)
+    condition = bodies.get(match.group(1), []) if match else []
+    constants = [int(m.group(1)) for text in condition if (m := re.search(r"s32\[\][^=]*constant\((\d+)\)", text))]
+    compares = [text for text in condition if "compare(" in text and "direction=LT" in text]
+    return constants[0] if len(constants) == 1 and len(compares) == 1 else 1
+
+
 def _executions(bodies: dict[str, list[str]], entry: str | None) -> dict[str, int]:
     """How many times each computation runs per execution of the program: a while loop's body and condition
     count its known trip count (scanned layers: once per layer); a loop of unknown count counts once."""
     calls: dict[str, list[tuple[str, int]]] = {name: [] for name in bodies}
     for name, lines in bodies.items():
         for line in lines:
-            trips = int(m.group(1)) if (m := _TRIP_COUNT.search(line)) else 1
+            trips = int(m.group(1)) if (m := _TRIP_COUNT.search(line)) else _counted_loop(line, bodies)
             for kind, targets in _CALLED.findall(line):
                 for target in targets.split(","):
                     target = target.strip().lstrip("%")
@@ -177,15 +197,21 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
     found = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
     for name, lines in bodies.items():
         times = runs.get(name, 0)
+        if not times or name.startswith(_TPU_REDUCE_SCATTER):  # counted where it is called, below
+            continue
         for line in lines:
-            match = _INSTRUCTION.match(line)
-            if not match or not times:
+            if (fused := _TPU_REDUCE_SCATTER_CALL.match(line)) is not None:
+                op, result_text, operands_text, start = "reduce-scatter", fused.group(1), fused.group(2), None
+            elif (match := _INSTRUCTION.match(line)) is not None:
+                op, result_text, operands_text = match.group("op"), match.group("result"), match.group("operands")
+                start = match.group("start")
+            else:
                 continue
-            result, operand = _array_bytes(match.group("result")), operand_bytes(match.group("operands"))
-            if match.group("start") and result > operand > 0:
+            result, operand = _array_bytes(result_text), operand_bytes(operands_text)
+            if start and result > operand > 0:
                 result -= operand  # an async start's result holds its operands beside its outputs
-            found[match.group("op")]["count"] += times
-            found[match.group("op")]["bytes"] += times * max(result, operand)
+            found[op]["count"] += times
+            found[op]["bytes"] += times * max(result, operand)
     return found
 
 
@@ -245,8 +271,9 @@ def analyse(compiled, *, step: str, experiment: Experiment, devices: list, mesh:
     # The model's count is of training (forward 2 + backward 4 per matmul parameter); evaluation is the forward third.
     model_flops = flops.flops_per_token(experiment.model, experiment.data.seq_len) * tokens
     model_flops = model_flops if step == "train" else model_flops / 3
-    # The compiler's cost analysis is of one device's program.
-    compute_s = cost["flops"] / chip.bf16_flops
+    # The compiler's cost analysis is of one device's program, and counts a loop's body once: scanned layers
+    # count as one layer. The compute bound takes the larger of its count and the model's, so it stays a bound.
+    compute_s = max(cost["flops"], model_flops / n) / chip.bf16_flops
     memory_s = cost["bytes"] / chip.hbm_bytes_per_s
     bound_s = max(compute_s, memory_s)
     return {
@@ -258,14 +285,16 @@ def analyse(compiled, *, step: str, experiment: Experiment, devices: list, mesh:
         "seq_len": experiment.data.seq_len, "params": flops.count_params(experiment.model),
         "bytes_per_device": memory, "hbm_per_device": int(chip.hbm_bytes),
         "fits": memory["total"] <= chip.hbm_bytes,
-        "flops_per_step": {"compiler": cost["flops"] * n, "model": model_flops},
+        "flops_per_step": {"compiler": cost["flops"] * n, "model": model_flops,
+                           "compiler_counts": "each loop body once (scanned layers as one layer)"},
         "bytes_accessed_per_device": cost["bytes"],
         "collectives": collectives(hlo), "compile_s": round(compile_s, 2),
         "bounds": {
             "step_s_lower_bound": bound_s,
             "mfu_upper_bound": model_flops / (n * chip.bf16_flops * bound_s) if bound_s else None,
             "limited_by": "compute" if compute_s >= memory_s else "HBM bandwidth",
-            "basis": "roofline from the compiler's FLOPs and bytes per device and the chip's published peaks; "
+            "basis": "roofline: the larger of the compiler's and the model's FLOPs per device over the chip's "
+                     "published bf16 peak, or the compiler's bytes accessed per device over its HBM bandwidth; "
                      "collectives and latency ignored: bounds, not measurements",
         },
     }
