@@ -261,30 +261,42 @@ def _cost(compiled) -> dict[str, float]:
     return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
 
 
+def _identity(step: str, experiment: Experiment, devices: list, mesh: jax.sharding.Mesh,
+              topology: str) -> dict[str, Any]:
+    chip = chip_of(devices)
+    return {
+        "experiment": experiment.name, "step": step, "topology": topology, "chip": chip.device_kind,
+        "devices": len(devices), "hosts": len({d.process_index for d in devices}),
+        "mesh": {axis: int(size) for axis, size in mesh.shape.items()},
+        "remat": experiment.model.remat, "grad_accum": experiment.train.grad_accum,
+        "batch_size": experiment.data.batch_size, "seq_len": experiment.data.seq_len,
+        "params": flops.count_params(experiment.model), "hbm_per_device": int(chip.hbm_bytes),
+    }
+
+
+def _model_flops(experiment: Experiment, step: str) -> float:
+    """The model's own count for one step: training is forward 2 + backward 4 per matmul parameter and token (see
+    jaxlm.flops); evaluation is the forward third."""
+    tokens = experiment.data.batch_size * experiment.data.seq_len
+    train_flops = flops.flops_per_token(experiment.model, experiment.data.seq_len) * tokens
+    return train_flops if step == "train" else train_flops / 3
+
+
 def analyse(compiled, *, step: str, experiment: Experiment, devices: list, mesh: jax.sharding.Mesh,
             topology: str, compile_s: float) -> dict[str, Any]:
     """The record of one compiled step: what a run on `devices` would meet."""
     chip = chip_of(devices)
     n = len(devices)
     memory, cost, hlo = _memory(compiled), _cost(compiled), compiled.as_text()
-    tokens = experiment.data.batch_size * experiment.data.seq_len
-    # The model's count is of training (forward 2 + backward 4 per matmul parameter); evaluation is the forward third.
-    model_flops = flops.flops_per_token(experiment.model, experiment.data.seq_len) * tokens
-    model_flops = model_flops if step == "train" else model_flops / 3
+    model_flops = _model_flops(experiment, step)
     # The compiler's cost analysis is of one device's program, and counts a loop's body once: scanned layers
     # count as one layer. The compute bound takes the larger of its count and the model's, so it stays a bound.
     compute_s = max(cost["flops"], model_flops / n) / chip.bf16_flops
     memory_s = cost["bytes"] / chip.hbm_bytes_per_s
     bound_s = max(compute_s, memory_s)
     return {
-        "experiment": experiment.name, "step": step, "topology": topology, "chip": chip.device_kind,
-        "devices": n, "hosts": len({d.process_index for d in devices}),
-        "mesh": {axis: int(size) for axis, size in mesh.shape.items()},
-        "attention": attention_kernel(hlo), "remat": experiment.model.remat,
-        "grad_accum": experiment.train.grad_accum, "batch_size": experiment.data.batch_size,
-        "seq_len": experiment.data.seq_len, "params": flops.count_params(experiment.model),
-        "bytes_per_device": memory, "hbm_per_device": int(chip.hbm_bytes),
-        "fits": memory["total"] <= chip.hbm_bytes,
+        **_identity(step, experiment, devices, mesh, topology), "attention": attention_kernel(hlo),
+        "bytes_per_device": memory, "fits": memory["total"] <= chip.hbm_bytes,
         "flops_per_step": {"compiler": cost["flops"] * n, "model": model_flops,
                            "compiler_counts": "each loop body once (scanned layers as one layer)"},
         "bytes_accessed_per_device": cost["bytes"],
@@ -297,6 +309,24 @@ def analyse(compiled, *, step: str, experiment: Experiment, devices: list, mesh:
                      "published bf16 peak, or the compiler's bytes accessed per device over its HBM bandwidth; "
                      "collectives and latency ignored: bounds, not measurements",
         },
+    }
+
+
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def out_of_memory(error: Exception, *, step: str, experiment: Experiment, devices: list,
+                  mesh: jax.sharding.Mesh, topology: str, compile_s: float) -> dict[str, Any]:
+    """The record of a step the TPU compiler refused for want of HBM: the memory it said it needs."""
+    text = (str(error).strip().splitlines() or [""])[0]
+    sizes = [float(v) * _UNITS[u] for v, u in re.findall(r"\(([\d.]+)([KMGT])i?B?\)", text)]
+    state = state_bytes_per_device(experiment, devices)
+    temp = int(sizes[0]) if sizes else 0
+    return {
+        **_identity(step, experiment, devices, mesh, topology), "attention": None,
+        "bytes_per_device": {"arguments": state, "temp": temp, "total": state + temp},
+        "fits": False, "error": text[:300], "compile_s": round(compile_s, 2),
+        "flops_per_step": {"compiler": None, "model": _model_flops(experiment, step)},
     }
 
 
@@ -317,10 +347,15 @@ def compile_steps(experiment: Experiment, topology: str, *, steps: tuple[str, ..
         else:
             lowered = train.jit_eval(task, mesh, options={}).lower(state["params"], frozen, batch)
         started = time.perf_counter()
-        compiled = lowered.compile()
-        compile_s = time.perf_counter() - started
-        records.append(analyse(compiled, step=step, experiment=experiment, devices=devices, mesh=mesh,
-                               topology=topology, compile_s=compile_s))
+        where = dict(step=step, experiment=experiment, devices=devices, mesh=mesh, topology=topology)
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            records.append(out_of_memory(e, **where, compile_s=time.perf_counter() - started))
+            continue
+        records.append(analyse(compiled, **where, compile_s=time.perf_counter() - started))
     return records
 
 

@@ -43,16 +43,18 @@ def _collective(c: dict[str, int]) -> str:
 
 
 def row(r: dict[str, Any]) -> list[Any]:
-    m, b, bounds = r["mesh"], r["bytes_per_device"], r["bounds"]
-    mfu = bounds["mfu_upper_bound"]
+    m, b = r["mesh"], r["bytes_per_device"]
+    bounds, counts, flops = r.get("bounds", {}), r.get("collectives"), r["flops_per_step"]
+    mfu = bounds.get("mfu_upper_bound")
     return [
         r["experiment"], r["step"], f"{r['topology']} ({r['devices']} chips, {r['hosts']} hosts)",
-        f"{m['data']}/{m['fsdp']}/{m['tensor']}", r["attention"], r["remat"], r["grad_accum"],
+        f"{m['data']}/{m['fsdp']}/{m['tensor']}", r["attention"] or "", r["remat"], r["grad_accum"],
         _gib(b["arguments"]), _gib(b["temp"]), _gib(b["total"]), _gib(r["hbm_per_device"]),
-        "yes" if r["fits"] else "NO", f"{r['flops_per_step']['compiler'] / 1e12:,.1f}",
-        f"{r['flops_per_step']['model'] / 1e12:,.1f}", *(_collective(r["collectives"][k]) for k in
-                                                        ("all-gather", "reduce-scatter", "all-reduce")),
-        f"{r['compile_s']:.1f}", f"{bounds['step_s_lower_bound']:.4f}", "" if mfu is None else f"{mfu:.1%}",
+        "yes" if r["fits"] else "NO", "" if flops["compiler"] is None else f"{flops['compiler'] / 1e12:,.1f}",
+        f"{flops['model'] / 1e12:,.1f}",
+        *(_collective(counts[k]) if counts else "" for k in ("all-gather", "reduce-scatter", "all-reduce")),
+        f"{r['compile_s']:.1f}", f"{bounds['step_s_lower_bound']:.4f}" if bounds else "",
+        "" if mfu is None else f"{mfu:.1%}",
     ]
 
 
