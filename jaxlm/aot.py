@@ -19,7 +19,7 @@ from typing import Any
 
 import jax
 
-from jaxlm import flops, sharding, train
+from jaxlm import flops, model, sharding, train
 from jaxlm.config import Experiment
 from jaxlm.errors import ConfigError
 
@@ -231,16 +231,12 @@ def attention_kernel(hlo: str) -> str:
 
 
 def for_target(experiment: Experiment) -> Experiment:
-    """The experiment as it runs on a TPU. The model resolves `auto` by the backend of the process that traces
-    it (here: the CPU that compiles); on a TPU it means XLA attention and no remat."""
-    model = experiment.model
-    if model.attention == "cudnn":
+    """The experiment as it would run on a TPU: refused where it names a GPU-only kernel. (`auto` settings are
+    the model's to resolve, by the devices of the mesh it is compiled for.)"""
+    if experiment.model.attention == "cudnn":
         raise ConfigError(f"{experiment.name}: ModelConfig.attention='cudnn' is NVIDIA's fused kernel, not a TPU's: "
-                          "add --model.attention xla (or auto)")
-    changes = {"attention": "xla" if model.attention == "auto" else None,
-               "remat": "none" if model.remat == "auto" else None}
-    changes = {k: v for k, v in changes.items() if v is not None}
-    return dataclasses.replace(experiment, model=model.replace(**changes)) if changes else experiment
+                          "add --model.attention auto (splash on TPUs) or xla")
+    return experiment
 
 
 def _memory(compiled) -> dict[str, int]:
@@ -261,6 +257,13 @@ def _cost(compiled) -> dict[str, float]:
     return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
 
 
+def _resolved(experiment: Experiment, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """The remat policy and loss chunk the model takes on the mesh's devices (`auto` resolved)."""
+    with sharding.activation_sharding(mesh):
+        return {"remat": model.remat_policy(experiment.model),
+                "loss_chunk": model.loss_chunk_size(experiment.model, experiment.data.seq_len)}
+
+
 def _identity(step: str, experiment: Experiment, devices: list, mesh: jax.sharding.Mesh,
               topology: str) -> dict[str, Any]:
     chip = chip_of(devices)
@@ -268,7 +271,7 @@ def _identity(step: str, experiment: Experiment, devices: list, mesh: jax.shardi
         "experiment": experiment.name, "step": step, "topology": topology, "chip": chip.device_kind,
         "devices": len(devices), "hosts": len({d.process_index for d in devices}),
         "mesh": {axis: int(size) for axis, size in mesh.shape.items()},
-        "remat": experiment.model.remat, "grad_accum": experiment.train.grad_accum,
+        **_resolved(experiment, mesh), "grad_accum": experiment.train.grad_accum,
         "batch_size": experiment.data.batch_size, "seq_len": experiment.data.seq_len,
         "params": flops.count_params(experiment.model), "hbm_per_device": int(chip.hbm_bytes),
     }
@@ -343,9 +346,9 @@ def compile_steps(experiment: Experiment, topology: str, *, steps: tuple[str, ..
     records = []
     for step in steps:
         if step == "train":
-            lowered = train.jit_step(task, mesh, options={}).lower(state, frozen, batch)
+            lowered = train.jit_step(task, mesh).lower(state, frozen, batch)
         else:
-            lowered = train.jit_eval(task, mesh, options={}).lower(state["params"], frozen, batch)
+            lowered = train.jit_eval(task, mesh).lower(state["params"], frozen, batch)
         started = time.perf_counter()
         where = dict(step=step, experiment=experiment, devices=devices, mesh=mesh, topology=topology)
         try:
@@ -395,11 +398,12 @@ class Change:
         return flags
 
 
-def _candidates(experiment: Experiment, n_devices: int) -> tuple[Change, list[Change]]:
+def _candidates(experiment: Experiment, devices: list) -> tuple[Change, list[Change]]:
     """The experiment's own setting and every candidate, the smallest changes first: fewer knobs moved, then
     fewer doublings of FSDP width and accumulation and milder remat."""
+    n_devices = len(devices)
     data, fsdp, tensor = sharding.mesh_shape(experiment.mesh, n_devices)
-    remat = experiment.model.remat if experiment.model.remat in REMAT_ORDER else "none"
+    remat = model.choose_remat(experiment.model.remat, devices[0])
     base = Change(fsdp, remat, experiment.train.grad_accum)
     widths = [fsdp * 2**i for i in range(int(math.log2(data)) + 1) if data % 2**i == 0] if data & (data - 1) == 0 \
         else [fsdp, fsdp * data]
@@ -446,7 +450,7 @@ def fit_search(experiment: Experiment, topology: str, devices: list | None = Non
     every record compiled on the way). A candidate is skipped when one saving at least as much in every knob
     did not fit."""
     devices = devices if devices is not None else topology_devices(topology)
-    base, candidates = _candidates(experiment, len(devices))
+    base, candidates = _candidates(experiment, devices)
     tried: list[dict[str, Any]] = []
     failed: list[Change] = []
     for change in candidates:

@@ -27,7 +27,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("auto", "none", "full", "dots", "attn_mlp")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum", "blocked")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum", "blocked", "splash")
 SCHEDULES = ("cosine", "wsd", "constant")
 OPTIMIZERS = ("adamw",)
 
@@ -35,6 +35,19 @@ OPTIMIZERS = ("adamw",)
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+SPLASH_MIN_BLOCK = 128  # the smallest block of queries and keys the splash-attention kernel takes
+
+
+def check_splash_length(seq_len: int) -> None:
+    """ConfigError unless the splash-attention kernel can take sequences of `seq_len` tokens."""
+    up = -(-seq_len // SPLASH_MIN_BLOCK) * SPLASH_MIN_BLOCK
+    _require(
+        seq_len % SPLASH_MIN_BLOCK == 0,
+        f"attention='splash' needs a sequence length that is a multiple of {SPLASH_MIN_BLOCK}, got {seq_len}: use "
+        f"DataConfig.seq_len={max(SPLASH_MIN_BLOCK, up - SPLASH_MIN_BLOCK)} or {up}, or ModelConfig.attention='auto'",
+    )
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -90,10 +103,15 @@ class ModelConfig:
     # nn.scan over the blocks: one block compiled and iterated, so compile time stays flat in depth; parameters
     # are stacked under `blocks` with a leading layers axis. False: the blocks unrolled (block_0, block_1, ...).
     scan_layers: bool = True
-    # xla: jax.nn.dot_product_attention's XLA form; cudnn: its fused GPU kernel; einsum: written out; blocked:
-    # written out one block of queries at a time, skipping masked key blocks; auto: on CPU blocked for sequences
-    # longer than one block (128) and xla for shorter ones, elsewhere jax.nn.dot_product_attention's own choice.
+    # xla: jax.nn.dot_product_attention's XLA form; cudnn: its fused GPU kernel; splash: jax's Pallas TPU kernel
+    # (sequences a multiple of 128; interpreted, slowly, off TPU); einsum: written out; blocked: written out one
+    # block of queries at a time, skipping masked key blocks. auto, by the devices the step is compiled for:
+    # splash on TPU, cudnn on GPU in bfloat16/float16, on CPU blocked beyond one block (128) else xla.
     attention: str = "auto"
+    # Positions per chunk of the loss: the float32 logits [B, T, V] never exist at once, only [B, chunk, V], and
+    # the backward pass computes them again instead of storing them. 0: the whole sequence at once; auto: 512 on
+    # accelerators, 0 on CPU.
+    loss_chunk: int | str = "auto"
 
     def __post_init__(self):
         # Resolved here, so that asdict (config.json) holds every feature, and a config.json written before a
@@ -132,6 +150,10 @@ class ModelConfig:
         _one_of(self, "dtype", DTYPES)
         _one_of(self, "remat", REMAT_POLICIES)
         _one_of(self, "attention", ATTENTION_IMPLS)
+        _require(
+            self.loss_chunk == "auto" or (isinstance(self.loss_chunk, int) and self.loss_chunk >= 0),
+            f"ModelConfig.loss_chunk={self.loss_chunk!r} must be 'auto' or a number of positions >= 0 (0: no chunks)",
+        )
 
     @property
     def architecture(self) -> str:
@@ -328,6 +350,8 @@ class Experiment:
             self.data.seq_len <= self.model.max_seq_len,
             f"DataConfig.seq_len={self.data.seq_len} is beyond ModelConfig.max_seq_len={self.model.max_seq_len}",
         )
+        if self.model.attention == "splash":
+            check_splash_length(self.data.seq_len)
         trained = self.data.tokenizer.startswith("sentencepiece-")
         _require(
             not trained or self.data.vocab_size <= self.model.vocab_size,

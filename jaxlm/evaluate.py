@@ -29,7 +29,7 @@ import numpy as np
 
 from jaxlm.config import DataConfig, Experiment, ModelConfig
 from jaxlm.errors import ConfigError, DataError
-from jaxlm.model import bits_per_byte, forward, token_loss_sums
+from jaxlm.model import Transformer, bits_per_byte, forward
 
 SPLITS = ("train", "validation")
 
@@ -64,10 +64,10 @@ def data_config_for(experiment: Experiment, source: str = "", split: str = "vali
 
 @functools.partial(jax.jit, static_argnames="cfg")
 def _token_losses(cfg: ModelConfig, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    logits_BTV = forward(
-        cfg, params, batch["inputs"], positions_BT=batch.get("positions"), segment_ids_BT=batch.get("segment_ids")
+    return Transformer(cfg).apply(
+        {"params": params}, batch["inputs"], positions_BT=batch.get("positions"),
+        segment_ids_BT=batch.get("segment_ids"), loss_batch=batch,
     )
-    return token_loss_sums(logits_BTV, batch)
 
 
 def lm_metrics(

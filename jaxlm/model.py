@@ -36,8 +36,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
-from jaxlm.config import ModelConfig
+from jaxlm.config import SPLASH_MIN_BLOCK, ModelConfig, check_splash_length
+from jaxlm.errors import ConfigError
 
 Array = jax.Array
 
@@ -147,6 +149,88 @@ def blocked_causal_attention(
     return jnp.concatenate(outs, axis=1).reshape(B, T, H, E)
 
 
+SPLASH_BLOCKS = (512, 256, SPLASH_MIN_BLOCK)  # block sizes the splash kernel is given, the largest that divides T
+
+
+def splash_block(seq_len: int) -> int:
+    """The splash kernel's block of queries and keys for `seq_len`; ConfigError where none fits."""
+    check_splash_length(seq_len)
+    return next(block for block in SPLASH_BLOCKS if seq_len % block == 0)
+
+
+def splash_attention(
+    q_BTHE: Array, k_BTKE: Array, v_BTKE: Array, segment_ids_BT: Array | None, interpret: bool = False
+) -> Array:
+    """Causal attention through jax's Pallas splash-attention kernel (TPU; `interpret` runs it anywhere, slowly).
+
+    Grouped-query heads go to the kernel as they are (it shares each key/value head among H // K query heads);
+    packed documents go as the kernel's segment ids, so no [T, S] mask is ever built. Under a mesh (see
+    `jaxlm.sharding.activation_sharding`) the kernel runs in `shard_map` over the batch and head axes: each device
+    computes its own rows and heads, no attention collective is needed.
+    """
+    # Imported here: the Pallas TPU modules cost half a second to import, and only this path needs them.
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash_kernel
+
+    B, T, H, E = q_BTHE.shape
+    K = k_BTKE.shape[2]
+    block = splash_block(T)
+    mesh = jax.sharding.get_abstract_mesh()
+    q_spec = k_spec = seg_spec = None
+    head_shards = 1
+    if not mesh.empty:
+        q_spec = nn.logical_to_mesh_axes(("batch", None, "heads", None))
+        k_spec = nn.logical_to_mesh_axes(("batch", None, "kv_heads", None))
+        seg_spec = P(q_spec[0], None)
+        head_shards = math.prod(mesh.shape[a] for a in _axes(q_spec[2]))
+        kv_shards = math.prod(mesh.shape[a] for a in _axes(k_spec[2]))
+        if H % head_shards or K % kv_shards or head_shards != kv_shards:
+            raise ConfigError(
+                f"attention='splash' splits query and key/value heads alike over the tensor axis ({head_shards}): "
+                f"n_heads={H} and n_kv_heads={K} must both be multiples of it; use a MeshConfig.tensor that "
+                "divides both, or ModelConfig.attention='xla'"
+            )
+    sizes = splash_kernel.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block,
+        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
+    )
+    local_heads = H // head_shards
+    causal = splash_kernel.MultiHeadMask([splash_kernel.CausalMask((T, T)) for _ in range(local_heads)])
+    kernel = splash_kernel.make_splash_mha(
+        causal, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret
+    )
+
+    def attend(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT):
+        # The kernel takes one row [heads, T, E] with queries already scaled (it applies no 1/sqrt(E)).
+        q_BHTE = (q_BTHE * E**-0.5).astype(q_BTHE.dtype).transpose(0, 2, 1, 3)
+        k_BKTE, v_BKTE = k_BTKE.transpose(0, 2, 1, 3), v_BTKE.transpose(0, 2, 1, 3)
+        if segment_ids_BT is None:
+            out_BHTE = jax.vmap(lambda q, k, v: kernel(q, k, v))(q_BHTE, k_BKTE, v_BKTE)
+        else:
+            segments = jax.vmap(lambda ids: splash_kernel.SegmentIds(q=ids, kv=ids))(segment_ids_BT.astype(jnp.int32))
+            out_BHTE = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s))(q_BHTE, k_BKTE, v_BKTE, segments)
+        return out_BHTE.transpose(0, 2, 1, 3).astype(q_BTHE.dtype)
+
+    if mesh.empty:
+        return attend(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT)
+    if segment_ids_BT is None:
+        sharded = jax.shard_map(
+            lambda q, k, v: attend(q, k, v, None), mesh=mesh,
+            in_specs=(q_spec, k_spec, k_spec), out_specs=q_spec, check_vma=False,
+        )
+        return sharded(q_BTHE, k_BTKE, v_BTKE)
+    sharded = jax.shard_map(
+        attend, mesh=mesh, in_specs=(q_spec, k_spec, k_spec, seg_spec), out_specs=q_spec, check_vma=False
+    )
+    return sharded(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT)
+
+
+def _axes(spec_entry: Any) -> tuple[str, ...]:
+    """The mesh axes of one entry of a PartitionSpec (None, a name, or a tuple of names)."""
+    if spec_entry is None:
+        return ()
+    return (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
+
+
 def cached_attention(q_BTHE: Array, k_BKSE: Array, v_BKSE: Array, keep_B1TS: Array) -> Array:
     """Softmax attention of T new queries over the S slots of a KV cache, where `keep` allows.
 
@@ -193,9 +277,10 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int) -> KVCache:
 
 
 class Attention(nn.Module):
-    """Causal self-attention. With `kv_cache` (this layer's cached keys and values [B, K, S, E]) the new keys and
-    values are written at `cache_index` first, and the queries attend over the cache where `cache_keep_B1TS`
-    allows (None: among the new tokens only); returns (output, updated keys and values)."""
+    """Causal self-attention, within each document where `segment_ids_BT` says which tokens belong together.
+    With `kv_cache` (this layer's cached keys and values [B, K, S, E]) the new keys and values are written at
+    `cache_index` first, and the queries attend over the cache where `cache_keep_B1TS` allows (None: among the
+    new tokens only); returns (output, updated keys and values)."""
 
     cfg: ModelConfig
 
@@ -204,7 +289,7 @@ class Attention(nn.Module):
         self,
         x_BTD: Array,
         positions_BT: Array,
-        mask_B1TS: Array | None,
+        segment_ids_BT: Array | None,
         cache_index: Array | None = None,
         cache_keep_B1TS: Array | None = None,
         kv_cache: tuple[Array, Array] | None = None,
@@ -240,15 +325,27 @@ class Attention(nn.Module):
                 lax.dynamic_update_slice_in_dim(cached, new.transpose(0, 2, 1, 3).astype(cached.dtype), cache_index, 2)
                 for cached, new in zip(kv_cache, (k_BTKE, v_BTKE))
             )
+        impl = attention_impl(cfg, T)
+        if impl == "splash" and T % SPLASH_BLOCKS[-1] and (kv_cache is not None or self.is_initializing()):
+            # A prompt of any length, or the parameters' shapes (which no kernel changes): the kernel takes
+            # multiples of its block only.
+            impl = "xla"
         if kv_cache is not None and cache_keep_B1TS is not None:
             out_BTHE = cached_attention(q_BTHE, *kv_cache, cache_keep_B1TS)
-        elif (impl := attention_impl(cfg, T)) == "einsum":
-            out_BTHE = einsum_attention(q_BTHE, k_BTKE, v_BTKE, mask_B1TS)
+        elif impl == "splash":
+            out_BTHE = splash_attention(
+                q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, interpret=target_device().platform != "tpu"
+            )
+        elif impl == "einsum":
+            out_BTHE = einsum_attention(q_BTHE, k_BTKE, v_BTKE, attention_mask(segment_ids_BT, T, T))
         elif impl == "blocked":
-            out_BTHE = blocked_causal_attention(q_BTHE, k_BTKE, v_BTKE, mask_B1TS)
+            out_BTHE = blocked_causal_attention(q_BTHE, k_BTKE, v_BTKE, attention_mask(segment_ids_BT, T, T))
         else:
+            # jax.nn.dot_product_attention takes no segment ids, and its sequence lengths describe one document
+            # followed by padding, not packed rows: documents pass as a mask (cuDNN adds it as a bias).
             out_BTHE = jax.nn.dot_product_attention(
-                q_BTHE, k_BTKE, v_BTKE, mask=mask_B1TS, is_causal=True, implementation=impl
+                q_BTHE, k_BTKE, v_BTKE, mask=attention_mask(segment_ids_BT, T, T), is_causal=True,
+                implementation=impl,
             )
         out_BTD = nn.DenseGeneral(
             features=cfg.d_model, axis=(-2, -1), use_bias=cfg.bias, dtype=dtype, name="out",
@@ -297,7 +394,7 @@ class Block(nn.Module):
         self,
         x_BTD: Array,
         positions_BT: Array,
-        mask_B1TS: Array | None,
+        segment_ids_BT: Array | None,
         cache_index: Array | None = None,
         cache_keep_B1TS: Array | None = None,
         kv_cache: tuple[Array, Array] | None = None,
@@ -305,7 +402,7 @@ class Block(nn.Module):
         cfg = self.cfg
         dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
         h_BTD = make_norm(cfg, "attn_norm")(x_BTD).astype(cfg.dtype)
-        attn_BTD = Attention(cfg, name="attn")(h_BTD, positions_BT, mask_B1TS, cache_index, cache_keep_B1TS, kv_cache)
+        attn_BTD = Attention(cfg, name="attn")(h_BTD, positions_BT, segment_ids_BT, cache_index, cache_keep_B1TS, kv_cache)
         if kv_cache is not None:
             attn_BTD, kv_cache = attn_BTD
         x_BTD = x_BTD + dropout(attn_BTD)
@@ -315,33 +412,64 @@ class Block(nn.Module):
         return x_BTD, kv_cache
 
 
-def _on_cpu() -> bool:
-    return jax.default_backend() == "cpu"
+def target_device() -> Any:
+    """A device of those the step is being compiled for: the mesh's (set by `jaxlm.sharding.activation_sharding`,
+    which may be devices of an ahead-of-time TPU topology), else this process's first device. It has `.platform`
+    ("cpu", "gpu", "tpu") and `.device_kind` ("TPU v5 lite", "NVIDIA H100 80GB HBM3", ...)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.abstract_device is not None:
+        return mesh.abstract_device
+    return jax.devices()[0]
 
 
-def attention_impl(cfg: ModelConfig, seq_len: int) -> str | None:
-    """The attention kernel `cfg.attention` names, "auto" resolved for the backend being compiled for and the
-    sequence length (None: jax.nn.dot_product_attention picks). On CPU, "blocked" where it skips work (more than
-    one block of queries), else XLA's form, which is faster on a single block."""
-    if cfg.attention != "auto":
-        return cfg.attention
-    if not _on_cpu():
-        return None
-    return "blocked" if seq_len > ATTENTION_BLOCK else "xla"
+def choose_attention(attention: str, device: Any, dtype: str, seq_len: int) -> str:
+    """The attention kernel for `attention` ("auto" or a kernel's name) on `device` at `seq_len`.
+
+    auto: on TPU the Pallas splash kernel (XLA's form where the sequence is not a multiple of its 128 block); on
+    GPU in bfloat16 or float16 cuDNN's fused kernel (XLA's form in float32, which cuDNN does not take); on CPU
+    `blocked` where it skips work (more than one block of queries), else XLA's form, faster on a single block.
+    """
+    if attention != "auto":
+        return attention
+    if device.platform == "tpu":
+        return "splash" if seq_len % SPLASH_BLOCKS[-1] == 0 else "xla"
+    if device.platform == "gpu" and dtype in ("bfloat16", "float16"):
+        return "cudnn"
+    if device.platform == "cpu" and seq_len > ATTENTION_BLOCK:
+        return "blocked"
+    return "xla"
+
+
+def choose_remat(remat: str, device: Any) -> str:
+    """The remat policy for `remat` ("auto" or a policy's name) on `device`: auto keeps matmul outputs on CPU
+    (recomputing elementwise work beats storing it there) and recomputes nothing on accelerators."""
+    if remat != "auto":
+        return remat
+    return "dots" if device.platform == "cpu" else "none"
+
+
+def attention_impl(cfg: ModelConfig, seq_len: int) -> str:
+    """The attention kernel of `cfg` for the target devices (`target_device`) at `seq_len`."""
+    impl = choose_attention(cfg.attention, device := target_device(), cfg.dtype, seq_len)
+    if impl == "splash" and device.platform == "gpu":
+        raise ConfigError(
+            "attention='splash' is a TPU kernel: on GPU use ModelConfig.attention='cudnn' (bfloat16/float16) "
+            "or 'auto'"
+        )
+    return impl
 
 
 def remat_policy(cfg: ModelConfig) -> str:
-    """The remat policy `cfg.remat` names, "auto" resolved for the backend being compiled for."""
-    if cfg.remat != "auto":
-        return cfg.remat
-    return "dots" if _on_cpu() else "none"
+    """The remat policy of `cfg` for the target devices (`target_device`)."""
+    return choose_remat(cfg.remat, target_device())
 
 
-def compiler_options() -> dict[str, Any]:
-    """XLA options for compiling model code on the default backend (pass as `jax.jit(...,
-    compiler_options=...)`). On CPU, XLA's own matmul kernels instead of its YNNPACK fusions: f32 matmuls of
-    the model's shapes run 10-15% faster, a 6-layer d384 train step 6% faster (docs/results.md)."""
-    return {"xla_cpu_experimental_ynn_fusion_type": ""} if _on_cpu() else {}
+def compiler_options(mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+    """XLA options for compiling model code for `mesh`'s devices (default: this process's; pass as
+    `jax.jit(..., compiler_options=...)`). On CPU, XLA's own matmul kernels instead of its YNNPACK fusions: f32
+    matmuls of the model's shapes run 10-15% faster, a 6-layer d384 train step 6% faster (docs/results.md)."""
+    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    return {"xla_cpu_experimental_ynn_fusion_type": ""} if device.platform == "cpu" else {}
 
 
 REMAT_POLICIES: dict[str, Any] = {
@@ -356,6 +484,8 @@ class Transformer(nn.Module):
 
     With `cache`, the tokens fill the cache's next T slots and the call returns (logits, updated cache);
     positions then default to the slot numbers, and segment ids to 1 (real tokens).
+    With `loss_batch` (its `targets`, and `weights` or `segment_ids` if any), the call returns
+    `token_loss_sums` of the logits instead of them, computed `loss_chunk_size` positions at a time.
     """
 
     cfg: ModelConfig
@@ -369,6 +499,7 @@ class Transformer(nn.Module):
         segment_ids_BT: Array | None = None,
         deterministic: bool = True,
         cache: KVCache | None = None,
+        loss_batch: dict[str, Array] | None = None,
     ):
         cfg = self.cfg
         B, T = tokens_BT.shape
@@ -389,7 +520,6 @@ class Transformer(nn.Module):
                 causal_TS = jnp.arange(slot_segments_BS.shape[1])[None, :] <= query_slot_T1
                 same_segment_BTS = segment_ids_BT[:, :, None] == slot_segments_BS[:, None, :]
                 cache_keep_B1TS = (causal_TS & same_segment_BTS)[:, None]
-        mask_B1TS = attention_mask(segment_ids_BT, T, T)
 
         embed = nn.Embed(
             cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, name="embed", embedding_init=_param_init(cfg.init_std, ("vocab", "embed"))
@@ -421,7 +551,7 @@ class Transformer(nn.Module):
             # call. Generation runs the layers unrolled instead (jaxlm.generate).
             stacked = None if cache is None else tuple(jnp.stack(layers) for layers in zip(*kv_caches))
             x_BTD, stacked = stack(cfg, deterministic, name="blocks")(
-                x_BTD, positions_BT, mask_B1TS, *cache_args, stacked
+                x_BTD, positions_BT, segment_ids_BT, *cache_args, stacked
             )
             kv_caches = None if cache is None else tuple(zip(*stacked))
         else:
@@ -429,22 +559,27 @@ class Transformer(nn.Module):
             for i in range(cfg.n_layers):
                 kv_cache = None if cache is None else kv_caches[i]
                 x_BTD, kv_cache = block(cfg, deterministic, name=f"block_{i}")(
-                    x_BTD, positions_BT, mask_B1TS, *cache_args, kv_cache
+                    x_BTD, positions_BT, segment_ids_BT, *cache_args, kv_cache
                 )
                 new_caches.append(kv_cache)
             kv_caches = new_caches
 
-        x_ND = make_norm(cfg, "final_norm")(x_BTD).astype(cfg.dtype).reshape(B * T, cfg.d_model)
-        if cfg.tie_embeddings:
-            logits_NV = embed.attend(x_ND)
-        else:
-            logits_NV = nn.Dense(
-                cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name="lm_head",
-                kernel_init=_param_init(cfg.init_std, ("embed", "vocab")),
-            )(x_ND)
+        x_BTD = make_norm(cfg, "final_norm")(x_BTD).astype(cfg.dtype)
+        lm_head = None if cfg.tie_embeddings else nn.Dense(
+            cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name="lm_head",
+            kernel_init=_param_init(cfg.init_std, ("embed", "vocab")),
+        )
+        if loss_batch is not None and (chunk := loss_chunk_size(cfg, T)) and not self.is_initializing():
+            # The output matrix as an array, so that the chunks can be mapped over outside flax.
+            w_DV = embed.embedding.T if lm_head is None else nn.unbox(lm_head.variables["params"]["kernel"])
+            return chunked_token_loss_sums(x_BTD, w_DV.astype(cfg.dtype), loss_batch, chunk)
+        x_ND = x_BTD.reshape(B * T, cfg.d_model)
+        logits_NV = embed.attend(x_ND) if lm_head is None else lm_head(x_ND)
         logits_BTV = logits_NV.reshape(B, T, -1)  # (-1: V, or D where jaxlm.finetune skips the projection)
         logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "seq", "vocab"))
         logits_BTV = logits_BTV.astype(jnp.float32)
+        if loss_batch is not None:
+            return token_loss_sums(logits_BTV, loss_batch)
         if cache is None:
             return logits_BTV
         k, v = zip(*kv_caches)
@@ -495,10 +630,54 @@ def token_loss_sums(logits_BTV: Array, batch: dict[str, Array]) -> tuple[Array, 
     means, so that microbatches, devices and evaluation batches add up exactly before one division.
     """
     weights_BT = target_weights(batch)
+    return jnp.sum(_nll(logits_BTV, batch["targets"]) * weights_BT), jnp.sum(weights_BT)
+
+
+def _nll(logits_BTV: Array, targets_BT: Array) -> Array:
     logits_BTV = logits_BTV.astype(jnp.float32)
-    target_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
-    nll_BT = jax.nn.logsumexp(logits_BTV, axis=-1) - target_BT
-    return jnp.sum(nll_BT * weights_BT), jnp.sum(weights_BT)
+    target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits_BTV, axis=-1) - target_BT
+
+
+LOSS_CHUNK_AUTO = 512  # positions per chunk that loss_chunk="auto" takes on accelerators
+
+
+def loss_chunk_size(cfg: ModelConfig, seq_len: int) -> int:
+    """Positions per chunk of the loss for `cfg.loss_chunk` on the target devices (0: the whole sequence at once).
+    auto: LOSS_CHUNK_AUTO on accelerators, where the logits' memory counts; on CPU the plain loss, which skips
+    recomputing the output projection in the backward pass."""
+    if cfg.loss_chunk != "auto":
+        chunk = int(cfg.loss_chunk)
+    else:
+        chunk = 0 if target_device().platform == "cpu" else LOSS_CHUNK_AUTO
+    return chunk if 0 < chunk < seq_len else 0
+
+
+def chunked_token_loss_sums(
+    x_BTD: Array, w_DV: Array, batch: dict[str, Array], chunk: int
+) -> tuple[Array, Array]:
+    """`token_loss_sums` of the logits x_BTD @ w_DV, computed `chunk` positions at a time: each chunk's float32
+    logits [B, chunk, V] exist only while that chunk is summed, and are computed again (not stored) for the
+    backward pass. A last partial chunk is padded with positions of weight 0."""
+    B, T, D = x_BTD.shape
+    weights_BT = target_weights(batch)
+    targets_BT = batch["targets"]
+    n = -(-T // chunk)
+    if (pad := n * chunk - T):
+        x_BTD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0)))
+        weights_BT, targets_BT = (jnp.pad(a, ((0, 0), (0, pad))) for a in (weights_BT, targets_BT))
+
+    def chunks(a_BT_: Array) -> Array:  # [B, n * chunk, ...] -> [n, B, chunk, ...]
+        return jnp.moveaxis(a_BT_.reshape(B, n, chunk, *a_BT_.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def chunk_sum(x_BcD: Array, targets_Bc: Array, weights_Bc: Array) -> Array:
+        logits_BcV = jnp.einsum("bcd,dv->bcv", x_BcD, w_DV)
+        logits_BcV = nn.with_logical_constraint(logits_BcV, ("batch", "seq", "vocab"))
+        return jnp.sum(_nll(logits_BcV, targets_Bc) * weights_Bc)
+
+    sums_n = lax.map(lambda args: chunk_sum(*args), (chunks(x_BTD), chunks(targets_BT), chunks(weights_BT)))
+    return jnp.sum(sums_n), jnp.sum(weights_BT)
 
 
 def bits_per_byte(loss_nats_per_token: float, bytes_per_token: float) -> float:

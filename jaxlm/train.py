@@ -33,7 +33,7 @@ from jaxlm.checkpoint import Checkpoints, load_params, write_or_check_config
 from jaxlm.config import Experiment
 from jaxlm.errors import CheckpointError, ConfigError, NonFiniteError
 from jaxlm.logging import MetricsWriter, plot_losses
-from jaxlm.model import Transformer, bits_per_byte, compiler_options, token_loss_sums
+from jaxlm.model import Transformer, bits_per_byte, compiler_options
 from jaxlm.optim import make_optimizer, make_schedule
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run saved a checkpoint on SIGTERM; rerun the command to resume
@@ -182,22 +182,19 @@ def abstract_state(task: Task, mesh: jax.sharding.Mesh) -> tuple[Params, Params]
     return _abstract(boxed[0], state_sharding), _abstract(boxed[1], frozen_sharding)
 
 
-def jit_step(task: Task, mesh: jax.sharding.Mesh, options: dict[str, Any] | None = None):
-    """The step jitted over `mesh`: state donated, shardings pinned, `options` for the compiler (default: the
-    default backend's, see `jaxlm.model.compiler_options`)."""
+def jit_step(task: Task, mesh: jax.sharding.Mesh):
+    """The step jitted over `mesh`: state donated, shardings pinned, the compiler options of the mesh's devices."""
     state_sharding, frozen_sharding = task_shardings(task, mesh)
     return jax.jit(
         make_step(task, mesh), in_shardings=(state_sharding, frozen_sharding, sharding.batch_sharding(mesh)),
-        out_shardings=(state_sharding, None), donate_argnums=0,
-        compiler_options=compiler_options() if options is None else options,
+        out_shardings=(state_sharding, None), donate_argnums=0, compiler_options=compiler_options(mesh),
     )
 
 
-def jit_eval(task: Task, mesh: jax.sharding.Mesh, options: dict[str, Any] | None = None):
+def jit_eval(task: Task, mesh: jax.sharding.Mesh):
     """The task's `eval_sums` as (params, frozen, batch) -> sums, jitted over `mesh` (shardings from the arguments)."""
     return jax.jit(
-        sharding.traced_with_activation_sharding(task.eval_sums, mesh),
-        compiler_options=compiler_options() if options is None else options,
+        sharding.traced_with_activation_sharding(task.eval_sums, mesh), compiler_options=compiler_options(mesh)
     )
 
 
@@ -246,12 +243,11 @@ class Pretraining:
 
     def loss(self, params, frozen, batch, rng):
         dropout = self.experiment.model.dropout > 0 and rng is not None
-        logits_BTV = Transformer(self.experiment.model).apply(
+        return Transformer(self.experiment.model).apply(
             {"params": params}, batch["inputs"], positions_BT=batch.get("positions"),
             segment_ids_BT=batch.get("segment_ids"), deterministic=not dropout,
-            rngs={"dropout": rng} if dropout else {},
+            rngs={"dropout": rng} if dropout else {}, loss_batch=batch,
         )
-        return token_loss_sums(logits_BTV, batch)
 
     def train_batches(self) -> BatchSource:
         from jaxlm.data import make_iterator
@@ -387,7 +383,7 @@ def jit_train_step(experiment: Experiment, mesh: jax.sharding.Mesh):
     state_sharding = state_shardings(experiment, mesh)
     return jax.jit(
         make_train_step(experiment, mesh), in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-        out_shardings=(state_sharding, None), donate_argnums=0, compiler_options=compiler_options(),
+        out_shardings=(state_sharding, None), donate_argnums=0, compiler_options=compiler_options(mesh),
     )
 
 

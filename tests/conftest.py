@@ -18,6 +18,9 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
 
+# libtpu (for compiling to TPU topologies) takes a machine-wide lock when it loads; the test processes each load it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="jaxlm-tests-jit-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache

@@ -77,7 +77,7 @@ def test_collectives_are_counted_per_execution_with_loop_trip_counts():
 # --------------------------------------------------------------------------- compiled for TPU slices by libtpu
 
 TINY = ["--model.n-layers", "2", "--model.d-model", "128", "--model.n-heads", "4", "--model.vocab-size", "512",
-        "--data.vocab-size", "512", "--model.max-seq-len", "64", "--data.seq-len", "64", "--data.batch-size", "8",
+        "--data.vocab-size", "512", "--model.max-seq-len", "128", "--data.seq-len", "128", "--data.batch-size", "8",
         "--model.dtype", "bfloat16"]
 
 
@@ -92,7 +92,7 @@ def _aot(capsys, *argv: str) -> list[dict]:
 def _check_sharded_step(record: dict, *, devices: int, hosts: int, mesh: dict, n_layers: int = 2, d_model: int = 128,
                         vocab: int = 512) -> None:
     assert (record["devices"], record["hosts"], record["mesh"]) == (devices, hosts, mesh)
-    assert record["attention"] == "xla (dot)"
+    assert record["attention"] == "splash (Pallas)"  # attention auto, for TPU devices
     memory = record["bytes_per_device"]
     # The arguments hold each device's shards of the float32 parameters and two Adam moments (12 bytes per
     # parameter in all): FSDP x tensor splits them over `shards` devices, replicas hold copies.

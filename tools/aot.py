@@ -29,7 +29,7 @@ from typing import Any
 from jaxlm import cli
 from jaxlm.errors import ConfigError
 
-HEADER = ["member", "step", "topology", "mesh d/f/t", "attention", "remat", "accum", "args GiB", "temp GiB",
+HEADER = ["member", "step", "topology", "mesh d/f/t", "attention", "remat", "loss chunk", "accum", "args GiB", "temp GiB",
           "total GiB", "HBM GiB", "fits", "compiler TFLOP", "model TFLOP", "all-gather", "reduce-scatter",
           "all-reduce", "compile s", "step s >=", "MFU <="]
 
@@ -48,7 +48,8 @@ def row(r: dict[str, Any]) -> list[Any]:
     mfu = bounds.get("mfu_upper_bound")
     return [
         r["experiment"], r["step"], f"{r['topology']} ({r['devices']} chips, {r['hosts']} hosts)",
-        f"{m['data']}/{m['fsdp']}/{m['tensor']}", r["attention"] or "", r["remat"], r["grad_accum"],
+        f"{m['data']}/{m['fsdp']}/{m['tensor']}", r["attention"] or "", r["remat"], r["loss_chunk"] or "none",
+        r["grad_accum"],
         _gib(b["arguments"]), _gib(b["temp"]), _gib(b["total"]), _gib(r["hbm_per_device"]),
         "yes" if r["fits"] else "NO", "" if flops["compiler"] is None else f"{flops['compiler'] / 1e12:,.1f}",
         f"{flops['model'] / 1e12:,.1f}",

@@ -18,7 +18,7 @@ from jaxlm import storage
 from jaxlm.config import Experiment, ModelConfig
 from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.finetune.config import HF_WEIGHTS, Params
-from jaxlm.model import Transformer, init_params, token_loss_sums
+from jaxlm.model import Transformer, init_params
 
 
 # -------------------------------------------------------------------------------------------------- the model
@@ -51,9 +51,11 @@ def apply_model(
     lora_spec: lora_lib.LoraSpec | None = None,
     rng: jax.Array | None = None,
     hidden: bool = False,
+    loss_batch: dict[str, jax.Array] | None = None,
 ) -> jax.Array:
-    """Logits [B, T, V], or with `hidden` the final hidden states [B, T, D] (float32), optionally through LoRA
-    adapters. With `rng` dropout is on (the model's and the adapters')."""
+    """Logits [B, T, V], or with `hidden` the final hidden states [B, T, D] (float32), or with `loss_batch` the
+    model's (chunked) `token_loss_sums` over it, optionally through LoRA adapters. With `rng` dropout is on (the
+    model's and the adapters')."""
     variables = {"params": params if lora is None else lora_lib.attach(params, lora)}
     with contextlib.ExitStack() as stack:
         if lora is not None:
@@ -62,7 +64,7 @@ def apply_model(
             stack.enter_context(nn.intercept_methods(_skip_output_projection))
         return Transformer(cfg).apply(
             variables, tokens_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
-            deterministic=rng is None, rngs={"dropout": rng} if rng is not None else {},
+            deterministic=rng is None, rngs={"dropout": rng} if rng is not None else {}, loss_batch=loss_batch,
         )
 
 
@@ -89,11 +91,10 @@ def classifier_logits(
 
 def response_losses(cfg, params: Params, batch, lora: Params | None = None, lora_spec=None, rng=None):
     """Sum of cross-entropies over response targets (loss weight 1), and their count."""
-    logits_BTV = apply_model(
+    return apply_model(
         cfg, params, batch["inputs"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"],
-        lora=lora, lora_spec=lora_spec, rng=rng,
+        lora=lora, lora_spec=lora_spec, rng=rng, loss_batch=batch,
     )
-    return token_loss_sums(logits_BTV, batch)
 
 
 # -------------------------------------------------------------------------------------------- pretrained weights

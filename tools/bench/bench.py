@@ -137,7 +137,6 @@ def _settings(experiment: Experiment) -> dict[str, str]:
 
     m = experiment.model
     remat, attention = model.remat_policy(m), model.attention_impl(m, experiment.data.seq_len)
-    attention = attention or "jax.nn.dot_product_attention's choice"
     return {
         "remat": f"{remat} (auto)" if m.remat == "auto" else m.remat,
         "attention": f"{attention} (auto)" if m.attention == "auto" else m.attention,
