@@ -132,3 +132,16 @@ def test_gpt2_train_step_compiles_for_two_v5p_hosts(capsys):
                     "--mesh.data", "2", "--mesh.fsdp", "2", "--mesh.tensor", "2")
     assert train["chip"].startswith("TPU v5") and train["hbm_per_device"] == 95 * 2**30
     _check_sharded_step(train, devices=8, hosts=2, mesh={"data": 2, "fsdp": 2, "tensor": 2})
+
+
+@pytest.mark.parametrize("argv, lists", [
+    (["--experiment", "nope", "--topology", "v5e-4"], "quickstart"),
+    (["--experiment", "quickstart", "--topology", "v5p-6"], "v5p-8"),
+])
+def test_the_tool_refuses_bad_names_in_one_line(capsys, argv, lists):
+    from tools import aot as aot_tool
+
+    with pytest.raises(SystemExit) as info:
+        aot_tool.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and lists in err[0]
