@@ -8,7 +8,10 @@ bfloat16 compute with cuDNN flash attention, activations rematerialised except e
 outputs. The learning rate shrinks with width (3e-3 x 256 / d_model; 5% warmup, cosine decay to a tenth).
 
 Cost: 1.0e21 training FLOPs in all (35 members, each spending its budget): at 40% MFU, about 700 H100-hours or
-1,500 TPU v5p chip-hours. The longest member runs 93k steps; the largest member of the smallest budget, 1,041.
+1,500 TPU v5p chip-hours, two days on the slice it is sized for, a v5p-64 (32 chips, 8 hosts). Every member's
+train step compiles for that slice without the hardware: `python -m tools.aot --experiment chinchilla_c4 --sweep
+--topology v5p-64 --model.attention auto` (docs/aot.md has its table). The longest member runs 93k steps; the
+largest member of the smallest budget, 1,041.
 No member reads more than 49B tokens, about a third of C4's training split (156B tokens by Dodge et al. 2021's
 count), so none repeats data.
 

@@ -174,6 +174,51 @@ def parse_sweep(
     return command.sweep, [everyone[i] for i in chosen], everyone
 
 
+def experiment_names() -> list[str]:
+    """The experiments of this checkout: the modules in experiments/."""
+    import importlib.util
+    import pkgutil
+
+    spec = importlib.util.find_spec("experiments")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return sorted(m.name for m in pkgutil.iter_modules(spec.submodule_search_locations) if not m.name.startswith("_"))
+
+
+def load_experiments(
+    name: str, overrides: Sequence[str], *, preset: str | None = None, prog: str | None = None
+) -> list[Experiment]:
+    """`experiments.<name>`'s EXPERIMENT (one) or its SWEEP's selected members, with a published model shape
+    (`preset`, a key of jaxlm.config.PRESETS) swapped in and the command line's overrides applied."""
+    import importlib
+
+    from jaxlm.config import PRESETS
+
+    try:
+        module = importlib.import_module(f"experiments.{name}")
+    except ModuleNotFoundError as e:
+        if e.name not in (f"experiments.{name}", "experiments"):
+            raise
+        raise JaxlmError(f"no experiment named {name!r}: use one of {', '.join(experiment_names())}") from None
+    default = getattr(module, "EXPERIMENT", None) or getattr(module, "SWEEP", None)
+    if default is None:
+        raise JaxlmError(f"experiments/{name}.py declares neither EXPERIMENT nor SWEEP")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise JaxlmError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+        swap = lambda e: with_model(e, PRESETS[preset])  # noqa: E731
+        default = swap(default) if isinstance(default, Experiment) else [swap(e) for e in default]
+    return parse(default, list(overrides), prog=prog or f"python -m experiments.{name}")
+
+
+def with_model(experiment: Experiment, model: ModelConfig) -> Experiment:
+    """The experiment with another model; the sequence length is capped at the model's context."""
+    data = experiment.data
+    if data.seq_len > model.max_seq_len:
+        data = dataclasses.replace(data, seq_len=model.max_seq_len)
+    return dataclasses.replace(experiment, model=model, data=data)
+
+
 def _relative(path: str, start: str) -> str:
     prefix = start.rstrip("/") + "/"
     if path.startswith(prefix):

@@ -7,6 +7,7 @@ full, not the causal, square as PaLM's appendix B does).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 
@@ -76,25 +77,55 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
 
 
-# Dense bf16 peak FLOP/s per chip, from the vendors' specifications.
-DEVICE_PEAK_FLOPS: dict[str, float] = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-    "NVIDIA A100": 312e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-}
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One accelerator's published figures: dense bf16 peak FLOP/s, HBM bytes and HBM bytes/s."""
+
+    device_kind: str  # the longest prefix of `jax.Device.device_kind` that names it
+    bf16_flops: float
+    hbm_bytes: float
+    hbm_bytes_per_s: float
+
+
+GiB, GB = 2**30, 1e9
+# TPUs: the Cloud TPU system-architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e), per chip:
+# v4 275 TFLOP/s, 32 GiB, 1,200 GB/s; v5e 197 TFLOP/s, 16 GiB, 819 GB/s; v5p 459 TFLOP/s, 95 GiB, 2,765 GB/s;
+# v6e 918 TFLOP/s, 32 GiB, 1,638 GB/s. GPUs: NVIDIA's datasheets, dense (not 2:4-sparse) bf16 tensor-core
+# figures: H100 SXM 989 and PCIe 756 TFLOP/s (80 GB; 3.35 and 2.0 TB/s), H100 NVL 835 (94 GB, 3.9 TB/s), H200
+# 989 (141 GB, 4.8 TB/s), A100 312 (40 GB at 1,555 GB/s, 80 GB at 2,039 GB/s SXM and 1,935 GB/s PCIe), L4 121
+# (24 GB, 300 GB/s), B200 2,250 (HGX B200: 4.5 PFLOP/s sparse; 180 GB, 7.7 TB/s).
+CHIPS: tuple[Chip, ...] = (
+    Chip("TPU v4", 275e12, 32 * GiB, 1200 * GB),
+    Chip("TPU v5 lite", 197e12, 16 * GiB, 819 * GB),
+    Chip("TPU v5e", 197e12, 16 * GiB, 819 * GB),
+    Chip("TPU v5", 459e12, 95 * GiB, 2765 * GB),
+    Chip("TPU v5p", 459e12, 95 * GiB, 2765 * GB),
+    Chip("TPU v6 lite", 918e12, 32 * GiB, 1638 * GB),
+    Chip("TPU v6e", 918e12, 32 * GiB, 1638 * GB),
+    # jax reports the SXM part as "NVIDIA H100 80GB HBM3", the PCIe card as "NVIDIA H100 PCIe".
+    Chip("NVIDIA H100", 989e12, 80 * GB, 3350 * GB),
+    Chip("NVIDIA H100 PCIe", 756e12, 80 * GB, 2000 * GB),
+    Chip("NVIDIA H100 NVL", 835e12, 94 * GB, 3900 * GB),
+    Chip("NVIDIA H200", 989e12, 141 * GB, 4800 * GB),
+    Chip("NVIDIA A100", 312e12, 40 * GB, 1555 * GB),  # A100-SXM4-40GB, A100-PCIE-40GB
+    Chip("NVIDIA A100-SXM4-80GB", 312e12, 80 * GB, 2039 * GB),
+    Chip("NVIDIA A100 80GB PCIe", 312e12, 80 * GB, 1935 * GB),
+    Chip("NVIDIA L4", 121e12, 24 * GB, 300 * GB),
+    Chip("NVIDIA B200", 2250e12, 180 * GB, 7700 * GB),
+)
+DEVICE_PEAK_FLOPS: dict[str, float] = {chip.device_kind: chip.bf16_flops for chip in CHIPS}
+
+
+def chip(device_kind: str) -> Chip | None:
+    """The table's chip for a `jax.Device.device_kind`, matching the longest known prefix; None if unknown."""
+    matches = [c for c in CHIPS if device_kind.startswith(c.device_kind)]
+    return max(matches, key=lambda c: len(c.device_kind)) if matches else None
 
 
 def device_peak_flops(device_kind: str) -> float | None:
-    """The table's peak for a `jax.Device.device_kind`, matching the longest known prefix; None if unknown."""
-    matches = [k for k in DEVICE_PEAK_FLOPS if device_kind.startswith(k)]
-    return DEVICE_PEAK_FLOPS[max(matches, key=len)] if matches else None
+    """The table's dense bf16 peak for a `jax.Device.device_kind`; None if unknown."""
+    found = chip(device_kind)
+    return found.bf16_flops if found else None
 
 
 @functools.cache

@@ -178,8 +178,16 @@ def _abstract(boxed: Params, shardings: Params) -> Params:
     )
 
 
+def abstract_state(task: Task, mesh: jax.sharding.Mesh) -> tuple[Params, Params]:
+    """The train state and frozen params as ShapeDtypeStructs carrying their shardings over `mesh`: what the
+    steps compile against, with nothing allocated (no data, no parameters)."""
+    boxed = _boxed_state(task)
+    state_sharding, frozen_sharding = task_shardings(task, mesh, boxed)
+    return _abstract(boxed[0], state_sharding), _abstract(boxed[1], frozen_sharding)
+
+
 def jit_step(task: Task, mesh: jax.sharding.Mesh):
-    """The step jitted over `mesh`: state donated, shardings pinned, the backend's compiler options."""
+    """The step jitted over `mesh`: state donated, shardings pinned, the compiler options of the mesh's devices."""
     state_sharding, frozen_sharding = task_shardings(task, mesh)
     return jax.jit(
         make_step(task, mesh), in_shardings=(state_sharding, frozen_sharding, sharding.batch_sharding(mesh)),
@@ -243,6 +251,13 @@ def compile_within_memory(step, abstract_state: Params, abstract_frozen: Params,
         f"step's temporaries {_gib(stats.temp_size_in_bytes)}) but {where} {_gib(available)}: shard the state over "
         "the devices (--mesh.fsdp -1 --mesh.data 1), recompute activations (--model.remat full), lower "
         "--data.batch-size or raise --train.grad-accum, or train a smaller model"
+    )
+
+
+def jit_eval(task: Task, mesh: jax.sharding.Mesh):
+    """The task's `eval_sums` as (params, frozen, batch) -> sums, jitted over `mesh` (shardings from the arguments)."""
+    return jax.jit(
+        sharding.traced_with_activation_sharding(task.eval_sums, mesh), compiler_options=compiler_options(mesh)
     )
 
 
@@ -412,9 +427,14 @@ def state_shardings(experiment: Experiment, mesh: jax.sharding.Mesh) -> Params:
 def abstract_train_state(experiment: Experiment, mesh: jax.sharding.Mesh | None = None) -> Params:
     """The pretraining state's shapes, dtypes and shardings, computed without allocating it."""
     mesh = mesh or sharding.make_mesh(type(experiment.mesh)())
-    task = Pretraining(experiment)
-    boxed, _ = _boxed_state(task)
-    return _abstract(boxed, task_shardings(task, mesh)[0])
+    return abstract_state(Pretraining(experiment), mesh)[0]
+
+
+def abstract_batch(experiment: Experiment, mesh: jax.sharding.Mesh) -> Batch:
+    """A global pretraining batch's shapes and dtypes with its sharding over `mesh` (see jaxlm.data's batches)."""
+    keys = ("inputs", "targets", "segment_ids", "positions") if experiment.data.document_mask else ("inputs", "targets")
+    shape = (experiment.data.batch_size, experiment.data.seq_len)
+    return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(mesh)) for k in keys}
 
 
 def init_train_state(experiment: Experiment, mesh: jax.sharding.Mesh) -> Params:
@@ -606,9 +626,7 @@ def _fit(task: Task, mesh: jax.sharding.Mesh) -> dict[str, Any]:
         state = {"step": step0, "params": params, "opt_state": opt_state}
     start_step = int(state["step"])
 
-    eval_fn = jax.jit(
-        sharding.traced_with_activation_sharding(task.eval_sums, mesh), compiler_options=compiler_options(mesh)
-    )
+    eval_fn = jit_eval(task, mesh)
     tokens_per_step = task.tokens_per_step
     peak, peak_source = flops.peak_flops()
     log = MetricsWriter(run_dir, start_step, experiment)

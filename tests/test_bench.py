@@ -1,6 +1,8 @@
 """tools.bench runs end to end on tiny configs, and tools.bench.torch_reference computes what jaxlm computes."""
 
 import json
+import os
+import subprocess
 import sys
 
 import jax
@@ -199,8 +201,12 @@ def test_gpu_check_runs_its_code_path_on_tiny_shapes(tmp_path, capsys):
     assert len((tmp_path / "gpu_results.jsonl").read_text().splitlines()) == len(records)
     summary = json.loads((tmp_path / "gpu_summary.json").read_text())
     assert summary["runs"] == len(records)
-    best_gpt2 = max(r["mfu"] for r in records if r["preset"] == "gpt2-124m")
-    assert summary["best"]["gpt2-124m"]["mfu"] == pytest.approx(best_gpt2)
+    best_gpt2 = max(r["mfu_per_gpu"] for r in records if r["preset"] == "gpt2-124m")
+    assert summary["best"]["gpt2-124m attention=auto"]["mfu_per_gpu"] == pytest.approx(best_gpt2)
+    # Per GPU: the machine's tokens/s over its devices, against one device's peak.
+    first = records[0]
+    per_device = first["tokens_per_sec"] / jax.device_count() * first["flops_per_token"]
+    assert first["mfu_per_gpu"] == pytest.approx(per_device / (first["peak_flops"] / jax.device_count()))
 
 
 def test_gpu_check_refuses_a_machine_without_a_gpu(tmp_path, capsys):
@@ -230,3 +236,18 @@ def test_gpu_check_fails_when_every_run_fails(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         gpu_check.main(["--help"])
     assert capsys.readouterr().out.startswith("usage: python -m tools.bench.gpu_check ")
+
+
+@pytest.mark.parametrize("driver, expected", [("570.86.15", "jax[cuda12]"), ("580.65.06", "jax[cuda13]"),
+                                              ("470.42", "older than 525")])
+def test_gpu_check_script_picks_the_cuda_wheels_the_driver_supports(tmp_path, driver, expected):
+    # A stand-in nvidia-smi reports the driver; PYTHON=false stops the script right after its choice.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\necho {driver}\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": "false", "OUT": str(tmp_path / "out"),
+           "GPU_CHECK_SKIP_INSTALL": "1"}
+    result = subprocess.run(["bash", "tools/bench/gpu_check.sh"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert expected in result.stdout

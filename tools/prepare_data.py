@@ -14,7 +14,6 @@ prepared as a training run would. Errors print one line on stderr and exit with 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 
@@ -24,16 +23,7 @@ from jaxlm.errors import ConfigError
 
 
 def _experiment(name: str, overrides: list[str]) -> Experiment:
-    try:
-        module = importlib.import_module(f"experiments.{name}")
-    except ModuleNotFoundError as e:
-        if e.name not in (f"experiments.{name}", "experiments"):
-            raise
-        raise ConfigError(f"no experiment named {name!r}: give the name of a file in experiments/") from None
-    default = getattr(module, "EXPERIMENT", None) or getattr(module, "SWEEP", None)
-    if default is None:
-        raise ConfigError(f"experiments/{name}.py declares neither EXPERIMENT nor SWEEP")
-    return cli.parse(default, overrides, prog=f"python -m tools.prepare_data --experiment {name}")[0]
+    return cli.load_experiments(name, overrides, prog=f"python -m tools.prepare_data --experiment {name}")[0]
 
 
 def _processes(args: argparse.Namespace, experiment: Experiment) -> tuple[int, int]:

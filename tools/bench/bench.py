@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib
 import json
 import os
 import shutil
@@ -61,29 +60,7 @@ def load_experiment(name: str, overrides: Sequence[str], preset: str | None = No
     """`experiments.<name>.EXPERIMENT` (or the first selected member of its SWEEP), preset and overrides applied."""
     from jaxlm import cli
 
-    try:
-        module = importlib.import_module(f"experiments.{name}")
-    except ModuleNotFoundError as e:
-        if e.name not in (f"experiments.{name}", "experiments"):
-            raise
-        raise ConfigError(f"no experiment named {name!r}: give the name of a file in experiments/ (e.g. quickstart)")
-    default = getattr(module, "EXPERIMENT", None) or getattr(module, "SWEEP", None)
-    if default is None:
-        raise ConfigError(f"experiments/{name}.py declares neither EXPERIMENT nor SWEEP")
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
-        swap = lambda e: _with_model(e, PRESETS[preset])  # noqa: E731
-        default = swap(default) if isinstance(default, Experiment) else [swap(e) for e in default]
-    return cli.parse(default, list(overrides), prog=f"python -m experiments.{name}")[0]
-
-
-def _with_model(experiment: Experiment, model) -> Experiment:
-    """The experiment with another model; the sequence length is capped at the model's context."""
-    data = experiment.data
-    if data.seq_len > model.max_seq_len:
-        data = dataclasses.replace(data, seq_len=model.max_seq_len)
-    return dataclasses.replace(experiment, model=model, data=data)
+    return cli.load_experiments(name, overrides, preset=preset)[0]
 
 
 def synthetic_tokens(experiment: Experiment, seed: int = 0) -> np.ndarray:

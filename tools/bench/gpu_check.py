@@ -1,14 +1,17 @@
-"""The GPU throughput check: train-step MFU of gpt2-124m (seq 1024) and llama3.2-1b (seq 2048) in bfloat16.
+"""The GPU throughput check: per-GPU train-step MFU of gpt2-124m (seq 1024) and llama3.2-1b (seq 2048) in bfloat16.
 
     python -m tools.bench.gpu_check [--out DIR] [--budget-s 400] [--tiny]
 
-Runs `tools.bench`'s train benchmark over a few batch sizes and remat policies per model, with bfloat16
-compute and cuDNN fused attention, all in one process (one JAX start-up), printing each table and JSON line
-and appending every record to DIR/gpu_results.jsonl. It stops starting new runs when the time budget is spent,
-and records an out-of-memory or other failure as a row instead of stopping. Targets: MFU >= 45% (gpt2-124m)
-and >= 50% (llama3.2-1b) against the H200's 989 TFLOP/s dense bf16 peak. `--tiny` runs the same code on
-small shapes with XLA attention, to check it on a CPU. `tools/bench/gpu_check.sh` is the usual entry point.
-Without `--tiny` it refuses to start (status 2) where JAX has no GPU; it exits with status 1 when every run failed.
+Runs `tools.bench`'s train benchmark over a few batch sizes and remat policies per model, with bfloat16 compute,
+all in one process (one JAX start-up), printing each table and JSON line and appending every record to
+DIR/gpu_results.jsonl. Each setting runs first with `--model.attention auto`, as users get it, then with cuDNN's
+fused attention forced, as a second row. Batches are per GPU (times the GPUs of the machine, data-parallel), and
+MFU is per GPU: tokens/s x FLOPs per token / (GPUs x the GPU's dense bf16 peak from jaxlm.flops.CHIPS, which tells
+H100 SXM from PCIe). It stops starting new runs when the time budget is spent, and records an out-of-memory or
+other failure as a row instead of stopping. Targets: MFU >= 45% (gpt2-124m) and >= 50% (llama3.2-1b). `--tiny`
+runs the same code on small shapes with XLA attention, to check it on a CPU. `tools/bench/gpu_check.sh` is the
+usual entry point. Without `--tiny` it refuses to start (status 2) where JAX has no GPU; it exits with status 1
+when every run failed.
 """
 
 from __future__ import annotations
@@ -22,23 +25,22 @@ import traceback
 
 USAGE_ERROR = 2
 TARGETS = {"gpt2-124m": 0.45, "llama3.2-1b": 0.50}
+ATTENTIONS = ("auto", "cudnn")  # as users get it, then cuDNN forced
 
-# (preset, seq_len, batch_size, remat): cheapest first, so a short budget still measures each model.
+# (preset, seq_len, batch_size per GPU, remat): cheapest first, so a short budget still measures each model.
 RUNS = [
     ("gpt2-124m", 1024, 32, "none"),
-    ("gpt2-124m", 1024, 64, "none"),
     ("gpt2-124m", 1024, 64, "dots"),
     ("llama3.2-1b", 2048, 8, "dots"),
     ("llama3.2-1b", 2048, 8, "none"),
     ("llama3.2-1b", 2048, 16, "dots"),
     ("gpt2-124m", 1024, 128, "dots"),
-    ("llama3.2-1b", 2048, 16, "attn_mlp"),
 ]
 
 
-def overrides(seq_len: int, batch: int, remat: str, tiny: bool) -> list[str]:
+def overrides(seq_len: int, batch: int, remat: str, attention: str, tiny: bool) -> list[str]:
     args = [
-        "--model.dtype", "bfloat16", "--model.remat", remat, "--model.attention", "xla" if tiny else "cudnn",
+        "--model.dtype", "bfloat16", "--model.remat", remat, "--model.attention", "xla" if tiny else attention,
         "--data.seq-len", str(seq_len), "--data.batch-size", str(batch),
     ]
     if tiny:  # the same code path on shapes a CPU runs in seconds
@@ -48,6 +50,17 @@ def overrides(seq_len: int, batch: int, remat: str, tiny: bool) -> list[str]:
             *args[:6], "--data.seq-len", "32", "--data.batch-size", "8", "--data.tokenizer", "char",
         ]
     return args
+
+
+def per_gpu(record: dict, n_gpus: int) -> dict:
+    """Throughput and MFU per GPU, against the GPU's own peak."""
+    from jaxlm import flops
+
+    chip = flops.chip(record["device"])
+    peak = chip.bf16_flops if chip else record["peak_flops"] / n_gpus
+    tokens = record["tokens_per_sec"] / n_gpus
+    return {"gpus": n_gpus, "tokens_per_sec_per_gpu": tokens, "peak_flops_per_gpu": peak,
+            "mfu_per_gpu": tokens * record["flops_per_token"] / peak}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -72,22 +85,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
     started = time.perf_counter()
     print(f"devices: {jax.devices()}  XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
     records = []
-    for preset, seq_len, batch, remat in RUNS:
+    n_gpus = jax.device_count()
+    for (preset, seq_len, batch, remat), attention in ((run, a) for run in RUNS for a in ATTENTIONS):
+        if args.tiny and attention != "auto":
+            continue  # cuDNN is a GPU kernel
         elapsed = time.perf_counter() - started
+        total_batch = batch * (1 if args.tiny else n_gpus)
         if elapsed > args.budget_s:
-            print(f"time budget spent ({elapsed:.0f} s): skipping {preset} b{batch} remat {remat}", flush=True)
+            print(f"time budget spent ({elapsed:.0f} s): skipping {preset} b{total_batch} remat {remat} "
+                  f"attention {attention}", flush=True)
             continue
-        argv_run = ["--preset", preset, *overrides(seq_len, batch, remat, args.tiny)]
-        print(f"\n=== {preset} seq {seq_len} batch {batch} remat {remat} (t={elapsed:.0f} s)", flush=True)
+        argv_run = ["--preset", preset, *overrides(seq_len, total_batch, remat, attention, args.tiny)]
+        print(f"\n=== {preset} seq {seq_len} batch {total_batch} ({n_gpus} devices) remat {remat} attention "
+              f"{attention} (t={elapsed:.0f} s)", flush=True)
         try:
             experiment = bench.load_experiment("quickstart", argv_run[2:], preset=preset)
             record = bench.bench_train(experiment, steps=args.steps, warmup=2)
             bench.print_train(record)
+            record.update(per_gpu(record, n_gpus))
         except Exception as e:  # an OOM at one batch size must not lose the other runs
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             traceback.print_exc(limit=2)
             record = {"benchmark": "train", "error": first}
-        record.update({"preset": preset, "target_mfu": TARGETS[preset], "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        record.update({"preset": preset, "attention_asked": attention, "target_mfu": TARGETS[preset],
+                       "xla_flags": os.environ.get("XLA_FLAGS", ""),
                        "command": "python -m tools.bench train --experiment quickstart " + " ".join(argv_run)})
         records.append(record)
         with open(results_path, "a") as f:
@@ -95,21 +116,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
         bench.emit_json(record)
         jax.clear_caches()
 
-    print("\nsummary (MFU against the device peak; targets: gpt2-124m 45%, llama3.2-1b 50%)")
+    print("\nsummary (MFU per GPU against its dense bf16 peak; targets: gpt2-124m 45%, llama3.2-1b 50%)")
     rows = []
     for r in records:
-        mfu = r.get("mfu")
-        rows.append([r["preset"], r.get("batch_size", ""), r.get("seq_len", ""), r.get("remat", ""),
-                     f"{r['step_ms']:.1f}" if "step_ms" in r else "", f"{r['tokens_per_sec']:,.0f}" if mfu else "",
+        mfu = r.get("mfu_per_gpu")
+        rows.append([r["preset"], r["attention_asked"], r.get("attention", ""), r.get("batch_size", ""),
+                     r.get("seq_len", ""), r.get("remat", ""), f"{r['step_ms']:.1f}" if "step_ms" in r else "",
+                     f"{r['tokens_per_sec_per_gpu']:,.0f}" if mfu else "",
                      f"{mfu:.1%}" if mfu is not None else r.get("error", "")[:60],
                      "" if mfu is None else ("yes" if mfu >= r["target_mfu"] else "no")])
-    print_grid(["model", "batch", "seq", "remat", "ms/step", "tokens/s", "MFU", "target met"], rows)
+    print_grid(["model", "attention asked", "attention", "batch", "seq", "remat", "ms/step", "tokens/s/GPU",
+                "MFU/GPU", "target met"], rows)
     best = {}
     for r in records:
-        if r.get("mfu") is not None and r["mfu"] > best.get(r["preset"], {}).get("mfu", -1):
-            best[r["preset"]] = r
-    summary = {"benchmark": "gpu_check", "best": {k: {"mfu": v["mfu"], "tokens_per_sec": v["tokens_per_sec"],
-               "batch_size": v["batch_size"], "remat": v["remat"], "command": v["command"]} for k, v in best.items()},
+        key = f"{r['preset']} attention={r['attention_asked']}"
+        if r.get("mfu_per_gpu") is not None and r["mfu_per_gpu"] > best.get(key, {}).get("mfu_per_gpu", -1):
+            best[key] = r
+    summary = {"benchmark": "gpu_check", "gpus": n_gpus, "device": jax.devices()[0].device_kind,
+               "best": {k: {"mfu_per_gpu": v["mfu_per_gpu"], "tokens_per_sec_per_gpu": v["tokens_per_sec_per_gpu"],
+                            "batch_size": v["batch_size"], "remat": v["remat"], "command": v["command"]}
+                        for k, v in best.items()},
                "runs": len(records), "elapsed_s": time.perf_counter() - started}
     with open(os.path.join(args.out, "gpu_summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=float)
