@@ -4,8 +4,8 @@ What it tests: Hoffmann et al. 2022's approaches 1-3 on C4 (allenai/c4, en) with
 RMSNorm, SwiGLU, untied embeddings), over two decades of compute: 5 budgets (1e18, 3e18, 1e19, 3e19, 1e20
 FLOPs) x 7 sizes from centre / 3 to centre x 3 around Chinchilla's D = 20 N; 32M to 2.8B parameters, 4 to 37
 layers, width about 64 x depth in heads of 128. Sequences of 2,048 tokens, global batches of 256 (524k tokens),
-bfloat16 compute with cuDNN flash attention, activations rematerialised except each block's attention and MLP
-outputs. The learning rate shrinks with width (3e-3 x 256 / d_model; 5% warmup, cosine decay to a tenth).
+bfloat16 compute with fused attention (splash on TPU, cuDNN on GPU), activations rematerialised except each
+block's attention and MLP outputs. The learning rate shrinks with width (3e-3 x 256 / d_model; 5% warmup, cosine decay to a tenth).
 
 Cost: 1.0e21 training FLOPs in all (35 members, each spending its budget): at 40% MFU, about 700 H100-hours or
 1,500 TPU v5p chip-hours, two days on the slice it is sized for, a v5p-64 (32 chips, 8 hosts). Every member's
@@ -23,9 +23,9 @@ folder on the command line, `--data.source 'shards:DIR/en/c4-train.*.json.gz' --
 (`python -m tools.prepare_data --experiment chinchilla_c4 --data.source ... --data.data-dir gs://BUCKET/prepared`,
 with --process-index/--process-count across hosts): the tokenizer is trained and every file tokenized into token
 shards there, and every member reads them. Then `python -m experiments.chinchilla_c4` with the same --data flags;
-on several hosts, give each a slice (`--sweep.members 0:12`, ...). On TPUs add `--model.attention xla` (cuDNN is
-NVIDIA's). A data-parallel mesh holds 16 bytes per parameter on every chip (float32 weights, gradients and two Adam moments), 45 GB for the
-largest member: on chips with less memory, shard them with `--mesh.data 1 --mesh.fsdp -1`; `--train.grad-accum K`
+on several hosts, give each a slice (`--sweep.members 0:12`, ...). Attention is `auto`: the splash kernel on
+TPUs, cuDNN's on GPUs. A data-parallel mesh holds 16 bytes per parameter on every chip (float32 weights,
+gradients and two Adam moments), 45 GB for the largest member: on chips with less memory, shard them with `--mesh.data 1 --mesh.fsdp -1`; `--train.grad-accum K`
 cuts activation memory. Overrides that change a member's compute are refused, as in experiments.chinchilla_cpu.
 Once every member is finished, process 0 fits and plots into runs/chinchilla_c4/fits.
 
@@ -53,7 +53,7 @@ BASE = Experiment(
     name="chinchilla_c4",
     model=ModelConfig(
         family="llama", n_layers=4, d_model=512, n_heads=4, vocab_size=32000, max_seq_len=2048,
-        dtype="bfloat16", attention="cudnn", remat="attn_mlp",
+        dtype="bfloat16", attention="auto", remat="attn_mlp",
     ),
     data=DataConfig(
         source="shards:c4/en/c4-train.*.json.gz", val_source="c4/en/c4-validation.*.json.gz",

@@ -13,8 +13,7 @@ Data: FineWeb-Edu's parquet files (a `text` column), local or in a bucket:
 fineweb-edu` (14 files, about 27 GB). FineWeb-Edu has no validation split: a stable hash of each document's text
 puts 0.1% of the documents in validation. Give the folder with `--data.source 'shards:DIR/sample/10BT/*.parquet'`
 (default DIR: ./fineweb-edu); `python -m tools.prepare_data --experiment fineweb_edu` prepares it once (it is also
-done by the first run), then `python -m experiments.fineweb_edu`. On TPUs add `--model.attention xla`; with less
-memory per chip, `--train.grad-accum 2`.
+done by the first run), then `python -m experiments.fineweb_edu`. With less memory per chip, `--train.grad-accum 2`.
 
 Found: not run yet.
 """
