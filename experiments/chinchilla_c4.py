@@ -5,12 +5,13 @@ RMSNorm, SwiGLU, untied embeddings), over two decades of compute: 5 budgets (1e1
 FLOPs) x 7 sizes from centre / 3 to centre x 3 around Chinchilla's D = 20 N; 32M to 2.8B parameters, 4 to 37
 layers, width about 64 x depth in heads of 128. Sequences of 2,048 tokens, global batches of 256 (524k tokens),
 bfloat16 compute with fused attention (splash on TPU, cuDNN on GPU), activations rematerialised except each
-block's attention and MLP outputs. The learning rate shrinks with width (3e-3 x 256 / d_model; 5% warmup, cosine decay to a tenth).
+block's attention and MLP outputs. The learning rate shrinks with width (3e-3 x 256 / d_model; 5% warmup, cosine
+decay to a tenth).
 
 Cost: 1.0e21 training FLOPs in all (35 members, each spending its budget): at 40% MFU, about 700 H100-hours or
 1,500 TPU v5p chip-hours, two days on the slice it is sized for, a v5p-64 (32 chips, 8 hosts). Every member's
 train step compiles for that slice without the hardware: `python -m tools.aot --experiment chinchilla_c4 --sweep
---topology v5p-64 --model.attention auto` (docs/aot.md has its table). The longest member runs 93k steps; the
+--topology v5p-64` (docs/aot.md has its table). The longest member runs 93k steps; the
 largest member of the smallest budget, 1,041.
 No member reads more than 49B tokens, about a third of C4's training split (156B tokens by Dodge et al. 2021's
 count), so none repeats data.
@@ -25,8 +26,8 @@ with --process-index/--process-count across hosts): the tokenizer is trained and
 shards there, and every member reads them. Then `python -m experiments.chinchilla_c4` with the same --data flags;
 on several hosts, give each a slice (`--sweep.members 0:12`, ...). Attention is `auto`: the splash kernel on
 TPUs, cuDNN's on GPUs. A data-parallel mesh holds 16 bytes per parameter on every chip (float32 weights,
-gradients and two Adam moments), 45 GB for the largest member: on chips with less memory, shard them with `--mesh.data 1 --mesh.fsdp -1`; `--train.grad-accum K`
-cuts activation memory. Overrides that change a member's compute are refused, as in experiments.chinchilla_cpu.
+gradients and two Adam moments), 45 GB for the largest member: on chips with less memory, shard them with
+`--mesh.data 1 --mesh.fsdp -1`; `--train.grad-accum K` cuts activation memory. Overrides that change a member's compute are refused, as in experiments.chinchilla_cpu.
 Once every member is finished, process 0 fits and plots into runs/chinchilla_c4/fits.
 
 Found: not run yet.
