@@ -212,10 +212,11 @@ def load_experiments(
 
 
 def with_model(experiment: Experiment, model: ModelConfig) -> Experiment:
-    """The experiment with another model; the sequence length is capped at the model's context."""
-    data = experiment.data
-    if data.seq_len > model.max_seq_len:
-        data = dataclasses.replace(data, seq_len=model.max_seq_len)
+    """The experiment with another model: the sequence length is capped at the model's context, and a tokenizer
+    the run trains itself gets the model's vocabulary."""
+    data = dataclasses.replace(experiment.data, seq_len=min(experiment.data.seq_len, model.max_seq_len))
+    if data.tokenizer.startswith("sentencepiece-"):
+        data = dataclasses.replace(data, vocab_size=model.vocab_size)
     return dataclasses.replace(experiment, model=model, data=data)
 
 
