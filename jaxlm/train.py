@@ -219,7 +219,7 @@ def device_memory(mesh: jax.sharding.Mesh) -> tuple[int | None, str]:
     """The memory free for a run on each of the mesh's devices, and what that memory is (None where unknown).
 
     Accelerators report their own; CPU devices share the host's available memory."""
-    device = mesh.devices.flat[0]
+    device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())  # this process's own
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and stats.get("bytes_limit"):
         return stats["bytes_limit"] - stats.get("bytes_in_use", 0), f"a {device.device_kind} has"

@@ -145,7 +145,7 @@ def test_profile_trace_of_the_chosen_steps_names_the_train_step(logged_run):
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     names = {e.get("name", "") for e in events}
-    assert any(n.endswith("(step)") for n in names)  # the jitted train step's executions
+    assert any("(step)" in n for n in names)  # the train step's executions: PjitFunction(jit(step)) compiled ahead
     marked = sorted(int(e["args"]["step_num"]) for e in events if e.get("name") == "train" and "args" in e)
     assert marked == [2, 3]
 

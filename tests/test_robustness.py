@@ -30,7 +30,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _FLAG = re.compile(r"--((?:model|data|optim|train|mesh|sweep)\.[a-z0-9-]+)(?:[ =](\S+))?")
 # Prose after a flag ("set --data.vocab-size to at least ..."), and placeholders of a usage line.
-_WORDS = {"to", "or", "and", "of", "moves", "shows", "with", "in", "for", "processes", "D", "K", "...", "(e.g."}
+_WORDS = {"to", "or", "and", "of", "moves", "shows", "with", "in", "for", "processes", "needs", "D", "K", "...",
+          "(e.g.", "(e.g"}
+# A value for each sweep flag whose message shows none.
+_SWEEP_VALUES = {"sweep.retries": "0", "sweep.members": "0:2", "sweep.device": "cpu", "sweep.devices-per-member": "1",
+                 "sweep.parallel": "0", "sweep.tpu-slice": "v4-16", "sweep.ray-address": "auto"}
 
 
 def _string_constants(path: str) -> list[str]:
@@ -83,9 +87,7 @@ def test_every_flag_that_a_message_suggests_is_one_the_command_line_accepts():
     refused = []
     for path, flag, value in suggestions:
         if flag.startswith("sweep."):
-            argv = [f"--{flag}"] + ([value] if value else ["0"] if flag == "sweep.retries" else [])
-            if flag == "sweep.members" and not value:
-                argv.append("0:2")
+            argv = [f"--{flag}"] + ([value or _SWEEP_VALUES[flag]] if value or flag in _SWEEP_VALUES else [])
             default = chinchilla_cpu.SWEEP
         else:
             field, current = _field(quickstart.EXPERIMENT, flag)

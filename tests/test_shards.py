@@ -166,7 +166,8 @@ def _prepare_command(root, data_dir, *extra):
     return [
         sys.executable, "-m", "tools.prepare_data", "--experiment", "quickstart",
         "--data.source", f"shards:{root}/en/c4-train.*.json.gz", "--data.val-source", f"{root}/en/c4-validation.*",
-        "--data.tokenizer", "sentencepiece-bpe", "--data.vocab-size", "300", "--data.tokenizer-sample-bytes",
+        "--data.tokenizer", "sentencepiece-bpe", "--data.vocab-size", "300", "--model.vocab-size", "384",
+        "--data.tokenizer-sample-bytes",
         "40000", "--data.data-dir", str(data_dir), "--data.cache-dir", f"{root}/cache", "--data.seq-len", "32",
         "--data.batch-size", "4", *extra,
     ]
