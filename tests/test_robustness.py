@@ -399,6 +399,8 @@ def test_a_full_disk_and_a_read_only_run_directory_give_one_line_and_lose_nothin
         errors = [line for line in (out / f"{name}.err").read_text().splitlines() if line.startswith("error:")]
         return int((out / f"{name}.rc").read_text()), errors, (out / f"{name}.err").read_text()
 
+    rc, _, stderr = result("calibration")
+    assert rc == 0, stderr[-3000:]  # the run that measures one checkpoint's footprint
     # The save of step 4 is refused whole, before orbax writes any of it.
     rc, errors, stderr = result("full")
     assert rc == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
