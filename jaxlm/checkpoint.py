@@ -135,11 +135,11 @@ class Checkpoints:
     def _check_room(self, step: int, state: Any) -> None:
         if storage.is_uri(self.directory):
             return
-        # The last checkpoint's footprint on disk (its files and orbax's metadata) where there is one; else the
-        # arrays with a margin for the metadata.
+        # Twice the last checkpoint's footprint on disk where there is one (orbax writes each process's files, then
+        # merges them into the final ones: both exist at the peak); else the arrays with a margin for the metadata.
         latest = self.manager.latest_step()
         previous = _disk_bytes(storage.join(self.directory, str(latest))) if latest is not None else 0
-        needed = int(max(previous, _local_bytes(state) + (512 << 10)) * 1.05)
+        needed = int(max(2 * previous, _local_bytes(state) + (512 << 10)) * 1.05)
         free = shutil.disk_usage(self.directory).free
         if free < needed:
             raise StorageError(

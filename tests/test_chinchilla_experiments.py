@@ -108,7 +108,7 @@ def test_c4_sweep_is_declared_for_accelerators():
     for m in chinchilla_c4.SWEEP:
         assert m.data.source == "shards:c4/en/c4-train.*.json.gz"
         assert m.data.val_source == "c4/en/c4-validation.*.json.gz"
-        assert m.model.family == "llama" and m.model.dtype == "bfloat16" and m.model.attention == "cudnn"
+        assert m.model.family == "llama" and m.model.dtype == "bfloat16" and m.model.attention == "auto"
         assert m.mesh.data == -1 and m.data.seq_len == 2048 and m.data.batch_size % 8 == 0
         assert m.model.d_model % 128 == 0 and m.model.head_dim == 128
         assert m.optim.lr * m.model.d_model == pytest.approx(chinchilla_c4.LR_AT_256 * 256)
