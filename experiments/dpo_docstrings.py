@@ -22,14 +22,13 @@ Found: not run yet.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import numpy as np
 
 from experiments.finetune_instruct import EXPERIMENT as INSTRUCT
 from experiments.finetune_instruct import FINETUNE as INSTRUCT_FINETUNE
-from experiments.finetune_instruct import docstring_examples
+from experiments.finetune_instruct import docstring_examples, write_jsonl
 from experiments.quickstart import EXPERIMENT as QUICKSTART
 from jaxlm.config import Experiment, OptimConfig, TrainConfig
 from jaxlm.finetune import FinetuneConfig, run_finetune
@@ -78,10 +77,7 @@ def build_files(val_fraction: float) -> None:
         return
     os.makedirs(DATA_DIR, exist_ok=True)
     for split, examples in docstring_examples(val_fraction).items():
-        with open(FILES[split] + ".tmp", "w", encoding="utf-8") as f:
-            for pair in preference_pairs(examples, PAIR_SEED):
-                f.write(json.dumps(pair) + "\n")
-        os.replace(FILES[split] + ".tmp", FILES[split])
+        write_jsonl(FILES[split], preference_pairs(examples, PAIR_SEED))
 
 
 def prepare(experiment: Experiment, finetune: FinetuneConfig) -> None:

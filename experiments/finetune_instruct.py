@@ -112,10 +112,15 @@ def build_files(val_fraction: float) -> None:
         return
     os.makedirs(DATA_DIR, exist_ok=True)
     for split, records in docstring_examples(val_fraction).items():
-        with open(FILES[split] + ".tmp", "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
-        os.replace(FILES[split] + ".tmp", FILES[split])
+        write_jsonl(FILES[split], records)
+
+
+def write_jsonl(path: str, records) -> None:
+    """One JSON line per record, written under a temporary name and then renamed (whole or not at all)."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    os.replace(path + ".tmp", path)
 
 
 def prepare(experiment: Experiment, finetune: FinetuneConfig) -> None:
