@@ -157,11 +157,22 @@ def build_train_step(experiment: Experiment, tokens: np.ndarray) -> CompiledStep
 
 
 def _compile_timed(jitted: Any, *args: Any) -> tuple[Any, float, float]:
-    """`jitted` lowered and compiled for `args`: (the compiled function, seconds lowering, seconds compiling)."""
+    """`jitted` lowered and compiled for `args`: (the compiled function, seconds lowering, seconds compiling).
+
+    The persistent compilation cache is bypassed: its key leaves out the program's source metadata, so a cached
+    executable may carry the op names of another program with the same computation (which the profile reads), and
+    a cache hit would be timed as a compile."""
+    import jax
+
     start = time.perf_counter()
     lowered = jitted.lower(*args)
     lowered_at = time.perf_counter()
-    compiled = lowered.compile()
+    cache_was = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        compiled = lowered.compile()
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache_was)
     return compiled, lowered_at - start, time.perf_counter() - lowered_at
 
 
