@@ -132,6 +132,21 @@ def flat_config(experiment: Experiment) -> dict[str, bool | int | float | str]:
 TENSORBOARD_BY_TOKENS = "by_tokens"  # a TensorBoard run inside the run directory: the same scalars against tokens
 
 
+def _tensorboardx() -> tuple[Any, Any]:
+    """tensorboardX's SummaryWriter and hparams, imported without PyTorch: where torch is installed, tensorboardX
+    imports it (2 s per process) only to accept torch tensors, which jaxlm never passes."""
+    block = "torch" not in sys.modules
+    if block:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # meanwhile `import torch` raises ImportError
+    try:
+        from tensorboardX import SummaryWriter
+        from tensorboardX.summary import hparams
+    finally:
+        if block:
+            del sys.modules["torch"]
+    return SummaryWriter, hparams
+
+
 class _TensorBoard:
     """Two event-file writers (tensorboardX, no TensorFlow): the scalars against steps in the run directory, and
     against tokens seen in its `by_tokens/` folder (a second TensorBoard run, since one run has one step axis).
@@ -140,9 +155,7 @@ class _TensorBoard:
     checkpoint and at the end), each file whole: a crash loses what was logged since the last checkpoint."""
 
     def __init__(self, run_dir: str, experiment: Experiment, resume_step: int, last_tokens: int | None):
-        from tensorboardX import SummaryWriter
-        from tensorboardX.summary import hparams
-
+        SummaryWriter, hparams = _tensorboardx()
         self.run_dir = run_dir
         self.local_dir = tempfile.mkdtemp(prefix="jaxlm-events-") if storage.is_uri(run_dir) else run_dir
         resumed = resume_step > 0
