@@ -279,7 +279,7 @@ def bench_train(
     if profile:
         from tools.bench import step_profile
 
-        jax_profile = step_profile.profile_jax(step.run, step.compiled.as_text(), profile)
+        jax_profile = step_profile.profile_jax(step.run, step.compiled.as_text(), profile, jax.devices()[0].platform)
         record["profile"] = {"steps": profile, "jax": jax_profile}
         if with_torch:
             record["profile"]["torch"] = step_profile.profile_torch(runners["torch"], profile)

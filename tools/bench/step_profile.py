@@ -96,7 +96,7 @@ def _direction(path: str) -> str | None:
     return "forward" if "jvp(" in path else None  # None: outside the model and loss (the optimizer)
 
 
-def _trace_events(log_dir: str) -> list[dict[str, Any]]:
+def _trace_events(log_dir: str, platform: str) -> list[dict[str, Any]]:
     files = glob.glob(f"{log_dir}/**/*perfetto_trace.json.gz", recursive=True)
     if not files:
         raise RuntimeError(f"jax.profiler wrote no perfetto trace under {log_dir}")
@@ -104,13 +104,16 @@ def _trace_events(log_dir: str) -> list[dict[str, Any]]:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     timed = [e for e in events if e.get("ph") == "X"]
-    # Accelerators: only the device timelines, whose events are the operations that ran there.
+    if platform == "cpu":
+        return timed  # the operations run on host threads
+    # Accelerators: only the timelines of this platform's devices, whose events are the operations that ran there
+    # (a process that also loaded another platform's runtime, libtpu say, traces its empty timelines too).
     devices = {
         e.get("pid") for e in events
         if e.get("ph") == "M" and e.get("name") == "process_name"
-        and str(e.get("args", {}).get("name", "")).startswith("/device:") and "CPU" not in e["args"]["name"]
+        and str(e.get("args", {}).get("name", "")).upper().startswith(f"/DEVICE:{platform.upper()}")
     }
-    return [e for e in timed if e.get("pid") in devices] if devices else timed
+    return [e for e in timed if e.get("pid") in devices]
 
 
 def _instruction_name(event: dict[str, Any], table: dict[str, Instruction]) -> str | None:
@@ -121,8 +124,9 @@ def _instruction_name(event: dict[str, Any], table: dict[str, Instruction]) -> s
     return op if op in table else None
 
 
-def profile_jax(run: Callable[[], None], hlo_text: str, steps: int) -> dict[str, Any]:
-    """Trace `steps` calls of `run` (one compiled step each) and add up its operations by part and direction."""
+def profile_jax(run: Callable[[], None], hlo_text: str, steps: int, platform: str) -> dict[str, Any]:
+    """Trace `steps` calls of `run` (one compiled step each, on `platform`'s devices: cpu, gpu or tpu) and add up
+    its operations by part and direction."""
     import jax
 
     table = hlo_instructions(hlo_text)
@@ -130,7 +134,7 @@ def profile_jax(run: Callable[[], None], hlo_text: str, steps: int) -> dict[str,
         with jax.profiler.trace(log_dir, create_perfetto_trace=True):
             for _ in range(steps):
                 run()
-        events = _trace_events(log_dir)
+        events = _trace_events(log_dir, platform)
     per_op: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
     for e in events:
