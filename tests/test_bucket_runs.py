@@ -16,6 +16,7 @@ import pytest
 from jaxlm import storage
 from jaxlm.checkpoint import load_params
 from jaxlm.scaling import collect_results, read_csv, write_csv
+from tests.processes import process_env
 from tests.test_scaling import EPOCH_CSV
 from tests.test_fault_tolerance import finish, launch, losses, workspace, write_experiment  # noqa: F401
 
@@ -45,7 +46,7 @@ if __name__ == "__main__":
 
 
 def start(args, cwd):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="")
+    env = process_env()
     return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

@@ -20,7 +20,7 @@ from jaxlm.config import Experiment
 from jaxlm.errors import ConfigError
 from jaxlm.optim import make_schedule
 from jaxlm.cli import run_isoflop_sweep
-from jaxlm.scaling import ScalingError, budget_grid, check_budgets, member_flops, sweeps
+from jaxlm.scaling import ScalingError, budget_grid, check_budgets, member_flops
 from jaxlm.train import abstract_train_state, make_train_step
 
 pytestmark = pytest.mark.slow  # every member of both sweeps, a sweep run, a C4 member's step lowered

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxlm.checkpoint import load_params
+from tests.processes import process_env
 
 pytestmark = pytest.mark.slow  # real processes, killed and restarted
 
@@ -61,8 +62,7 @@ def write_experiment(workspace, name, steps=24, ckpt_every=4):
 def launch(script, run_dir, *args):
     # The runs of a module share JAX's compilation cache: a restart loads its steps instead of compiling them
     # again (a third of this file's time). A cache entry cut short by a kill is only warned about and recompiled.
-    env = dict(
-        os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="",
+    env = process_env(
         JAX_COMPILATION_CACHE_DIR=str(run_dir.parent / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     )
     return subprocess.Popen(

@@ -18,6 +18,7 @@ from jaxlm.checkpoint import load_params
 from jaxlm.config import DataConfig, Experiment, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from jaxlm.finetune import Classification, FinetuneConfig, InstructionTuning
 from jaxlm.train import fit
+from tests.processes import process_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["alpha", "beta", "gamma", "delta", "sum", "list", "zero", "one"]
@@ -127,10 +128,7 @@ if __name__ == "__main__":
 
 
 def launch(script, run_dir, cache):
-    env = dict(
-        os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="", JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    )
+    env = process_env(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     return subprocess.Popen(
         [sys.executable, str(script), "--train.out-dir", str(run_dir)], cwd=ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

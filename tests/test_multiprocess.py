@@ -16,6 +16,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.processes import process_env
+
 pytestmark = pytest.mark.slow  # real processes joined by jax.distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,12 +32,7 @@ def free_port() -> int:
 
 
 def start(mode: str, args: dict, devices: int) -> subprocess.Popen:
-    env = dict(os.environ)
-    env.update(
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        PYTHONPATH=os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p),
-    )
+    env = process_env(devices)
     return subprocess.Popen(
         [sys.executable, WORKER, mode, json.dumps(args)], cwd=ROOT, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -14,6 +14,7 @@ from jaxlm.train import PREEMPTED_EXIT_CODE, TimedSaves
 from tests.test_fault_tolerance import (  # noqa: F401  (workspace: the module's corpus fixture)
     assert_same_run, finish, launch, wait_for_step, workspace, write_experiment,
 )
+from tests.processes import process_env
 from tests.test_multiprocess import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,9 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def launch_pair(script, run_dir, *args):
     """Two processes of one run (2 CPU devices each), joined through a coordinator on a free local port."""
     coordinator = f"127.0.0.1:{free_port()}"
-    env = dict(
-        os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-        JAX_COMPILATION_CACHE_DIR=str(run_dir.parent / "jax_cache_pair"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    env = process_env(
+        2, JAX_COMPILATION_CACHE_DIR=str(run_dir.parent / "jax_cache_pair"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     )
     return [
         subprocess.Popen(

@@ -18,6 +18,7 @@ import pytest
 
 from jaxlm.generate import generate
 from tests.test_hf_tokenizer import _byte_level_bpe
+from tests.processes import process_env
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,7 +51,7 @@ def served(tmp_path_factory):
         [sys.executable, "-m", "tools.serve", "--run", run, "--port", "0", "--model-name", "tiny", "--quiet",
          "--batch-wait-ms", "50"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])},
+        env=process_env(),
     )
     try:
         line = server.stdout.readline()

@@ -20,6 +20,7 @@ from jaxlm.data import make_iterator, prepare_data
 from jaxlm.data.sources import ShardFile, read_documents
 from jaxlm.errors import ConfigError, DataError
 from tests.corpora import documents, write_c4, write_fineweb
+from tests.processes import process_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -174,7 +175,7 @@ def _prepare_command(root, data_dir, *extra):
 
 
 def _env():
-    return {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    return process_env(8)
 
 
 def _prepared_dir(data_dir):
