@@ -150,18 +150,23 @@ def train_instruct(experiment: Experiment, ft: FinetuneConfig) -> dict[str, Any]
 def write_samples(
     experiment: Experiment, params: Params, tokenizer: Any, data: InstructSplit, ft: FinetuneConfig, path: str
 ) -> list[dict[str, str]]:
-    """Greedy answers to the first `ft.samples` prompts of `data`, beside the reference answers."""
+    """Greedy answers to the first `ft.samples` prompts of `data` (those that leave room for an answer), beside
+    the reference answers. One batch: greedy tokens do not depend on the other rows or the padding."""
     from jaxlm.generate import generate
 
-    out = []
     cfg = experiment.model
-    for prompt, reference in list(zip(data.prompts, data.responses))[: ft.samples]:
-        ids = prompt_ids(tokenizer, prompt)
-        budget = min(ft.sample_tokens, cfg.max_seq_len - len(ids))
-        if budget < 1:
-            continue
-        new = generate(cfg, params, [ids], max_new_tokens=budget, temperature=0.0, eos_id=tokenizer.eos_id)[0]
-        out.append({"prompt": "".join(t for t, _ in prompt), "reference": reference, "answer": tokenizer.decode(new)})
+    chosen = [
+        (prompt, reference, ids)
+        for prompt, reference in list(zip(data.prompts, data.responses))[: ft.samples]
+        if len(ids := prompt_ids(tokenizer, prompt)) < cfg.max_seq_len
+    ]
+    out = []
+    if chosen:
+        budget = min(ft.sample_tokens, cfg.max_seq_len - max(len(ids) for _, _, ids in chosen))
+        answers = generate(cfg, params, [ids for _, _, ids in chosen], max_new_tokens=budget, temperature=0.0,
+                           eos_id=tokenizer.eos_id)
+        out = [{"prompt": "".join(t for t, _ in prompt), "reference": reference, "answer": tokenizer.decode(new)}
+               for (prompt, reference, _), new in zip(chosen, answers)]
     with storage.open(path, "w") as f:
         for s in out:
             f.write(f"--- prompt\n{s['prompt']}\n--- reference\n{s['reference']}\n--- answer\n{s['answer']}\n\n")
