@@ -41,7 +41,8 @@ def random_batch(seed, batch=8, seq=16, vocab=64):
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
 
-@pytest.mark.parametrize("family", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_training_lowers_the_loss(family):
     exp = tiny_experiment(family)
     mesh = single_device_mesh()
