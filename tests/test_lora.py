@@ -13,8 +13,8 @@ from jaxlm.finetune import apply_model as eager_apply_model
 from jaxlm.model import forward as eager_forward
 from jaxlm.model import init_params as eager_init_params
 
-# Each model computation compiled as one program: run eagerly, op by op, the inits and forwards cost several times
-# more than the checks (every op dispatched and compiled on its own). Both sides of each comparison go through jit.
+# Each model computation compiled as one program: run eagerly, every op is dispatched (and compiled) on its own, and
+# the inits and forwards cost more than the checks. Both sides of each comparison go through jit.
 init_params = jax.jit(eager_init_params, static_argnums=0)
 forward = jax.jit(eager_forward, static_argnums=0)
 apply_model = jax.jit(eager_apply_model, static_argnums=0, static_argnames="lora_spec")
