@@ -40,7 +40,7 @@ def evaluated(tmp_path_factory):
         train=TrainConfig(steps=1, out_dir=str(tmp / "run")),
     )
     write_or_check_config(exp)
-    save_params(exp, init_params(exp.model, jax.random.key(0)))
+    save_params(exp, jax.jit(init_params, static_argnums=0)(exp.model, jax.random.key(0)))
 
     choices = [{"ctx": " ".join(rng.choice(WORDS, size=int(rng.integers(3, 12)))),
                 "endings": [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 4)))) for _ in range(3)],
@@ -94,6 +94,13 @@ def evaluated(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_DATASETS_OFFLINE", "1")  # everything the tasks need is local
         mp.setenv("HF_HUB_OFFLINE", "1")
+        # The tool's mesh over two devices, not the session's eight: still a batch split over a mesh, at a fraction
+        # of the compile and run time.
+        from jaxlm import sharding
+
+        make_mesh = sharding.make_mesh
+        mp.setattr(sharding, "make_mesh",
+                   lambda cfg, devices=None: make_mesh(cfg, jax.devices()[:2] if devices is None else devices))
         record = main(["--run", exp.run_dir, "--include-path", str(tasks), "--tasks",
                        "tiny_choice,tiny_rolling,tiny_gen", "--batch-size", "8", "--log-samples"])
     return exp, params, tok, choices, texts, reference, record
@@ -192,7 +199,7 @@ def test_rolling_windows_predict_every_token_once():
     from jaxlm.harness import JaxlmLM
 
     cfg = ModelConfig(family="llama", n_layers=1, d_model=16, n_heads=2, n_kv_heads=1, vocab_size=260, max_seq_len=16)
-    params = init_params(cfg, jax.random.key(1))
+    params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(1))  # compiled: eager init is slower
     tok = ByteTokenizer()
     texts = ["spam and eggs, " * 3, "ham"]  # 45 bytes: three windows of the model's 16 positions; 3 bytes: one
     model = JaxlmLM(cfg, params, tok, [tok.eos_id], batch_size=4)

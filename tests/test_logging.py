@@ -46,7 +46,16 @@ def logged_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "offline")
         mp.setenv("WANDB_SILENT", "true")
+        import jax
+
+        from jaxlm import sharding
         from jaxlm.train import train
+
+        # One CPU device, as on a user's CPU, not the test session's eight: what is tested is what the run records,
+        # and a one-device step compiles and runs several times faster.
+        make_mesh = sharding.make_mesh
+        mp.setattr(sharding, "make_mesh",
+                   lambda cfg, devices=None: make_mesh(cfg, jax.devices()[:1] if devices is None else devices))
 
         train(exp)
         first_rows = read_rows(exp.run_dir)

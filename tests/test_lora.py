@@ -9,8 +9,15 @@ import pytest
 from jaxlm import lora
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
-from jaxlm.finetune import apply_model
-from jaxlm.model import forward, init_params
+from jaxlm.finetune import apply_model as eager_apply_model
+from jaxlm.model import forward as eager_forward
+from jaxlm.model import init_params as eager_init_params
+
+# Each model computation compiled as one program: run eagerly, every op is dispatched (and compiled) on its own, and
+# the inits and forwards cost more than the checks. Both sides of each comparison go through jit.
+init_params = jax.jit(eager_init_params, static_argnums=0)
+forward = jax.jit(eager_forward, static_argnums=0)
+apply_model = jax.jit(eager_apply_model, static_argnums=0, static_argnames="lora_spec")
 
 GPT2 = ModelConfig(family="gpt2", n_layers=2, d_model=32, n_heads=4, vocab_size=64, max_seq_len=32)
 LLAMA = ModelConfig(
@@ -62,10 +69,10 @@ def _trained_adapters(cfg, spec, steps=15):
         updates, opt = tx.update(grads, opt)
         return optax.apply_updates(a, updates), opt
 
-    first = float(loss(adapters))
+    first = float(jax.jit(loss)(adapters))
     for _ in range(steps):
         adapters, opt = step(adapters, opt)
-    assert float(loss(adapters)) < first - 0.1  # the adapters learned something: B is no longer zero
+    assert float(jax.jit(loss)(adapters)) < first - 0.1  # the adapters learned something: B is no longer zero
     return params, adapters
 
 
