@@ -15,6 +15,7 @@ from jaxlm.config import DataConfig, Experiment, ModelConfig, TrainConfig
 from jaxlm.data.tokenizer import ByteTokenizer
 from jaxlm.generate import generate_uncached
 from jaxlm.model import forward, init_params
+from tests.devices import use_first_devices
 
 WORDS = ["alpha", "beta", "gamma", "delta", "def", "return", "(x)", "spam", "eggs", "ham"]
 CONTEXT = 64  # the model's max_seq_len: the long rolling text needs two windows
@@ -96,11 +97,7 @@ def evaluated(tmp_path_factory):
         mp.setenv("HF_HUB_OFFLINE", "1")
         # The tool's mesh over two devices, not the session's eight: still a batch split over a mesh, at a fraction
         # of the compile and run time.
-        from jaxlm import sharding
-
-        make_mesh = sharding.make_mesh
-        mp.setattr(sharding, "make_mesh",
-                   lambda cfg, devices=None: make_mesh(cfg, jax.devices()[:2] if devices is None else devices))
+        use_first_devices(mp, 2)
         record = main(["--run", exp.run_dir, "--include-path", str(tasks), "--tasks",
                        "tiny_choice,tiny_rolling,tiny_gen", "--batch-size", "8", "--log-samples"])
     return exp, params, tok, choices, texts, reference, record

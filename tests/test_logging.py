@@ -17,6 +17,7 @@ import pytest
 
 from jaxlm.cli import run as cli_run
 from tests.test_train import loop_experiment, read_rows
+from tests.devices import use_first_devices
 
 WORDS = ["alpha", "beta", "gamma", "delta", "def", "return", "(x)", "\n", "    "]
 
@@ -48,14 +49,11 @@ def logged_run(tmp_path_factory):
         mp.setenv("WANDB_SILENT", "true")
         import jax
 
-        from jaxlm import sharding
         from jaxlm.train import train
 
         # One CPU device, as on a user's CPU, not the test session's eight: what is tested is what the run records,
         # and a one-device step compiles and runs several times faster.
-        make_mesh = sharding.make_mesh
-        mp.setattr(sharding, "make_mesh",
-                   lambda cfg, devices=None: make_mesh(cfg, jax.devices()[:1] if devices is None else devices))
+        use_first_devices(mp, 1)
 
         train(exp)
         first_rows = read_rows(exp.run_dir)

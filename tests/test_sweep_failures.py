@@ -11,6 +11,7 @@ from jaxlm import sharding, storage
 from jaxlm.cli import run
 from jaxlm.config import DataConfig, Experiment, ModelConfig, OptimConfig, TrainConfig
 from jaxlm.scaling.status import read_status
+from tests.devices import use_first_devices
 
 # A learning rate of 1e30 makes the first update overflow the next forward pass: a non-finite stop at step 2.
 DIVERGING = OptimConfig(lr=1e30, min_lr=0.0, warmup_steps=0, grad_clip=0.0)
@@ -34,9 +35,7 @@ def tiny(name, corpus, cache, optim=CONVERGING, d_model=32):
 def one_device(monkeypatch):
     """The members train on one CPU device, as on a user's CPU, not split over the test session's eight: what is
     tested is the sweep's bookkeeping, and a one-device step compiles and runs several times faster."""
-    make_mesh = sharding.make_mesh
-    monkeypatch.setattr(sharding, "make_mesh",
-                        lambda cfg, devices=None: make_mesh(cfg, jax.devices()[:1] if devices is None else devices))
+    use_first_devices(monkeypatch, 1)
 
 
 @pytest.fixture
