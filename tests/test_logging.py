@@ -47,7 +47,6 @@ def logged_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "offline")
         mp.setenv("WANDB_SILENT", "true")
-        import jax
 
         from jaxlm.train import train
 

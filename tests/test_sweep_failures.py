@@ -4,10 +4,9 @@ afresh with other settings; an IsoFLOP sweep fits its finished members and names
 
 import dataclasses
 
-import jax
 import pytest
 
-from jaxlm import sharding, storage
+from jaxlm import storage
 from jaxlm.cli import run
 from jaxlm.config import DataConfig, Experiment, ModelConfig, OptimConfig, TrainConfig
 from jaxlm.scaling.status import read_status
