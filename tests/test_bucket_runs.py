@@ -75,7 +75,7 @@ def assert_no_local_gs_folder(*folders):
 
 
 @pytest.mark.slow
-def test_a_run_in_a_bucket_killed_twice_resumes_exactly(workspace, gcs, tmp_path, capsys):
+def test_a_run_in_a_bucket_killed_twice_resumes_exactly(workspace, gcs, tmp_path):
     script = write_experiment(workspace, "bucket")
     reference = workspace / "bucket_reference"
     code, _, err = finish(launch(script, reference))
@@ -89,7 +89,7 @@ def test_a_run_in_a_bucket_killed_twice_resumes_exactly(workspace, gcs, tmp_path
         while logged_step(run_dir) < target:
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             assert time.time() < deadline
-            time.sleep(0.05)
+            time.sleep(0.1)
         time.sleep(rng.uniform(0.0, 0.3))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -115,12 +115,9 @@ def test_a_run_in_a_bucket_killed_twice_resumes_exactly(workspace, gcs, tmp_path
     logged = {e.step: e.value for e in accumulator.Scalars("train/loss")}
     assert logged == pytest.approx(bucket_losses(run_dir), rel=1e-6)
 
-    # tools.sample reads the run from the bucket (in this process: what is tested is the reading, not a start-up).
-    from tools import sample
-
-    capsys.readouterr()
-    sample.main(["--run", run_dir, "--prompt", "spam", "--max-new-tokens", "8", "--temperature", "0"])
-    assert "spam" in capsys.readouterr().out
+    code, out, err = finish(start(["-m", "tools.sample", "--run", run_dir, "--prompt", "spam", "--max-new-tokens",
+                                   "8", "--temperature", "0"], tmp_path))
+    assert code == 0 and "spam" in out, err[-3000:]
     assert_no_local_gs_folder(tmp_path, ROOT, workspace)
 
 
@@ -140,12 +137,12 @@ def test_a_sweep_runs_and_is_fitted_in_a_bucket(workspace, gcs, tmp_path):
     table = f"{gcs}/chinchilla.csv"
     storage.write_bytes(table, EPOCH_CSV.read_bytes())
     fits = f"{sweep_dir}/fits"
-    # The tools run in this process: what is tested is their reading and writing gs://, not their start-up.
-    from tools import fit_scaling, plot_runs
-
-    assert fit_scaling.main([table, "--out", fits, "--approaches", "2,3", "--bootstrap", "0"]) == 0
+    code, out, err = finish(start(["-m", "tools.fit_scaling", table, "--out", fits, "--approaches", "2,3",
+                                   "--bootstrap", "0"], tmp_path))
+    assert code == 0, err[-3000:]
     assert {"fits.json", "isoflop.png", "optimal.png", "parametric.png"} <= set(storage.listdir(fits))
     assert {"approach2", "approach3"} <= set(json.loads(storage.read_text(f"{fits}/fits.json")))
-    assert plot_runs.main([f"{sweep_dir}/d16", f"{sweep_dir}/d32", "--out", f"{sweep_dir}/compared.png"]) == 0
-    assert storage.isfile(f"{sweep_dir}/compared.png")
+    code, out, err = finish(start(["-m", "tools.plot_runs", f"{sweep_dir}/d16", f"{sweep_dir}/d32", "--out",
+                                   f"{sweep_dir}/compared.png"], tmp_path))
+    assert code == 0 and storage.isfile(f"{sweep_dir}/compared.png"), err[-3000:]
     assert_no_local_gs_folder(tmp_path, ROOT, workspace)
