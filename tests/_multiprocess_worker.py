@@ -4,7 +4,8 @@
     python tests/_multiprocess_worker.py cli '{"coordinator": "127.0.0.1:1234", "process_id": 1, ...}'
 
 `train` runs a few steps of a tiny model on synthetic token batches through jaxlm's own train step, with each
-process feeding only its rows of every batch, and prints one JSON line of results. `cli` hands an experiment to
+process feeding only its rows of every batch, and prints one JSON line of results (the mesh's devices, all and
+this process's). The test calls `train_steps` itself for its one-process reference. `cli` hands an experiment to
 `jaxlm.cli.run` (which exits with its status). The parent sets JAX_PLATFORMS and XLA_FLAGS before JAX starts.
 """
 
@@ -37,7 +38,8 @@ def train_steps(args: dict) -> dict:
         mesh=mesh_cfg,
     )
     sharding.initialize_distributed(mesh_cfg)
-    mesh = sharding.make_mesh(mesh_cfg)
+    # `devices`: the first n devices only (a reference run inside the test session, which has 8).
+    mesh = sharding.make_mesh(mesh_cfg, jax.devices()[: args["devices"]] if "devices" in args else None)
     sharding.check_fits(experiment, mesh)
     state = train.init_train_state(experiment, mesh)
     state_sharding = train.state_shardings(experiment, mesh)
@@ -59,8 +61,9 @@ def train_steps(args: dict) -> dict:
     abs_sums = jax.jit(lambda params: [jnp.sum(jnp.abs(p)) for p in jax.tree.leaves(params)])(state["params"])
     param_abs_sums = [float(s) for s in abs_sums]
     return {
-        "process": process, "processes": processes, "devices": jax.device_count(),
-        "local_devices": jax.local_device_count(), "losses": losses, "param_abs_sums": param_abs_sums,
+        "process": process, "processes": processes, "devices": mesh.devices.size,
+        "local_devices": sum(d.process_index == process for d in mesh.devices.flat), "losses": losses,
+        "param_abs_sums": param_abs_sums,
     }
 
 

@@ -89,7 +89,7 @@ def test_a_run_in_a_bucket_killed_twice_resumes_exactly(workspace, gcs, tmp_path
         while logged_step(run_dir) < target:
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             assert time.time() < deadline
-            time.sleep(0.1)
+            time.sleep(0.05)
         time.sleep(rng.uniform(0.0, 0.3))
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -75,16 +75,27 @@ def files(tmp_path_factory):
 # ------------------------------------------------------------------------------------------- one device vs mesh
 
 
+@pytest.fixture(scope="module")
+def instruct_on_one_device(tmp_path_factory, files):
+    """An instruction-tuning run of 4 steps on one device, finished: (its experiment, its summary). The mesh test
+    compares with its losses; the finished-run test runs it again."""
+    exp = experiment(tmp_path_factory.mktemp("ft_one") / "one", mesh=MeshConfig(data=1))
+    return exp, fit(InstructionTuning(exp, files["instruct"]), devices=jax.devices()[:1])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["instruct", "classify"])
-def test_a_2x2_mesh_gives_the_one_device_losses(tmp_path, files, task):
+def test_a_2x2_mesh_gives_the_one_device_losses(tmp_path, files, instruct_on_one_device, task):
     ft = files[task]
     make = InstructionTuning if task == "instruct" else Classification
-    one = experiment(tmp_path / "one", mesh=MeshConfig(data=1))
+    if task == "instruct":
+        one = instruct_on_one_device[0]
+    else:
+        one = experiment(tmp_path / "one", mesh=MeshConfig(data=1))
+        fit(make(one, ft), devices=jax.devices()[:1])
     mesh = experiment(tmp_path / "mesh", mesh=MeshConfig(data=2, fsdp=2))
-    fit(make(one, ft), devices=jax.devices()[:1])
     fit(make(mesh, ft), devices=jax.devices()[:4])
-    (train_one, val_one), (train_mesh, val_mesh) = losses(tmp_path / "one"), losses(tmp_path / "mesh")
+    (train_one, val_one), (train_mesh, val_mesh) = losses(one.train.out_dir), losses(tmp_path / "mesh")
     assert sorted(train_one) == list(range(1, 5)) and sorted(val_one) == [0, 2, 4]
     for step in train_one:
         assert train_mesh[step] == pytest.approx(train_one[step], abs=1e-5)
@@ -180,9 +191,8 @@ def test_an_instruction_tuning_run_killed_twice_resumes_as_the_same_run(tmp_path
 
 
 @pytest.mark.slow
-def test_a_finished_finetune_is_not_run_again(tmp_path, files):
-    exp = experiment(tmp_path / "done", steps=2, mesh=MeshConfig(data=1))
-    first = fit(InstructionTuning(exp, files["instruct"]), devices=jax.devices()[:1])
+def test_a_finished_finetune_is_not_run_again(files, instruct_on_one_device):
+    exp, first = instruct_on_one_device
     again = fit(InstructionTuning(exp, files["instruct"]), devices=jax.devices()[:1])
     assert again["wall_s"] == first["wall_s"]
     other = dataclasses.replace(files["instruct"], max_len=48)

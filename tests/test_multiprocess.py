@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 
+from tests._multiprocess_worker import train_steps
 from tests.processes import process_env
 
 pytestmark = pytest.mark.slow  # real processes joined by jax.distributed
@@ -63,11 +64,15 @@ def test_two_processes_log_the_losses_of_one_process_with_four_devices():
                             init_timeout_s=TIMEOUT_S), devices=2)
         for i in range(2)
     ]
-    single = start("train", dict(mesh=mesh, steps=steps), devices=4)
-    results = finish([*pair, single])
+    # The reference, one process with four devices, is not about processes: it runs here, on 4 of the session's 8
+    # devices, while the pair runs.
+    try:
+        single = train_steps(dict(mesh=mesh, steps=steps, devices=4))
+    finally:
+        results = finish(pair)
     for status, out, err in results:
         assert status == 0, err[-3000:]
-    rows = [json.loads(out.strip().splitlines()[-1]) for _, out, _ in results]
+    rows = [json.loads(out.strip().splitlines()[-1]) for _, out, _ in results] + [single]
     assert [(r["process"], r["processes"], r["devices"], r["local_devices"]) for r in rows] == [
         (0, 2, 4, 2), (1, 2, 4, 2), (0, 1, 4, 4)
     ]

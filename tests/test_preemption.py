@@ -12,7 +12,7 @@ import pytest
 
 from jaxlm.train import PREEMPTED_EXIT_CODE, TimedSaves
 from tests.test_fault_tolerance import (  # noqa: F401  (workspace: the module's corpus fixture)
-    assert_same_run, finish, launch, wait_for_step, workspace, write_experiment,
+    assert_same_run, wait_for_step, workspace, write_experiment,
 )
 from tests.processes import process_env
 from tests.test_multiprocess import free_port
@@ -51,13 +51,23 @@ def finish_pair(pair, timeout=300):
     return results
 
 
-@pytest.mark.slow
-def test_sigterm_to_one_of_two_processes_saves_the_same_step_in_both(workspace):
+@pytest.fixture(scope="module")
+def timed_pair_run(workspace):
+    """A two-process run left alone, saving by the clock (every 3 ms, so nearly every step) with every checkpoint
+    kept: the timed-saves test reads its checkpoints, and the preemption test compares its resumed run with it
+    (checkpoints do not change the computation, so a run saving at other steps must give the same losses and params).
+    One pair serves both: each pair costs two full compilations (process 1 gets no persistent-cache hits)."""
     script = write_experiment(workspace, "pair", steps=24, ckpt_every=100)
-    reference = workspace / "pair_reference"
-    for code, _, err in finish_pair(launch_pair(script, reference)):
+    run_dir = workspace / "pair_timed"
+    args = ("--train.keep-checkpoints", "100", "--train.ckpt-every-minutes", "0.00005")
+    for code, _, err in finish_pair(launch_pair(script, run_dir, *args)):
         assert code == 0, err[-3000:]
+    return script, run_dir
 
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_saves_the_same_step_in_both(workspace, timed_pair_run):
+    script, reference = timed_pair_run
     run_dir = workspace / "pair_preempted"
     rng = random.Random(11)
     pair = launch_pair(script, run_dir)
@@ -72,7 +82,9 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_in_both(workspace):
         assert message.startswith("SIGTERM: saved a checkpoint at step"), err[-3000:]
         steps.append(int(message.split("step ")[1].split()[0]))
     assert steps[0] == steps[1] < 24
-    assert str(steps[0]) in os.listdir(run_dir / "checkpoints")
+    # The SIGTERM save is the only one: the step interval (100) was never reached and no clock was set (keep 2
+    # would have left an earlier save beside it). The control for the timed-saves test.
+    assert os.listdir(run_dir / "checkpoints") == [str(steps[0])]
 
     resumed = finish_pair(launch_pair(script, run_dir))
     for code, out, err in resumed:
@@ -97,15 +109,10 @@ def test_timed_saves_follow_the_clock():
 
 
 @pytest.mark.slow
-def test_a_run_saves_by_the_clock_between_its_step_checkpoints(workspace):
-    script = write_experiment(workspace, "timed", steps=16, ckpt_every=1000)
-    plain, timed = workspace / "untimed", workspace / "timed"
-    code, _, err = finish(launch(script, plain, "--train.keep-checkpoints", "100"))
-    assert code == 0, err[-3000:]
-    assert os.listdir(plain / "checkpoints") == ["16"]  # only the last step: the interval is never reached
-    # 3 ms: most steps (with their metrics and saves) take longer, so most steps save.
-    args = ("--train.keep-checkpoints", "100", "--train.ckpt-every-minutes", "0.00005")
-    code, _, err = finish(launch(script, timed, *args))
-    assert code == 0, err[-3000:]
-    saved = sorted(int(n) for n in os.listdir(timed / "checkpoints"))
-    assert len(saved) >= 8 and saved[0] == 1 and saved[-1] == 16, saved  # step 1 is due by its compilation
+def test_a_run_saves_by_the_clock_between_its_step_checkpoints(timed_pair_run):
+    # 3 ms: most steps (with their metrics and saves) take longer, so most steps save; both processes take the
+    # same decision (a save that only one process entered would hang or fail the run). Without the clock, the same
+    # run saves only where SIGTERM asks (the preemption test's control).
+    _, run_dir = timed_pair_run
+    saved = sorted(int(n) for n in os.listdir(run_dir / "checkpoints"))
+    assert len(saved) >= 12 and saved[0] == 1 and saved[-1] == 24, saved  # step 1 is due by its compilation
