@@ -309,12 +309,10 @@ def plot_losses(metrics_path: str, png_path: str, title: str) -> None:
 def plot_curves(runs: Sequence[dict[str, Any]], png_path: str, xlabel: str, title: str = "", log_x: bool = False):
     """Each run's train loss (thin) and validation loss (markers), one colour per run. A run is a dict with
     `label` ("" for a plot of one run), `train_x`, `train_loss`, `val_x` and `val_loss`."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5) if len(runs) == 1 else (8, 5))
+    fig = Figure(figsize=(7, 4.5) if len(runs) == 1 else (8, 5))
+    ax = fig.subplots()
     for i, run in enumerate(runs):
         prefix = f"{run['label']} " if run["label"] else ""
         colour = f"C{i % 10}"
@@ -332,4 +330,3 @@ def plot_curves(runs: Sequence[dict[str, Any]], png_path: str, xlabel: str, titl
     fig.tight_layout()
     with storage.local_copy(png_path, "w") as local:  # matplotlib writes local files only
         fig.savefig(local, dpi=110, format="png")
-    plt.close(fig)

@@ -1,8 +1,8 @@
 """Test-session setup that must happen before JAX is imported anywhere.
 
 Eight host (CPU) devices let the sharding tests build real meshes on one machine, and XLA's backend optimisations
-are off (tests/processes.py says why). Flags already in XLA_FLAGS are kept; a device count or optimisation level
-given there wins.
+and fusion emitters are off (tests/processes.py says why). Flags already in XLA_FLAGS are kept; a device count or
+one of those two flags given there wins.
 
 One JAX compilation cache serves the whole session: the pytest-xdist workers (which inherit this process's
 environment) and the processes that tests start compile many of the same small programs. It is a fresh directory
@@ -20,8 +20,9 @@ from tests.processes import TEST_XLA_FLAGS
 _flags = os.environ.get("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in _flags:
     _flags = f"{_flags} --xla_force_host_platform_device_count=8"
-if "--xla_backend_optimization_level" not in _flags:
-    _flags = f"{_flags} {TEST_XLA_FLAGS}"
+for _flag in TEST_XLA_FLAGS.split():
+    if _flag.split("=")[0] not in _flags:
+        _flags = f"{_flags} {_flag}"
 os.environ["XLA_FLAGS"] = _flags.strip()
 
 # libtpu (for compiling to TPU topologies) takes a machine-wide lock when it loads; the test processes each load it.

@@ -6,6 +6,7 @@ checking an IsoFLOP sweep before it runs (`member_flops`, `check_budgets` and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -91,16 +92,22 @@ class AspectRatioShapes:
         for n_layers in range(1, self.max_layers + 1):
             widths = self._widths(n_layers, group)
             # Counts grow with depth at a fixed width band: stop once the narrowest shape is far above target.
-            if math.log(self.count(reshape_model(base, n_layers, widths[0], self.head_dim))) > target + math.log(4):
+            if _shape(base, n_layers, widths[0], self.head_dim, self.count)[1] > target + math.log(4):
                 break
             for d_model in widths:
-                cfg = reshape_model(base, n_layers, d_model, self.head_dim)
-                off = abs(math.log(self.count(cfg)) - target)
-                best.append((off, abs(math.log(d_model / (n_layers * self.aspect))), cfg))
+                cfg, log_count = _shape(base, n_layers, d_model, self.head_dim, self.count)
+                best.append((abs(log_count - target), abs(math.log(d_model / (n_layers * self.aspect))), cfg))
         if not best:
             return reshape_model(base, 1, self._widths(1, group)[0], self.head_dim)
         nearest = min(b[0] for b in best)
         return min((b for b in best if b[0] <= nearest + math.log(1.05)), key=lambda b: (b[1], b[0]))[2]
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _shape(base: ModelConfig, n_layers: int, d_model: int, head_dim: int, count) -> tuple[ModelConfig, float]:
+    """A candidate shape and the log of its count. Cached: a grid's budgets search the same shapes of one base."""
+    cfg = reshape_model(base, n_layers, d_model, head_dim)
+    return cfg, math.log(count(cfg))
 
 
 def _describe(cfg: ModelConfig) -> str:
