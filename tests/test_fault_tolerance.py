@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import runpy
 import shutil
 import signal
 import subprocess
@@ -14,6 +15,8 @@ import numpy as np
 import pytest
 
 from jaxlm.checkpoint import load_params
+from jaxlm.cli import run
+from tests.devices import use_first_devices
 from tests.processes import process_env
 
 pytestmark = pytest.mark.slow  # real processes, killed and restarted
@@ -170,17 +173,24 @@ def test_kill_during_saves_restarts_from_a_complete_checkpoint(workspace, refere
     assert_same_run(run_dir, reference_dir)
 
 
-def one_line_error(proc):
-    code, _, err = finish(proc)
-    # Progress bars may precede it on stderr; the error itself is one line, the last, with no traceback.
+def one_line_error(capsys, monkeypatch, script, run_dir, *args):
+    """The command line's one-line error and exit status 2 for the run of `script` in `run_dir`. The refusals are
+    the command line's own (jaxlm.cli), not a process's: they run in this process, which has the run's programs
+    compiled already, and an uncaught exception would fail the test as a traceback would."""
+    use_first_devices(monkeypatch, 1)  # as in the processes: one device
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run(runpy.run_path(str(script))["EXPERIMENT"], argv=["--train.out_dir", str(run_dir), *args])
+    err = capsys.readouterr().err
+    # Progress bars may precede it on stderr; the error itself is one line, the last.
     errors = [line for line in err.strip().splitlines() if line.startswith("error:")]
-    assert code == 2, err[-3000:]
-    assert len(errors) == 1 and err.strip().endswith(errors[0]) and "Traceback" not in err, err[-3000:]
+    assert exit_info.value.code == 2, err[-3000:]
+    assert len(errors) == 1 and err.strip().endswith(errors[0]), err[-3000:]
     return errors[0]
 
 
 @pytest.mark.parametrize("damage", ["other_config", "truncated", "missing_item", "garbage_step"])
-def test_bad_checkpoints_are_refused_with_one_line(workspace, reference, damage):
+def test_bad_checkpoints_are_refused_with_one_line(workspace, reference, damage, capsys, monkeypatch):
     script, reference_dir = reference
     run_dir = workspace / f"bad_{damage}"
     shutil.copytree(reference_dir, run_dir)
@@ -200,21 +210,21 @@ def test_bad_checkpoints_are_refused_with_one_line(workspace, reference, damage)
     else:
         (checkpoints / str(latest + 100)).mkdir()
     os.remove(run_dir / "summary.json")  # so the run tries to continue rather than report itself finished
-    line = one_line_error(launch(script, run_dir, *args))
+    line = one_line_error(capsys, monkeypatch, script, run_dir, *args)
     expected = {"other_config": "optim.lr", "truncated": str(latest), "missing_item": str(latest),
                 "garbage_step": str(latest + 100)}[damage]
     assert expected in line, line
 
 
 @pytest.mark.parametrize("skip", [False, True])
-def test_a_planted_nan_stops_the_run_naming_the_step(workspace, skip):
+def test_a_planted_nan_stops_the_run_naming_the_step(workspace, skip, capsys, monkeypatch):
     script = write_experiment(workspace, "nan", steps=12, ckpt_every=100)
     run_dir = workspace / f"nan_{skip}"
     # A learning rate of 1e30 makes the first update overflow the next forward pass to inf - inf = NaN.
     args = ["--optim.lr", "1e30", "--optim.min-lr", "0", "--optim.warmup-steps", "0", "--optim.grad-clip", "0"]
     if skip:
         args += ["--train.skip-nonfinite", "--train.max-nonfinite", "3"]
-    line = one_line_error(launch(script, run_dir, *args))
+    line = one_line_error(capsys, monkeypatch, script, run_dir, *args)
     assert "non-finite" in line and "at step" in line
     step = int(line.split("at step ")[1].split()[0])
     if skip:
