@@ -37,3 +37,19 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # A local GCS API server for gs:// tests (fixtures `gcs_server`, `gcs`); importing it also keeps gcsfs from probing
 # the emulator over gRPC (see tests/gcs.py).
 from tests.gcs import gcs, gcs_server  # noqa: F401
+
+
+# pytest-xdist hands whole files to its two workers in collection order (`--dist loadfile --no-loadscope-reorder`
+# in pyproject.toml). The files that take longest (most of them start jaxlm processes) go first, the longest first,
+# so that the many short files fill in at the end and both workers finish together. The order only schedules:
+# a file missing from the list runs after these, in the usual order.
+LONGEST_FIRST = (
+    "test_fault_tolerance.py", "test_finetune.py", "test_finetune_loop.py", "test_preemption.py", "test_bucket_runs.py",
+    "test_robustness.py", "test_ray_sweeps.py", "test_hf.py", "test_model.py", "test_shards.py", "test_dpo.py",
+    "test_train.py", "test_bench.py", "test_sweep_failures.py", "test_sharding.py", "test_data.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order is kept
