@@ -112,13 +112,16 @@ def np_forward(cfg: ModelConfig, params, tokens):
     ids=["gpt2", "gpt2-nobias", "llama-gqa", "llama-mqa-tied", "qwen3-tied", "qwen3-untied", "gpt2-mixed-features"],
 )
 def test_forward_matches_numpy(cfg):
-    params = init_params(cfg, jax.random.key(1))
-    # Randomise every parameter (norm scales and biases start at 1 and 0, which would hide mistakes).
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(2), len(leaves))
-    params = jax.tree.unflatten(treedef, [l + 0.1 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+    @jax.jit
+    def randomised():
+        # Every parameter randomised (norm scales and biases start at 1 and 0, which would hide mistakes).
+        leaves, treedef = jax.tree.flatten(init_params(cfg, jax.random.key(1)))
+        keys = jax.random.split(jax.random.key(2), len(leaves))
+        return jax.tree.unflatten(treedef, [l + 0.1 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+
+    params = jax.tree.map(np.asarray, randomised())
     tokens = np.asarray(jax.random.randint(jax.random.key(3), (2, 11), 0, cfg.vocab_size))
-    got = np.asarray(forward(cfg, params, jnp.asarray(tokens)))
+    got = np.asarray(jax.jit(lambda p, t: forward(cfg, p, t))(params, jnp.asarray(tokens)))
     want = np_forward(cfg, params, tokens)
     assert got.shape == (2, 11, cfg.vocab_size)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
@@ -141,7 +144,7 @@ def test_causality_through_gradients(family, attention):
         # One logit whose output row (for tied embeddings) is not among the perturbed rows.
         return forward(cfg, p, tokens)[0, t, cfg.vocab_size - 1]
 
-    grad_TD = jax.grad(logits_t)(jnp.zeros((T, cfg.d_model)))
+    grad_TD = jax.jit(jax.grad(logits_t))(jnp.zeros((T, cfg.d_model)))
     assert np.all(np.asarray(grad_TD[t + 1 :]) == 0.0), "a future position influenced the past"
     assert np.all(np.abs(np.asarray(grad_TD[: t + 1])).sum(-1) > 0), "a past position had no influence"
 
@@ -198,8 +201,8 @@ def test_auto_settings_resolve_for_the_backend():
      tiny("qwen3", bias=True, tie_embeddings=False), tiny("llama", norm="layernorm", bias=True, qkv_bias=False)],
 )
 def test_count_params_matches_initialised_model(cfg):
-    params = init_params(cfg, jax.random.key(0))
-    assert count_params(cfg) == sum(x.size for x in jax.tree.leaves(params))
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))  # the initialiser's own shapes, unrun
+    assert count_params(cfg) == sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
 
 
 def test_presets_have_published_counts():
