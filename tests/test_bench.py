@@ -12,6 +12,7 @@ import pytest
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
 from jaxlm.model import forward, init_params
+from tests.devices import use_first_devices
 from tools.bench import bench
 
 TINY = [
@@ -176,7 +177,8 @@ def test_operations_without_a_source_path_take_their_operands():
 
 
 @pytest.mark.slow
-def test_checkpoint_bench_saves_as_each_mode_says(tmp_path, capsys):
+def test_checkpoint_bench_saves_as_each_mode_says(tmp_path, capsys, monkeypatch):
+    use_first_devices(monkeypatch, 1)  # what is tested is which saves each mode makes
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(4):
