@@ -17,10 +17,14 @@ from jaxlm.config import DataConfig, Experiment, MeshConfig, ModelConfig, OptimC
 from jaxlm.data.tokenizer import ByteTokenizer
 from jaxlm.errors import CheckpointError, ConfigError, DataError
 from jaxlm.finetune import FinetuneConfig
-from jaxlm.model import forward, init_params
+from jaxlm.model import forward
+from jaxlm.model import init_params as _init_params
 from safetensors.numpy import load_file
 
 TOK = ByteTokenizer()
+# Jitted once per model and shape: run eagerly, each of their operations would be compiled on its own.
+init_params = jax.jit(_init_params, static_argnums=0)
+response_losses = jax.jit(ft_lib.response_losses, static_argnums=0)
 MODEL = ModelConfig(family="gpt2", n_layers=2, d_model=32, n_heads=4, vocab_size=260, max_seq_len=128)
 
 
@@ -29,7 +33,8 @@ def experiment(tmp_path, name="ft", steps=40, model=MODEL, **train_kw) -> Experi
         name=name, model=model,
         data=DataConfig(tokenizer="byte", seq_len=32, batch_size=8, cache_dir=str(tmp_path / "cache")),
         optim=OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=5, weight_decay=0.0),
-        train=TrainConfig(steps=steps, eval_every=1000, log_every=10, out_dir=str(tmp_path / name), **train_kw),
+        train=TrainConfig(steps=steps, eval_every=1000, log_every=10, out_dir=str(tmp_path / name), tensorboard=False,
+                          **train_kw),
         mesh=MeshConfig(),
     )
 
@@ -84,12 +89,14 @@ def test_hidden_states_are_the_output_projection_input():
 
 def test_classifier_reads_the_last_real_token_and_ignores_padding():
     params = {k: v for k, v in init_params(MODEL, jax.random.key(0)).items() if k != "lm_head"}
-    head = {"kernel": jax.random.normal(jax.random.key(1), (32, 3)), "bias": jnp.arange(3.0)}
+    head = {"kernel": np.random.default_rng(1).normal(size=(32, 3)).astype(np.float32), "bias": np.arange(3.0)}
     seq = [TOK.eos_id, *TOK.encode("hello"), TOK.eos_id]
     n = len(seq)
     rows = np.array([seq + [0] * 5, seq + [123] * 5], np.int32)  # two different paddings
-    logits = np.asarray(ft_lib.classifier_logits(MODEL, {"model": params, "head": head}, {}, rows, np.array([n, n])))
-    hidden = np.asarray(ft_lib.apply_model(MODEL, params, jnp.asarray([seq]), hidden=True))[0, -1]
+    logits = jax.jit(ft_lib.classifier_logits, static_argnums=0)(MODEL, {"model": params, "head": head}, {}, rows,
+                                                                 np.array([n, n]))
+    hidden = np.asarray(_hidden_and_logits(params, jnp.asarray([seq]))[0])[0, -1]
+    logits = np.asarray(logits)
     expected = hidden @ np.asarray(head["kernel"]) + np.arange(3.0)
     np.testing.assert_allclose(logits, np.stack([expected, expected]), atol=1e-5)
 
@@ -323,13 +330,13 @@ def test_packing_keeps_examples_apart(tmp_path):
     row = packed["positions"][0][packed["segment_ids"][0] == 2]
     assert row.tolist() == list(range(len(row)))
     params = init_params(MODEL, jax.random.key(0))
-    sums = [ft_lib.response_losses(MODEL, params, rows) for rows in (padded, packed)]
+    sums = [response_losses(MODEL, params, rows) for rows in (padded, packed)]
     assert float(sums[0][1]) == float(sums[1][1]) == sum(float(w[1:].sum()) for w in data.weights)
     assert float(sums[0][0]) == pytest.approx(float(sums[1][0]), rel=1e-5)
     # Without the segment ids the packed examples would see each other and the loss would change.
     rows = len(packed["inputs"])
     leaky = dict(packed, segment_ids=np.ones((rows, 128), np.int32), positions=np.tile(np.arange(128), (rows, 1)))
-    assert abs(float(ft_lib.response_losses(MODEL, params, leaky)[0]) - float(sums[0][0])) > 1e-3
+    assert abs(float(response_losses(MODEL, params, leaky)[0]) - float(sums[0][0])) > 1e-3
 
 
 def test_response_loss_matches_numpy(tmp_path):
@@ -337,7 +344,7 @@ def test_response_loss_matches_numpy(tmp_path):
     data = ft_lib.read_instruct(path, TOK, FinetuneConfig(task="instruct", train_file=path, max_len=128))
     params = init_params(MODEL, jax.random.key(0))
     rows = ft_lib.pack_rows(data.ids, data.weights, 128, TOK.pad_id, pack=False)
-    total, count = ft_lib.response_losses(MODEL, params, rows)
+    total, count = response_losses(MODEL, params, rows)
     ref_total = ref_count = 0.0
     one = jax.jit(lambda p, x: forward(MODEL, p, x))
     for ids, w in zip(data.ids, data.weights):
@@ -388,7 +395,7 @@ def test_instruct_run_lowers_response_loss_and_saves_a_language_model(tmp_path, 
     assert loaded_exp.model == model
     data = ft_lib.read_instruct(val, TOK, ft)
     rows = ft_lib.pack_rows(data.ids, data.weights, 96, TOK.pad_id, pack=True)
-    total, count = ft_lib.response_losses(model, params, rows)
+    total, count = response_losses(model, params, rows)
     assert float(total / count) == pytest.approx(summary["validation_loss_after"], rel=1e-4)
     if lora_rank:
         saved = load_file(os.path.join(run, "adapters.safetensors"))
