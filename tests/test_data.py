@@ -443,15 +443,16 @@ def test_batches_do_not_depend_on_workers_or_processes(text_corpus):
                         cache_dir=str(text_corpus / "cache"), val_fraction=0.25, seq_len=16, batch_size=4,
                         document_mask=True)
     prepared = prepare_data(config)
-    reference = make_iterator(config, prepared, "train", seed=2)
+    reference = make_iterator(config, prepared, "train", seed=2)  # read in this process
     want = [next(reference) for _ in range(6)]
-    for workers in (1, 2):
-        it = make_iterator(dataclasses.replace(config, num_workers=workers), prepared, "train", seed=2)
-        for w in want:
-            got = next(it)
-            for key in w:
-                np.testing.assert_array_equal(got[key], w[key])
-        it.close()
+    # Two worker processes give the batches of one reader (one worker count only: each worker is a Python process
+    # that imports grain and jaxlm, about 2.5 CPU-s).
+    it = make_iterator(dataclasses.replace(config, num_workers=2), prepared, "train", seed=2)
+    for w in want:
+        got = next(it)
+        for key in w:
+            np.testing.assert_array_equal(got[key], w[key])
+    it.close()
     halves = [make_iterator(config, prepared, "train", seed=2, process_index=p, process_count=2) for p in range(2)]
     for w in want:
         got = [next(h) for h in halves]
@@ -474,13 +475,14 @@ def test_streamed_processes_read_only_their_share_and_not_depend_on_workers(tfds
         read = {prepared.tokenizer.decode(piece[:-1]) for piece in pieces[:-1]}
         share = records[p * 100 : (p + 1) * 100]  # process p's contiguous half of the 200 records
         assert read <= set(share) and len(read) >= len(share) - config.batch_size
-        again = make_iterator(dataclasses.replace(config, num_workers=2), prepared, "train", seed=2,
-                              process_index=p, process_count=2, epochs=1)
-        for want in batches[:4]:
-            got = next(again)
-            for key in want:
-                np.testing.assert_array_equal(got[key], want[key])
-        again.close()
+        if p == 1:  # the share that does not start at the first record, read again by two worker processes
+            again = make_iterator(dataclasses.replace(config, num_workers=2), prepared, "train", seed=2,
+                                  process_index=p, process_count=2, epochs=1)
+            for want in batches[:4]:
+                got = next(again)
+                for key in want:
+                    np.testing.assert_array_equal(got[key], want[key])
+            again.close()
     one = make_iterator(config, prepared, "train", seed=2)
     next(one)
     with pytest.raises(DataError, match="processes"):

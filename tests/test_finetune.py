@@ -17,10 +17,14 @@ from jaxlm.config import DataConfig, Experiment, MeshConfig, ModelConfig, OptimC
 from jaxlm.data.tokenizer import ByteTokenizer
 from jaxlm.errors import CheckpointError, ConfigError, DataError
 from jaxlm.finetune import FinetuneConfig
-from jaxlm.model import forward, init_params
+from jaxlm.model import forward
+from jaxlm.model import init_params as _init_params
 from safetensors.numpy import load_file
 
 TOK = ByteTokenizer()
+# Jitted once per model and shape: run eagerly, each of their operations would be compiled on its own.
+init_params = jax.jit(_init_params, static_argnums=0)
+response_losses = jax.jit(ft_lib.response_losses, static_argnums=0)
 MODEL = ModelConfig(family="gpt2", n_layers=2, d_model=32, n_heads=4, vocab_size=260, max_seq_len=128)
 
 
@@ -29,7 +33,8 @@ def experiment(tmp_path, name="ft", steps=40, model=MODEL, **train_kw) -> Experi
         name=name, model=model,
         data=DataConfig(tokenizer="byte", seq_len=32, batch_size=8, cache_dir=str(tmp_path / "cache")),
         optim=OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=5, weight_decay=0.0),
-        train=TrainConfig(steps=steps, eval_every=1000, log_every=10, out_dir=str(tmp_path / name), **train_kw),
+        train=TrainConfig(steps=steps, eval_every=1000, log_every=10, out_dir=str(tmp_path / name), tensorboard=False,
+                          **train_kw),
         mesh=MeshConfig(),
     )
 
@@ -84,12 +89,13 @@ def test_hidden_states_are_the_output_projection_input():
 
 def test_classifier_reads_the_last_real_token_and_ignores_padding():
     params = {k: v for k, v in init_params(MODEL, jax.random.key(0)).items() if k != "lm_head"}
-    head = {"kernel": jax.random.normal(jax.random.key(1), (32, 3)), "bias": jnp.arange(3.0)}
+    head = {"kernel": np.random.default_rng(1).normal(size=(32, 3)).astype(np.float32), "bias": np.arange(3.0)}
     seq = [TOK.eos_id, *TOK.encode("hello"), TOK.eos_id]
     n = len(seq)
     rows = np.array([seq + [0] * 5, seq + [123] * 5], np.int32)  # two different paddings
-    logits = np.asarray(ft_lib.classifier_logits(MODEL, {"model": params, "head": head}, {}, rows, np.array([n, n])))
-    hidden = np.asarray(ft_lib.apply_model(MODEL, params, jnp.asarray([seq]), hidden=True))[0, -1]
+    classifier_logits = jax.jit(ft_lib.classifier_logits, static_argnums=0)
+    logits = np.asarray(classifier_logits(MODEL, {"model": params, "head": head}, {}, rows, np.array([n, n])))
+    hidden = np.asarray(_hidden_and_logits(params, jnp.asarray([seq]))[0])[0, -1]
     expected = hidden @ np.asarray(head["kernel"]) + np.arange(3.0)
     np.testing.assert_allclose(logits, np.stack([expected, expected]), atol=1e-5)
 
@@ -226,24 +232,44 @@ def test_init_from_a_run_checks_model_and_tokenizer(tmp_path):
 
 
 @pytest.mark.slow
-def test_init_from_a_hugging_face_directory(tmp_path):
+def test_init_from_a_hugging_face_directory_and_instruct_last_k(tmp_path):
+    """A Hugging Face directory initialises a run, which records and trains that model; and an instruction-tuning
+    run with train_last_k=1 (the same run) saves a loadable language model whose other blocks and (tied) embedding
+    did not move."""
+    from jaxlm.checkpoint import load_params
     from jaxlm.hf import save_hf
 
-    llama = ModelConfig(family="llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, vocab_size=260, max_seq_len=64)
-    params = init_params(llama, jax.random.key(3))
-    save_hf(llama, params, str(tmp_path / "hf"))
-    exp = experiment(tmp_path, init_from=str(tmp_path / "hf"))  # its own model section is replaced
+    llama = ModelConfig(family="llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=260,
+                        max_seq_len=64, tie_embeddings=True)
+    start = init_params(llama, jax.random.key(3))
+    save_hf(llama, start, str(tmp_path / "hf"))
+    exp = experiment(tmp_path, steps=3, init_from=str(tmp_path / "hf"))  # its own model section is replaced
     loaded_exp, loaded = ft_lib.load_base(exp)
     assert loaded_exp.model == llama
-    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(start)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # A run from it records and trains the Hugging Face model, and its checkpoint is that model's.
     train = write_jsonl(tmp_path / "train.jsonl", instruct_records(16, 0))
-    ft = FinetuneConfig(task="instruct", train_file=train, max_len=64, samples=0)
-    ft_lib.train_finetune(dataclasses.replace(exp, train=dataclasses.replace(exp.train, steps=2)), ft)
+    ft = FinetuneConfig(task="instruct", train_file=train, max_len=64, train_last_k=1, samples=0)
+    summary = ft_lib.train_finetune(exp, ft)
     run_exp, run_params = ft_lib.load_lm(str(tmp_path / "ft"))
     assert run_exp.model == dataclasses.replace(llama, remat=exp.model.remat)
-    assert jax.tree.map(np.shape, run_params) == jax.tree.map(np.shape, params)
+    _, params = load_params(str(tmp_path / "ft"))  # a plain jaxlm checkpoint: every tool can load it
+    assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, run_params) == jax.tree.map(np.shape, start)
+    for path, after in jax.tree_util.tree_flatten_with_path(params)[0]:
+        keys = [k.key for k in path]
+        before = start
+        for k in keys:
+            before = before[k]
+        before, after = np.asarray(before), np.asarray(after)
+        if keys[0] == "blocks":
+            np.testing.assert_array_equal(after[0], before[0])
+            assert not np.array_equal(after[1], before[1]), keys
+        elif keys[0] == "final_norm":
+            assert not np.array_equal(after, before)
+        else:  # the tied embedding is also the output matrix, and stays frozen with the input side
+            np.testing.assert_array_equal(after, before)
+    D, KV, F = 32, 2 * 8, 64  # one block: q, k, v, o; two RMS norm scales; SwiGLU gate, up, down
+    assert summary["trainable_params"] == (D * D + 2 * D * KV + D * D) + 2 * D + 3 * D * F + D  # and the final norm
 
 
 # --------------------------------------------------------------------------------------------- instruction tuning
@@ -323,13 +349,13 @@ def test_packing_keeps_examples_apart(tmp_path):
     row = packed["positions"][0][packed["segment_ids"][0] == 2]
     assert row.tolist() == list(range(len(row)))
     params = init_params(MODEL, jax.random.key(0))
-    sums = [ft_lib.response_losses(MODEL, params, rows) for rows in (padded, packed)]
+    sums = [response_losses(MODEL, params, rows) for rows in (padded, packed)]
     assert float(sums[0][1]) == float(sums[1][1]) == sum(float(w[1:].sum()) for w in data.weights)
     assert float(sums[0][0]) == pytest.approx(float(sums[1][0]), rel=1e-5)
     # Without the segment ids the packed examples would see each other and the loss would change.
     rows = len(packed["inputs"])
     leaky = dict(packed, segment_ids=np.ones((rows, 128), np.int32), positions=np.tile(np.arange(128), (rows, 1)))
-    assert abs(float(ft_lib.response_losses(MODEL, params, leaky)[0]) - float(sums[0][0])) > 1e-3
+    assert abs(float(response_losses(MODEL, params, leaky)[0]) - float(sums[0][0])) > 1e-3
 
 
 def test_response_loss_matches_numpy(tmp_path):
@@ -337,7 +363,7 @@ def test_response_loss_matches_numpy(tmp_path):
     data = ft_lib.read_instruct(path, TOK, FinetuneConfig(task="instruct", train_file=path, max_len=128))
     params = init_params(MODEL, jax.random.key(0))
     rows = ft_lib.pack_rows(data.ids, data.weights, 128, TOK.pad_id, pack=False)
-    total, count = ft_lib.response_losses(MODEL, params, rows)
+    total, count = response_losses(MODEL, params, rows)
     ref_total = ref_count = 0.0
     one = jax.jit(lambda p, x: forward(MODEL, p, x))
     for ids, w in zip(data.ids, data.weights):
@@ -388,7 +414,7 @@ def test_instruct_run_lowers_response_loss_and_saves_a_language_model(tmp_path, 
     assert loaded_exp.model == model
     data = ft_lib.read_instruct(val, TOK, ft)
     rows = ft_lib.pack_rows(data.ids, data.weights, 96, TOK.pad_id, pack=True)
-    total, count = ft_lib.response_losses(model, params, rows)
+    total, count = response_losses(model, params, rows)
     assert float(total / count) == pytest.approx(summary["validation_loss_after"], rel=1e-4)
     if lora_rank:
         saved = load_file(os.path.join(run, "adapters.safetensors"))
@@ -421,32 +447,6 @@ def test_user_prompt_follows_the_run_layout(tmp_path):
 
 
 @pytest.mark.slow
-def test_instruct_last_k_saves_a_loadable_model_with_frozen_blocks(tmp_path):
-    train = write_jsonl(tmp_path / "train.jsonl", instruct_records(16, 0))
-    ft = FinetuneConfig(task="instruct", train_file=train, max_len=96, train_last_k=1, samples=0)
-    exp = experiment(tmp_path, steps=3)
-    summary = ft_lib.train_finetune(exp, ft)
-    from jaxlm.checkpoint import load_params
-
-    _, params = load_params(str(tmp_path / "ft"))
-    start = jax.jit(lambda key: init_params(MODEL, key))(jax.random.key(exp.train.seed))  # as load_base does
-    for path, after in jax.tree_util.tree_flatten_with_path(params)[0]:
-        keys = [k.key for k in path]
-        before = start
-        for k in keys:
-            before = before[k]
-        before, after = np.asarray(before), np.asarray(after)
-        if keys[0] == "blocks":
-            np.testing.assert_array_equal(after[0], before[0])
-            assert not np.array_equal(after[1], before[1]), keys
-        elif keys[0] == "final_norm":
-            assert not np.array_equal(after, before)
-        else:  # the tied embedding is also the output matrix, and stays frozen with the input side
-            np.testing.assert_array_equal(after, before)
-    assert summary["trainable_params"] == (4 * (32 * 32 + 32) + 4 * 32 + (32 * 128 + 128) + (128 * 32 + 32)) + 2 * 32
-
-
-@pytest.mark.slow
 def test_lora_classifier_stores_only_adapters_and_head(tmp_path):
     train = write_csv(tmp_path / "train.csv", vowel_rows(64, 0))
     test = write_csv(tmp_path / "test.csv", vowel_rows(24, 2))
@@ -468,7 +468,7 @@ def test_chat_sampling_warns_when_the_run_was_not_instruction_tuned(tmp_path, mo
 
     model = dataclasses.replace(MODEL, n_layers=1)
     base = experiment(tmp_path, name="base", steps=3, model=model)
-    params = jax.jit(init_params, static_argnums=0)(model, jax.random.key(0))  # faster than eager initialisation
+    params = init_params(model, jax.random.key(0))
     monkeypatch.setattr(ft_lib, "load_lm", lambda path: (base, params))  # a pretraining run, without its checkpoint
     run = str(tmp_path / "base")
     os.makedirs(run)

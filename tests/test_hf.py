@@ -13,7 +13,7 @@ from jaxlm.errors import ConfigError
 from jaxlm.flops import count_params
 from jaxlm.generate import generate
 from jaxlm.hf import config_from_hf, load_hf, save_hf
-from jaxlm.model import forward
+from jaxlm.model import forward as _forward
 from jaxlm.model import init_params as _init_params
 
 torch = pytest.importorskip("torch")
@@ -22,7 +22,15 @@ transformers = pytest.importorskip("transformers")
 V = 96
 EOS = V - 1
 TOKENS = np.random.default_rng(0).integers(0, V, (3, 24))
-init_params = jax.jit(_init_params, static_argnums=0)  # one compilation instead of many small ones
+# One compilation each instead of many small ones (eager forward passes compile every operation on its own).
+init_params = jax.jit(_init_params, static_argnums=0)
+forward = jax.jit(_forward, static_argnums=0)
+
+
+def zero_params(cfg):
+    """Parameters of `cfg`'s shapes, all zeros, without compiling anything: for tests about structure, not values."""
+    shapes = jax.eval_shape(lambda key: _init_params(cfg, key), jax.random.key(0))
+    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
 def _gpt2(**kw):
@@ -172,11 +180,13 @@ JAXLM_CONFIGS = {
 @pytest.mark.parametrize("name", sorted(JAXLM_CONFIGS))
 def test_export_of_jaxlm_models(name, tmp_path):
     cfg = JAXLM_CONFIGS[name]
-    params = jax.tree.map(np.asarray, init_params(cfg, jax.random.key(0)))
-    # Biases and norm scales start at 0 and 1: make them random so that the mapping of each one is tested.
-    leaves, treedef = jax.tree.flatten(params)
+    # Every weight, bias and norm scale random (scales around 1), so that the mapping of each one is tested; drawn
+    # with numpy on the model's parameter shapes, which compiles nothing.
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(zero_params(cfg))
     rng = np.random.default_rng(1)
-    params = treedef.unflatten([x + rng.normal(0, 0.1, x.shape).astype(np.float32) for x in leaves])
+    params = treedef.unflatten([
+        (path[-1].key == "scale") + rng.normal(0, 0.1, x.shape).astype(np.float32) for path, x in leaves
+    ])
     save_hf(cfg, params, str(tmp_path), max_shard_bytes=20_000)  # small shards: the index is written and read
     assert os.path.isfile(tmp_path / "model.safetensors.index.json")
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -189,7 +199,7 @@ def test_export_of_jaxlm_models(name, tmp_path):
 
 @pytest.mark.slow
 def test_exported_classes_follow_the_features(tmp_path):
-    params_of = lambda cfg: init_params(cfg, jax.random.key(0))  # noqa: E731
+    params_of = zero_params  # the classes and refusals follow the config's features, whatever the values
     qwen3 = JAXLM_CONFIGS["qwen3-qkv-bias"]
     save_hf(qwen3, params_of(qwen3), str(tmp_path / "qwen3"))
     assert type(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "qwen3")).__name__ == "Qwen3ForCausalLM"
@@ -208,7 +218,7 @@ def test_exported_classes_follow_the_features(tmp_path):
             save_hf(cfg, params_of(cfg), str(tmp_path / "refused"))
     # Qwen3 has no MLP biases: zero ones may be left out, others may not.
     biased = dataclasses.replace(like_qwen3, bias=True)
-    params = jax.tree.map(np.asarray, params_of(biased))
+    params = params_of(biased)
     save_hf(biased, params, str(tmp_path / "zero-mlp-bias"))
     params["blocks"]["mlp"]["up"]["bias"] = params["blocks"]["mlp"]["up"]["bias"] + 1.0
     with pytest.raises(ConfigError, match="no MLP biases"):
@@ -288,13 +298,14 @@ def test_convert_tool_both_ways_and_sample_tool(tmp_path, capsys):
     assert json.loads((tmp_path / "exported" / "config.json").read_text())["eos_token_id"] == 259  # the byte eos
 
     # Greedy samples: from the run (text after the eos start token) and from the directory (token ids after bos).
+    # Both draw two samples of a 3-token prompt, so the tools and the reference below share one compiled program.
     sample(["--run", run, "--prompt", "ab", "--max-new-tokens", "6", "--batch", "2", "--temperature", "0"])
-    sample(["--hf", hf_dir, "--prompt", "97 98", "--max-new-tokens", "6", "--temperature", "0"])
+    sample(["--hf", hf_dir, "--prompt", "97 98", "--max-new-tokens", "6", "--batch", "2", "--temperature", "0"])
     lines = capsys.readouterr().out.splitlines()
-    assert [line.startswith("--- sample") for line in lines] == [True, False, True, False, True, False]
+    assert [line.startswith("--- sample") for line in lines] == [True, False] * 4
     assert lines[1] == lines[3] and lines[1].startswith("ab")
-    expected = generate(cfg, params, [[258, 97, 98]], max_new_tokens=6, eos_id=259)[0]
-    assert lines[5] == " ".join(map(str, [258, 97, 98, *expected]))
+    expected = generate(cfg, params, [[258, 97, 98]] * 2, max_new_tokens=6, eos_id=259)[0]
+    assert lines[5] == lines[7] == " ".join(map(str, [258, 97, 98, *expected]))
 
 
 def test_convert_tool_checks_out_before_converting(tmp_path, capsys):

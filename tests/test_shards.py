@@ -183,55 +183,68 @@ def _prepared_dir(data_dir):
     return os.path.join(data_dir, name)
 
 
+def _prepare_here(root, data_dir, *extra):
+    """The same command as _prepare_command's, run in this process (tools.prepare_data's main)."""
+    from tools.prepare_data import main
+
+    main(_prepare_command(root, data_dir, *extra)[3:])
+
+
 @pytest.fixture(scope="module")
 def c4_big(tmp_path_factory):
-    """C4-layout shards large enough that a preparation can be stopped midway, and one preparation left alone."""
+    """C4-layout shards large enough that a preparation can be stopped midway, and one preparation left alone
+    (run in this process: what it is compared with is made by other processes)."""
     root = tmp_path_factory.mktemp("c4big")
     write_c4(str(root), train_files=16, val_files=2, docs_per_file=400)
     reference = root / "reference"
-    subprocess.run(_prepare_command(root, reference, "--data.prepare-workers", "2"), env=_env(), check=True,
-                   cwd=REPO, capture_output=True)
+    _prepare_here(root, reference, "--data.prepare-workers", "1")
     return root, _token_files(_prepared_dir(reference))
 
 
 @pytest.mark.slow
-def test_preparation_killed_midway_resumes_to_the_same_bytes(c4_big):
+def test_preparation_killed_midway_resumes_to_the_same_bytes(c4_big, capsys):
+    """A preparation process SIGKILLed after its first shards, then resumed (here, with two worker processes),
+    gives the bytes of the one left alone."""
     root, want = c4_big
     data_dir = root / "killed"
     proc = subprocess.Popen(_prepare_command(root, data_dir, "--data.prepare-workers", "1"), env=_env(), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    done = []
-    while time.monotonic() < deadline and proc.poll() is None:
+
+    def done_files():
         folders = [os.path.join(data_dir, n, "done") for n in os.listdir(data_dir)] if data_dir.exists() else []
-        done = [f for d in folders if os.path.isdir(d) for f in os.listdir(d)]
-        if len(done) >= 3:
-            break
+        return [f for d in folders if os.path.isdir(d) for f in os.listdir(d)]
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and len(done_files()) < 3:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    done = done_files()  # counted after the kill: a shard may have finished between the last look and the signal
     directory = _prepared_dir(data_dir)
     assert 3 <= len(done) < 18 and not os.path.exists(os.path.join(directory, "manifest.json")), "not stopped midway"
-    resumed = subprocess.run(_prepare_command(root, data_dir, "--data.prepare-workers", "2"), env=_env(), cwd=REPO,
-                             capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"tokenizing {18 - len(done)} of this process's 18" in resumed.stdout
+    capsys.readouterr()
+    _prepare_here(root, data_dir, "--data.prepare-workers", "2")
+    assert f"tokenizing {18 - len(done)} of this process's 18" in capsys.readouterr().out
     assert _token_files(directory) == want
 
 
 @pytest.mark.slow
-def test_two_processes_preparing_together_give_the_same_bytes_as_one(c4_big):
+def test_two_processes_preparing_together_give_the_same_bytes_as_one(c4_big, capsys):
+    """Process 0 in a process of its own, process 1 in this one: together they give the bytes of one process."""
     root, want = c4_big
     data_dir = root / "two"
-    procs = [
-        subprocess.Popen(_prepare_command(root, data_dir, "--process-index", str(i), "--process-count", "2",
-                                          "--data.prepare-workers", "1"),
-                         env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in (1, 0)  # the second process starts first: it waits for process 0's tokenizer
-    ]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-1000:] for o in outs]
-    assert "tokenizing 9 of this process's 9" in outs[0][0] and "tokenizing 9 of this process's 9" in outs[1][0]
+    args = ("--process-count", "2", "--data.prepare-workers", "1")
+    other = subprocess.Popen(_prepare_command(root, data_dir, "--process-index", "0", *args), env=_env(), cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        capsys.readouterr()
+        # Process 1 starts first (process 0 is still importing): it waits for process 0's tokenizer.
+        _prepare_here(root, data_dir, "--process-index", "1", *args)
+        ours = capsys.readouterr().out
+    finally:
+        out, err = other.communicate(timeout=300)
+    assert other.returncode == 0, err[-1000:]
+    assert "tokenizing 9 of this process's 9" in out and "tokenizing 9 of this process's 9" in ours
     assert _token_files(_prepared_dir(data_dir)) == want
 
 

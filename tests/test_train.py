@@ -57,9 +57,16 @@ def test_training_lowers_the_loss(family):
     assert losses[-1] < 0.5 * losses[0]
 
 
+def random_params(exp, seed=0):
+    """Random values in the train state's parameter tree (its shapes from jax.eval_shape: nothing compiles)."""
+    abstract = jax.eval_shape(lambda: init_train_state(exp, single_device_mesh()))["params"]
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(s.dtype), abstract)
+
+
 def test_weight_decay_applies_to_matrices_only():
     exp = tiny_experiment()
-    params = init_train_state(exp, single_device_mesh())["params"]
+    params = random_params(exp)
     mask = decay_mask(params)
     flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
     assert flat["['embed']['embedding']"] and flat["['blocks']['attn']['query']['kernel']"]
@@ -68,7 +75,8 @@ def test_weight_decay_applies_to_matrices_only():
     # With zero gradients, AdamW's only effect is decay: -lr * wd * param on matrices, nothing elsewhere.
     cfg = OptimConfig(lr=0.5, min_lr=0.5, warmup_steps=0, schedule="constant", weight_decay=0.1, grad_clip=0)
     tx = make_optimizer(cfg, 10)
-    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    # One compiled update (run eagerly, each leaf's operations would compile on their own).
+    updates, _ = jax.jit(lambda p: tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p))(params)
     for (path, u), p in zip(jax.tree_util.tree_flatten_with_path(updates)[0], jax.tree.leaves(params)):
         expected = -0.5 * 0.1 * p if flat[jax.tree_util.keystr(path)] else np.zeros_like(p)
         np.testing.assert_allclose(u, expected, rtol=1e-6, atol=1e-8)
@@ -96,22 +104,19 @@ def test_schedules_follow_their_formulas():
 
 @pytest.mark.slow
 def test_clipping_bounds_the_update():
-    exp = tiny_experiment()
-    params = init_train_state(exp, single_device_mesh())["params"]
-    big = jax.tree.map(lambda p: jnp.full_like(p, 100.0), params)
+    params = random_params(tiny_experiment())
+    big = jax.tree.map(lambda p: np.full_like(p, 100.0), params)
     clip = optax.clip_by_global_norm(1.0)
-    clipped, _ = clip.update(big, clip.init(params))
+    clipped = jax.jit(lambda g: clip.update(g, clip.init(params))[0])(big)
     assert float(optax.tree.norm(clipped)) == pytest.approx(1.0, rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-@pytest.fixture()
-def text_corpus(tmp_path):
+def write_text_corpus(folder) -> str:
     rng = np.random.default_rng(0)
     words = ["alpha", "beta", "gamma", "delta", "def", "return", "(x)", "\n", "    "]
-    folder = tmp_path / "corpus"
     folder.mkdir()
     for i in range(60):
         text = " ".join(rng.choice(words, size=200))
@@ -119,17 +124,17 @@ def text_corpus(tmp_path):
     return str(folder / "*.txt")
 
 
-def loop_experiment(tmp_path, corpus, **train_kw) -> Experiment:
+def loop_experiment(root, corpus, **train_kw) -> Experiment:
     model = ModelConfig(family="llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, vocab_size=320,
                         max_seq_len=64, dropout=0.1)
     train_cfg = dict(steps=6, eval_every=3, eval_steps=1, ckpt_every=3, log_every=1, samples=1, sample_tokens=8,
-                     out_dir=str(tmp_path / "run"))
+                     tensorboard=False, out_dir=str(root / "run"))
     train_cfg.update(train_kw)
     return Experiment(
         name="loop",
         model=model,
         data=DataConfig(source=f"text:{corpus}", tokenizer="byte", seq_len=32, batch_size=8,
-                        cache_dir=str(tmp_path / "cache"), val_fraction=0.2),
+                        cache_dir=str(root / "cache"), val_fraction=0.2),
         optim=OptimConfig(lr=3e-3, warmup_steps=2),
         train=TrainConfig(**train_cfg),
     )
@@ -140,10 +145,27 @@ def read_rows(run_dir):
         return [json.loads(line) for line in f]
 
 
+@pytest.fixture(scope="module")
+def finished_loop_run(tmp_path_factory):
+    """One 6-step run of the loop experiment (evaluations at 0, 3, 6; checkpoints at 3 and 6), left alone: the
+    loop tests read it or work on copies of it. Returns (corpus glob, experiment, summary)."""
+    root = tmp_path_factory.mktemp("loop")
+    corpus = write_text_corpus(root / "corpus")
+    exp = loop_experiment(root, corpus)
+    return corpus, exp, train(exp)
+
+
+def copied_run(finished_loop_run, tmp_path, **train_kw) -> Experiment:
+    """The finished run copied to tmp_path/run, and its experiment pointed there (out_dir is bookkeeping)."""
+    _, exp, _ = finished_loop_run
+    shutil.copytree(exp.run_dir, tmp_path / "run")
+    return Experiment(**{**exp.__dict__, "train": dataclasses.replace(exp.train, out_dir=str(tmp_path / "run"),
+                                                                      **train_kw)})
+
+
 @pytest.mark.slow
-def test_loop_writes_metrics_plot_samples_and_resumes_exactly(tmp_path, text_corpus):
-    exp = loop_experiment(tmp_path, text_corpus)
-    summary = train(exp)
+def test_loop_writes_metrics_plot_samples_and_resumes_exactly(finished_loop_run, tmp_path):
+    _, exp, summary = finished_loop_run
     run_dir = exp.run_dir
     rows = read_rows(run_dir)
     train_rows = [r for r in rows if "loss" in r]
@@ -159,14 +181,16 @@ def test_loop_writes_metrics_plot_samples_and_resumes_exactly(tmp_path, text_cor
         assert os.path.exists(os.path.join(run_dir, name)), name
     assert summary["val_loss"] == eval_rows[-1]["val_loss"]
     assert summary["peak_flops"] > 0 and summary["peak_source"]  # what its MFU is measured against
-
-    # Restart from the step-3 checkpoint, as if the process had died after it: steps 4-6 must be the same.
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     assert sorted(os.listdir(ckpt_dir), key=lambda s: (not s.isdigit(), s))[:2] == ["3", "6"]
-    shutil.rmtree(os.path.join(ckpt_dir, "6"))
-    os.remove(os.path.join(run_dir, "summary.json"))
-    train(exp)
-    again = read_rows(run_dir)
+
+    # Restart (a copy of the run) from the step-3 checkpoint, as if the process had died after it: steps 4-6 must
+    # be the same.
+    resumed = copied_run(finished_loop_run, tmp_path, samples=0)
+    shutil.rmtree(os.path.join(resumed.run_dir, "checkpoints", "6"))
+    os.remove(os.path.join(resumed.run_dir, "summary.json"))
+    train(resumed)
+    again = read_rows(resumed.run_dir)
     first_losses = {r["step"]: r["loss"] for r in train_rows if r["step"] > 3}
     second_losses = {r["step"]: r["loss"] for r in again if "loss" in r and r["step"] > 3}
     assert second_losses == first_losses
@@ -174,22 +198,23 @@ def test_loop_writes_metrics_plot_samples_and_resumes_exactly(tmp_path, text_cor
 
 
 @pytest.mark.slow
-def test_a_different_config_in_the_same_run_directory_is_refused(tmp_path, text_corpus):
+def test_a_different_config_in_the_same_run_directory_is_refused(finished_loop_run, tmp_path):
     from jaxlm.errors import CheckpointError
 
-    exp = loop_experiment(tmp_path, text_corpus, steps=2, eval_every=2, ckpt_every=2, samples=0)
-    train(exp)
-    other = loop_experiment(tmp_path, text_corpus, steps=2, eval_every=2, ckpt_every=2, samples=0)
-    other = Experiment(**{**other.__dict__, "optim": OptimConfig(lr=1e-3, warmup_steps=2)})
+    exp = copied_run(finished_loop_run, tmp_path)
+    other = Experiment(**{**exp.__dict__, "optim": OptimConfig(lr=1e-3, warmup_steps=2)})
     with pytest.raises(CheckpointError, match="optim.lr"):
         train(other)
 
 
 @pytest.mark.slow
-def test_a_start_that_failed_before_its_first_step_does_not_block_its_directory(tmp_path, text_corpus, capsys):
+def test_a_start_that_failed_before_its_first_step_does_not_block_its_directory(finished_loop_run, tmp_path, capsys):
     from jaxlm.errors import CheckpointError, DataError
 
-    exp = loop_experiment(tmp_path, text_corpus, steps=2, eval_every=2, ckpt_every=2, samples=0)
+    _, shared, _ = finished_loop_run
+    # The shared run's config in a new directory: the corrected start compiles the programs the shared run compiled.
+    exp = Experiment(**{**shared.__dict__, "train": dataclasses.replace(shared.train, out_dir=str(tmp_path / "run"),
+                                                                        samples=0)})
     missing = Experiment(**{**exp.__dict__, "data": dataclasses.replace(exp.data, source="text:/nowhere/*.txt")})
     with pytest.raises(DataError, match="no file matches"):
         train(missing)
@@ -198,7 +223,7 @@ def test_a_start_that_failed_before_its_first_step_does_not_block_its_directory(
     assert read_config(exp.run_dir).data.source == exp.data.source
     capsys.readouterr()
     train(exp)  # a finished run says so, without restoring it first
-    assert "is finished (step 2)" in capsys.readouterr().out
+    assert "is finished (step 6)" in capsys.readouterr().out
 
     a_file = tmp_path / "file"
     a_file.write_text("")
