@@ -42,8 +42,8 @@ def logged_run(tmp_path_factory):
     (tmp_path / "corpus").mkdir()
     for i in range(30):
         (tmp_path / "corpus" / f"doc{i:03d}.txt").write_text(" ".join(rng.choice(WORDS, size=200)))
-    exp = loop_experiment(tmp_path, str(tmp_path / "corpus" / "*.txt"), samples=0, profile_steps="2:4", wandb_project="jaxlm-test",
-                          wandb_tags=("tiny",))
+    exp = loop_experiment(tmp_path, str(tmp_path / "corpus" / "*.txt"), samples=0, profile_steps="2:4",
+                          tensorboard=True, wandb_project="jaxlm-test", wandb_tags=("tiny",))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "offline")
         mp.setenv("WANDB_SILENT", "true")
