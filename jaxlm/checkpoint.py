@@ -104,7 +104,13 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         """The newest complete checkpoint; a step directory orbax does not recognise is an error, not a fresh start."""
         latest = self.manager.latest_step()
-        steps = [int(n) for n in storage.listdir(self.directory) if n.isdigit()] if storage.isdir(self.directory) else []
+        try:
+            names = storage.listdir(self.directory)
+        except FileNotFoundError:
+            # None yet; or, in a bucket, where a folder is only the names of its objects, it vanished as orbax
+            # removed the remains of an interrupted first save (its clean-up runs beside this).
+            names = []
+        steps = [int(n) for n in names if n.isdigit()]
         unknown = sorted(set(steps) - set(self.manager.all_steps()))
         if unknown and storage.is_uri(self.directory):
             # Object stores have no rename: a save cut short leaves its step directory without orbax's commit
