@@ -168,10 +168,10 @@ def one_line_error(capsys, monkeypatch, script, run_dir, *args):
     with pytest.raises(SystemExit) as exit_info:
         run(runpy.run_path(str(script))["EXPERIMENT"], argv=["--train.out_dir", str(run_dir), *args])
     err = capsys.readouterr().err
-    # Progress bars may precede it on stderr; the error itself is one line, the last.
+    # Progress bars may precede it on stderr; the error itself is one line, the last, with no traceback.
     errors = [line for line in err.strip().splitlines() if line.startswith("error:")]
     assert exit_info.value.code == 2, err[-3000:]
-    assert len(errors) == 1 and err.strip().endswith(errors[0]), err[-3000:]
+    assert len(errors) == 1 and err.strip().endswith(errors[0]) and "Traceback" not in err, err[-3000:]
     return errors[0]
 
 

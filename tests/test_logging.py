@@ -47,7 +47,6 @@ def logged_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "offline")
         mp.setenv("WANDB_SILENT", "true")
-
         from jaxlm.train import train
 
         # One CPU device, as on a user's CPU, not the test session's eight: what is tested is what the run records,
