@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
+import sys
 from typing import Any
 
 import grain
@@ -80,6 +82,39 @@ def _one_line(e: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(e).__name__
 
 
+class _StorageErrorsReportedByJaxlm(logging.Filter):
+    """orbax logs a background write that failed for want of space or permission with its whole traceback (and
+    asyncio's), before the error reaches `Checkpoints.save`, `wait` or `close`, which report it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return storage.as_storage_error("", "write", error or RuntimeError(record.getMessage())) is None
+
+
+# orbax logs through absl; the writes it abandons after the first failure end as asyncio's "never retrieved".
+_QUIETED_LOGGERS = (logging.getLogger("absl"), logging.getLogger("asyncio"))
+
+
+def _quiet_abandoned_writes() -> None:
+    """When a save fails in the background (a disk filled up), orbax leaves its other writes of that save to end
+    on an event loop it has closed, and their errors reach Python's "unraisable" hook, a traceback each, up to
+    interpreter shutdown. They repeat the error that `Checkpoints` reports in one line; other unraisable errors
+    still print."""
+    previous = sys.unraisablehook
+    if getattr(previous, "jaxlm_quiet", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        e = unraisable.exc_value
+        closed_loop = isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+        shutting_down = isinstance(e, ImportError) and "shutting down" in str(e)
+        if not (closed_loop or shutting_down):
+            previous(unraisable)
+
+    hook.jaxlm_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 class Checkpoints:
     """Save and restore a run's train state and data position; keep the latest N (and optionally the best)."""
 
@@ -88,6 +123,10 @@ class Checkpoints:
         if storage.isfile(self.directory):
             raise CheckpointError(f"{self.directory} is not a directory: move it away and rerun")
         storage.makedirs(self.directory)  # a missing bucket is one StorageError line, not orbax's traceback
+        _quiet_abandoned_writes()
+        for logger in _QUIETED_LOGGERS:
+            if not any(isinstance(f, _StorageErrorsReportedByJaxlm) for f in logger.filters):
+                logger.addFilter(_StorageErrorsReportedByJaxlm())
         policy: Any = pp.LatestN(n=keep)
         if keep_best:
             best = pp.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1, keep_checkpoints_without_metrics=False)
@@ -96,6 +135,7 @@ class Checkpoints:
             preservation_policy=policy, enable_async_checkpointing=async_save, create=True,
             cleanup_tmp_directories=True,  # the remains of a save that a crash interrupted
         )
+        self._saving = 0  # the step of the latest save started (its errors may surface later)
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
         except Exception as e:
@@ -133,10 +173,12 @@ class Checkpoints:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_IteratorState(data_state))
         )
+        with self._reported(self._saving):  # an error here is the previous save's, in the background
+            self.manager.wait_until_finished()  # its bytes are on disk before counting free space
         with self._reported(step):
-            self.manager.wait_until_finished()  # the previous save's bytes are on disk before counting free space
             self._check_room(step, state)
             self.manager.save(step, args=args, metrics=metrics, force=True)
+        self._saving = step
 
     def _check_room(self, step: int, state: Any) -> None:
         if storage.is_uri(self.directory):
@@ -189,11 +231,18 @@ class Checkpoints:
         return restored["state"], restored["data"].state
 
     def wait(self) -> None:
-        with self._reported(self.manager.latest_step() or 0):
+        with self._reported(self._saving):
             self.manager.wait_until_finished()
 
-    def close(self) -> None:
-        self.manager.close()
+    def close(self, after_error: bool = False) -> None:
+        """Waits for the last save. After an error, one that the same cause (a full disk) made fail too is not
+        raised over it."""
+        try:
+            with self._reported(self._saving):
+                self.manager.close()
+        except Exception:
+            if not after_error:
+                raise
 
 
 def read_config(run_dir: str) -> Experiment | None:

@@ -136,9 +136,21 @@ def parse(
 
 
 def _check_named_warmup(argv: Sequence[str], experiments: Sequence[Experiment]) -> None:
+    """A warmup the command line sets beyond the run's length is a ConfigError; an experiment's own warmup that a
+    shortened run (--train.steps) cuts is said, in one line."""
     if experiments and ("optim", "warmup_steps") in _named(argv, experiments[0]):
         for experiment in experiments:
             experiment.check_warmup()
+        return
+    cut = [e for e in experiments if e.optim.warmup_steps > e.train.steps]
+    if cut:
+        e = cut[0]
+        print(
+            f"note: {e.name}'s warmup of {e.optim.warmup_steps} steps is cut to the run's {e.train.steps}"
+            f"{f' (and in {len(cut) - 1} other runs)' if len(cut) > 1 else ''}: the learning rate peaks at the last"
+            " step; set --optim.warmup-steps to choose",
+            file=sys.stderr,
+        )
 
 
 def parse_sweep(

@@ -24,7 +24,7 @@ import jax
 
 from jaxlm import storage
 from jaxlm.config import Experiment, TrainConfig
-from jaxlm.errors import ConfigError, DataError
+from jaxlm.errors import ConfigError, DataError, StorageError
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -64,6 +64,7 @@ class MetricsWriter:
 
     def __init__(self, run_dir: str, resume_step: int = 0, experiment: Experiment | None = None):
         self.path = storage.join(run_dir, METRICS_FILE)
+        self.run_dir = run_dir
         self.primary = jax.process_index() == 0
         self.tensorboard: _TensorBoard | None = None
         self.wandb = None
@@ -87,7 +88,8 @@ class MetricsWriter:
         storage.append_line(self.path, json.dumps(row))
         scalars = scalar_tags(row)
         if self.tensorboard is not None:
-            self.tensorboard.write(row["step"], row.get("tokens"), scalars)
+            with storage.io_errors(self.run_dir, "write TensorBoard events to"):
+                self.tensorboard.write(row["step"], row.get("tokens"), scalars)
         if self.wandb is not None:
             x_axes = {k: row[k] for k in ("step", "tokens") if row.get(k) is not None}
             self.wandb.log({**x_axes, **scalars})
@@ -95,16 +97,24 @@ class MetricsWriter:
     def flush(self) -> None:
         """Make what was written so far visible (event files of a gs:// run are uploaded)."""
         if self.tensorboard is not None:
-            self.tensorboard.flush()
+            with storage.io_errors(self.run_dir, "write TensorBoard events to"):
+                self.tensorboard.flush()
 
     def close(self, failed: bool = False) -> None:
-        """Flush and close; `failed` marks the W&B run as ended by an error (a rerun resumes it)."""
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-            self.tensorboard = None
-        if self.wandb is not None:
-            self.wandb.finish(exit_code=1 if failed else 0)
-            self.wandb = None
+        """Flush and close; `failed` marks the W&B run as ended by an error (a rerun resumes it), and keeps a
+        storage error of the closing (the same full disk, often) from being raised over that error."""
+        tensorboard, self.tensorboard = self.tensorboard, None
+        try:
+            if tensorboard is not None:
+                with storage.io_errors(self.run_dir, "write TensorBoard events to"):
+                    tensorboard.close()
+        except StorageError:
+            if not failed:
+                raise
+        finally:
+            if self.wandb is not None:
+                self.wandb.finish(exit_code=1 if failed else 0)
+                self.wandb = None
 
 
 def scalar_tags(row: dict[str, Any]) -> dict[str, float]:

@@ -608,7 +608,7 @@ def _fit(task: Task, mesh: jax.sharding.Mesh) -> dict[str, Any]:
             )
         except BaseException:  # a run refused here leaves nothing open (a sweep goes on with its next member)
             train_iter.close()
-            checkpoints.close()
+            checkpoints.close(after_error=True)
             raise
     frozen = task.init_frozen(frozen_sharding)
     if latest is not None:
@@ -736,10 +736,11 @@ def _fit(task: Task, mesh: jax.sharding.Mesh) -> dict[str, Any]:
                 read(*pending)
         checkpoints.wait()
     finally:  # also after an error, so that a sweep's next member starts clean
+        failed = sys.exc_info()[0] is not None
         profile.close()
         train_iter.close()
-        checkpoints.close()
-        log.close(failed=sys.exc_info()[0] is not None)
+        checkpoints.close(after_error=failed)
+        log.close(failed=failed)
 
     summary: dict[str, Any] = {"name": experiment.name, "steps": steps, "train_loss": last_row.get("loss")}
     if tokens_per_step is not None:

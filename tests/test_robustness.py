@@ -146,6 +146,19 @@ def test_a_warmup_beyond_the_last_step_is_refused_when_the_command_line_sets_it(
     assert ok.optim.warmup_steps == ok.train.steps == 20
 
 
+def test_an_experiments_warmup_cut_by_a_shortened_run_is_said(capsys):
+    from experiments import quickstart
+
+    assert quickstart.EXPERIMENT.optim.warmup_steps > 20
+    [short] = parse(quickstart.EXPERIMENT, ["--train.steps", "20"])
+    assert short.train.steps == 20
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and f"warmup of {quickstart.EXPERIMENT.optim.warmup_steps} steps is cut to the run's 20" in said[0]
+    assert "--optim.warmup-steps" in said[0]
+    parse(quickstart.EXPERIMENT, ["--train.steps", str(quickstart.EXPERIMENT.optim.warmup_steps)])
+    assert capsys.readouterr().err == ""  # a warmup that fits: nothing to say
+
+
 def test_a_padded_vocabulary_decodes_ids_the_tokenizer_lacks():
     from jaxlm.data.tokenizer import train_sentencepiece, SentencePieceTokenizer
 
@@ -370,7 +383,7 @@ def _mount_namespace_reason(tmp_path) -> str | None:
 DISK_SCRIPT = """
 set -u
 mount -t tmpfs -o size=64m tmpfs {mnt}
-run() {{ {python} {script} --train.out-dir {mnt}/$1 --train.steps 6 --train.ckpt-every 2 --train.keep-checkpoints 3 \\
+run() {{ {python} ${{script:-{script}}} --train.out-dir {mnt}/$1 --train.steps 6 --train.ckpt-every 2 --train.keep-checkpoints 3 \\
          >{out}/$2.out 2>{out}/$2.err; echo $? >{out}/$2.rc; }}
 # One checkpoint's footprint here, from a run of the same model elsewhere on the disk.
 run calibration calibration
@@ -383,8 +396,25 @@ run run full
 ls {mnt}/run/checkpoints >{out}/full.ls
 mount -o remount,size=64m {mnt}
 run run resumed
+# A disk that fills up during a save, after the room was checked (as when another process takes the space): the
+# script skips the check; step 2's save fits, step 4's fails in orbax's background writes.
+rm -r {mnt}/run
+mount -o remount,size=$((checkpoint + checkpoint / 4))k {mnt}
+script={midsave} run run midsave
+ls {mnt}/run/checkpoints >{out}/midsave.ls
 mount -o remount,ro {mnt}
 run run readonly
+"""
+
+MIDSAVE_MODULE = """
+import runpy
+import sys
+
+from jaxlm.checkpoint import Checkpoints
+
+Checkpoints._check_room = lambda self, step, state: None  # the space goes after the check
+sys.argv[0] = {script!r}
+runpy.run_path({script!r}, run_name="__main__")
 """
 
 
@@ -399,7 +429,9 @@ def test_a_full_disk_and_a_read_only_run_directory_give_one_line_and_lose_nothin
     mnt, out = tmp_path / "mnt", tmp_path / "out"
     mnt.mkdir()
     out.mkdir()
-    commands = DISK_SCRIPT.format(mnt=mnt, out=out, python=sys.executable, script=script)
+    midsave = tmp_path / "midsave.py"
+    midsave.write_text(MIDSAVE_MODULE.format(script=str(script)))
+    commands = DISK_SCRIPT.format(mnt=mnt, out=out, python=sys.executable, script=script, midsave=midsave)
     # One CPU device, as a user's run has (with the session's eight, each save writes a variable number of shards).
     subprocess.run(["unshare", "-rm", "sh", "-c", commands], cwd=ROOT, timeout=600, check=True, env=process_env(1))
 
@@ -417,6 +449,12 @@ def test_a_full_disk_and_a_read_only_run_directory_give_one_line_and_lose_nothin
     # With room again, the run resumes from checkpoint 2, whole, and finishes.
     rc, errors, stderr = result("resumed")
     assert rc == 0 and not errors and "from step 2" in (out / "resumed.out").read_text(), stderr[-3000:]
+    # A save that runs out of space in the background: one line naming it, not orbax's and asyncio's tracebacks.
+    rc, errors, stderr = result("midsave")
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in stderr and "ERROR:" not in stderr, stderr[-3000:]
+    assert f"no space left to write checkpoint {mnt}/run/checkpoints/4" in errors[0], errors
+    assert "checkpoint 2 is intact" in errors[0]
+    assert "2" in (out / "midsave.ls").read_text().split()
     # A read-only run directory: one line naming it.
     rc, errors, stderr = result("readonly")
     assert rc == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]

@@ -20,7 +20,7 @@ BASE = Experiment(
     name="search",
     model=ModelConfig(family="gpt2", n_layers=2, d_model=32, n_heads=2, vocab_size=260, max_seq_len=32),
     data=DataConfig(source="pystdlib", tokenizer="byte", seq_len=16, batch_size=8),
-    optim=OptimConfig(lr=1e-3),
+    optim=OptimConfig(lr=1e-3, warmup_steps=2),
     train=TrainConfig(steps=10, out_dir="/sweeps/search"),
 )
 SPACE = {"optim.lr": LogUniform(1e-4, 1e-1), "data.batch_size": Choice((4, 8, 16))}
