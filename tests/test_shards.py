@@ -160,6 +160,38 @@ def test_prepared_directory_of_other_data_is_refused(tmp_path):
     assert other.fingerprint != prepared.fingerprint
 
 
+def test_a_damaged_token_shard_is_named_at_open_and_the_advice_repairs_it(tmp_path):
+    import re
+
+    write_c4(str(tmp_path), train_files=2, val_files=1, docs_per_file=30)
+    config = _c4_config(tmp_path)
+    prepared = prepare_data(config)
+    want = next(make_iterator(config, prepared, "train", seed=2))["inputs"]
+    path = os.path.join(prepared.tokens_dir, "train", "00001.tokens")
+    original = open(path, "rb").read()
+
+    def overwrite(data: bytes) -> None:  # a new file in its place: the iterator above still maps the old one
+        open(path + ".new", "wb").write(data)
+        os.replace(path + ".new", path)
+
+    overwrite(original[:-6])  # truncated
+    with pytest.raises(DataError, match=rf"token shard {re.escape(path)} has {len(original) - 6:,} bytes"):
+        make_iterator(config, prepared, "train", seed=2)
+    # In-range ids where the tokens were: the same size, garbage a model would learn from without a word.
+    garbage = np.random.default_rng(0).integers(0, 256, len(original) // 2, dtype=np.uint16).tobytes()
+    overwrite(garbage + original[len(garbage):])
+    with pytest.raises(DataError, match=r"does not match the checksum") as refused:
+        make_iterator(config, prepared, "train", seed=2)
+    # The advice, followed: delete the manifest and that file's done marker, prepare again.
+    advice = re.search(r"delete (\S+) and (\S+) and prepare again", str(refused.value))
+    assert advice and "c4-train.00001-of-01024.json.gz" in str(refused.value)
+    for victim in advice.groups():
+        os.remove(victim)
+    repaired = prepare_data(config)
+    assert open(path, "rb").read() == original
+    np.testing.assert_array_equal(next(make_iterator(config, repaired, "train", seed=2))["inputs"], want)
+
+
 # --- resumed and parallel preparations give the same bytes --------------------------------------------------
 
 

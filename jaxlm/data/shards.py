@@ -7,7 +7,8 @@ Layout under the data directory (`DataConfig.data_dir`, default `<cache_dir>/pre
         fingerprint.json          what the fingerprint covers
         <split>/<i>.tokens        the tokens of source file i's documents of that split (uint16 or int32)
         <split>/<i>.offsets.npy   where each document starts in it (int64, one more than documents)
-        done/<i>.json             written last for file i: its statistics; marks the file done
+        done/<i>.json             written last for file i: its statistics and its files' sizes and SHA-256s;
+                                  marks the file done
         tokenizer.model           a copy of the tokenizer (trained ones), read by every process
         manifest.json             written at the end by process 0: every file's statistics and the totals
 
@@ -15,7 +16,8 @@ The fingerprint covers the source files (names relative to their common folder, 
 options (text field, validation rule), the tokenizer file's SHA-256 and the tokenizer options. Process p of n
 tokenizes the files i = p, p + n, ..., over `prepare_workers` processes of its own; each output file is written
 whole (renamed into place, or one upload), so a preparation that is stopped resumes with the files already done
-and gives the same bytes as one left alone.
+and gives the same bytes as one left alone. A run checks the size and SHA-256 of each token file it reads
+against the manifest before it reads it: a damaged file is one line naming it and how to tokenize it again.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import numpy as np
 
 from jaxlm import storage
 from jaxlm.config import DataConfig
+from jaxlm.data.corpora import damage
 from jaxlm.data.sources import ShardFile, SkipCounter, find_shards, read_documents, split_of, tokenizer_sample
 from jaxlm.data.tokenizer import (
     ByteTokenizer,
@@ -51,6 +54,13 @@ SPLITS = ("train", "validation")
 MANIFEST = "manifest.json"
 _ENCODE_BATCH = 256  # documents per encode call
 _POLL_S = 1.0
+
+
+_SUFFIXES = {"tokens": ".tokens", "offsets": ".offsets.npy"}  # a source file's two token files per split
+
+
+def _token_file(split: str, index: int, key: str) -> str:
+    return f"{split}/{index:05d}{_SUFFIXES[key]}"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -92,36 +102,45 @@ class ShardSet:
     built: bool = False  # this call wrote the manifest
 
     def files(self, split: str) -> list[dict[str, Any]]:
-        """The non-empty token files of a split: {"index", "tokens", "offsets", "documents", "tokens_count"}."""
+        """The non-empty token files of a split: {"index", "name", "tokens", "offsets", "documents",
+        "tokens_count", "checksums"} (checksums: {"tokens"|"offsets": {"bytes", "sha256"}}; None in older manifests)."""
         out = []
         for entry in self.manifest["files"]:
             stats = entry[split]
             if stats["documents"]:
                 i = entry["index"]
                 out.append({
-                    "index": i, "tokens": f"{split}/{i:05d}.tokens", "offsets": f"{split}/{i:05d}.offsets.npy",
+                    "index": i, "name": entry["name"], **{key: _token_file(split, i, key) for key in _SUFFIXES},
                     "documents": stats["documents"], "tokens_count": stats["tokens"],
+                    "checksums": stats.get("checksums"),
                 })
         return out
 
     def local_paths(self, files: list[dict[str, Any]], cache_dir: str) -> list[tuple[str, str]]:
-        """(tokens, offsets) local paths of `files`: the files themselves, or copies of a bucket's in the cache."""
-        out = []
-        for f in files:
-            pair = []
-            for key in ("tokens", "offsets"):
-                path = storage.join(self.directory, f[key])
-                if storage.is_uri(path):
-                    local = os.path.join(cache_dir, "prepared", self.fingerprint, f[key])
-                    if not os.path.isfile(local):
-                        os.makedirs(os.path.dirname(local), exist_ok=True)
-                        with storage.local_copy(path) as src, storage.local_copy(local, "w") as dst:
-                            with open(src, "rb") as a, open(dst, "wb") as b:
-                                b.write(a.read())
-                    path = local
-                pair.append(path)
-            out.append((pair[0], pair[1]))
-        return out
+        """(tokens, offsets) local paths of `files`: the files themselves, or copies of a bucket's in the cache;
+        each checked against the size and SHA-256 it was written with."""
+        return [(self._checked(f, "tokens", cache_dir), self._checked(f, "offsets", cache_dir)) for f in files]
+
+    def _checked(self, f: dict[str, Any], key: str, cache_dir: str) -> str:
+        path = storage.join(self.directory, f[key])
+        expected = (f["checksums"] or {}).get(key)
+        local = path
+        if storage.is_uri(path):
+            local = os.path.join(cache_dir, "prepared", self.fingerprint, f[key])
+            if os.path.isfile(local) and not (expected and damage(local, expected)):
+                return local  # a whole copy from an earlier run
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            with storage.local_copy(path) as src, storage.local_copy(local, "w") as dst:
+                with open(src, "rb") as a, open(dst, "wb") as b:
+                    b.write(a.read())
+        why = expected and damage(local, expected)
+        if why:
+            marker = storage.join(self.directory, "done", f"{f['index']:05d}.json")
+            raise DataError(
+                f"the token shard {path} {why}: delete {storage.join(self.directory, MANIFEST)} and {marker}"
+                f" and prepare again (python -m tools.prepare_data, or the run) to tokenize {f['name']} again"
+            )
+        return local
 
 
 # --- the tokenizer, once -------------------------------------------------------------------------------------
@@ -242,10 +261,15 @@ def tokenize_file(job: _Job) -> dict[str, Any]:
         stats[split]["documents"] = len(docs)
         lengths = np.array([d.size for d in docs], np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        _write_bytes_atomic(storage.join(job.directory, split, f"{job.index:05d}.tokens"),
-                            np.concatenate(docs).astype(dtype).tobytes() if docs else b"")
-        _write_bytes_atomic(storage.join(job.directory, split, f"{job.index:05d}.offsets.npy"),
-                            _npy_bytes(offsets))
+        written = {
+            "tokens": np.concatenate(docs).astype(dtype).tobytes() if docs else b"",
+            "offsets": _npy_bytes(offsets),
+        }
+        for key, data in written.items():
+            _write_bytes_atomic(storage.join(job.directory, _token_file(split, job.index, key)), data)
+        stats[split]["checksums"] = {
+            key: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} for key, data in written.items()
+        }
     entry = {"index": job.index, "name": job.shard.name, "size": job.shard.size, **stats,
              "skipped_lines": skipped.lines, "empty_documents": empty}
     _write_bytes_atomic(storage.join(job.directory, "done", f"{job.index:05d}.json"),
