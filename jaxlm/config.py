@@ -230,7 +230,9 @@ DERIVED_FIELDS = (
 class DataConfig:
     """The corpus, its tokenizer, and the batches the model sees."""
 
-    # pystdlib | text:<glob> | tfds:<name>[:<version>] | shards:<glob>[,<glob>...] (local or gs:// files of .jsonl,
+    # pystdlib (the standard library's .py files) | pysrc (every .py file of the standard library and the
+    # environment's site-packages, one document per distinct content) | text:<glob> | tfds:<name>[:<version>] |
+    # shards:<glob>[,<glob>...] (local or gs:// files of .jsonl,
     # .jsonl.gz, .jsonl.zst, .json.gz JSON lines or .parquet; tokenized once into token shards under data_dir)
     source: str = "pystdlib"
     # sentencepiece-bpe | sentencepiece-unigram | byte | char | <path>.model | <path>/tokenizer.json | a Hugging
@@ -247,6 +249,10 @@ class DataConfig:
     val_split: str = "validation"
     tfds_data_dir: str = ""
     document_mask: bool = False  # segment ids so attention never crosses a document boundary
+    # Training reads each epoch's rows in a random order (documents are still packed in the epoch's order): on a
+    # corpus of very uneven documents (pysrc's largest file is 1.3 MB), batches then come from all over the corpus
+    # rather than from one long file for hundreds of steps. Streamed TFDS corpora ignore it.
+    shuffle_rows: bool = False
     skip_bad_lines: bool = False
     tokenizer_sample_bytes: int = 20_000_000
     # shards: sources only. The validation split's own files (<glob>[,<glob>...], e.g. C4's c4-validation.*);
@@ -259,10 +265,10 @@ class DataConfig:
         _positive(self, "vocab_size", "seq_len", "batch_size", "tokenizer_sample_bytes")
         _require(0.0 < self.val_fraction < 1.0, f"DataConfig.val_fraction must be in (0, 1), got {self.val_fraction}")
         _require(self.num_workers >= 0, f"DataConfig.num_workers must be >= 0, got {self.num_workers}")
-        source_ok = self.source == "pystdlib" or self.source.startswith(("text:", "tfds:", "shards:"))
+        source_ok = self.source in ("pystdlib", "pysrc") or self.source.startswith(("text:", "tfds:", "shards:"))
         _require(
             source_ok,
-            f"DataConfig.source={self.source!r}: use pystdlib, text:<glob>, shards:<glob>[,<glob>...] or "
+            f"DataConfig.source={self.source!r}: use pystdlib, pysrc, text:<glob>, shards:<glob>[,<glob>...] or "
             "tfds:<name>[:<version>]",
         )
         shards = self.source.startswith("shards:")

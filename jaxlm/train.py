@@ -320,6 +320,7 @@ class Pretraining:
         return make_iterator(
             self.experiment.data, self.prepared, split="train", seed=self.experiment.train.seed,
             process_index=jax.process_index(), process_count=jax.process_count(),
+            shuffle_rows=self.experiment.data.shuffle_rows,
         )
 
     def eval_batches(self) -> Iterator[Batch]:
@@ -348,7 +349,8 @@ class Pretraining:
             write_samples(
                 self.experiment, params, self.prepared, storage.join(self.experiment.run_dir, "samples.txt")
             )
-        return {"params": flops.count_params(self.experiment.model)}
+        # What the run read: a corpus such as pysrc depends on the machine, so its identity goes with the figures.
+        return {"params": flops.count_params(self.experiment.model), "data_fingerprint": self.prepared.fingerprint}
 
 
 def _load_init_params(experiment: Experiment, shardings: Params) -> Params:

@@ -136,6 +136,20 @@ def test_shuffled_rows_are_the_same_rows_in_a_random_order(pystdlib):
     assert positions and positions[-1] > len(plain) // 2
 
 
+def test_shuffled_training_rows_resume_exactly_and_refuse_a_state_of_the_other_order(pystdlib):
+    config, prepared = pystdlib
+    it = make_iterator(config, prepared, "train", seed=3, shuffle_rows=True)
+    next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    want = [next(it)["inputs"] for _ in range(2)]
+    again = make_iterator(config, prepared, "train", seed=3, shuffle_rows=True)
+    again.set_state(state)
+    for expected in want:
+        np.testing.assert_array_equal(next(again)["inputs"], expected)
+    with pytest.raises(DataError, match="shuffle_rows"):
+        make_iterator(config, prepared, "train", seed=3).set_state(state)  # rows in the packed order: refused
+
+
 def test_global_batch_is_split_between_processes(pystdlib):
     config, prepared = pystdlib
     whole = make_iterator(config, prepared, "train", seed=5)
@@ -531,3 +545,22 @@ def test_loader_tokens_per_sec_counts_input_tokens(pystdlib):
     config, prepared = pystdlib
     rate = loader_tokens_per_sec(config, prepared, seconds=0.2)
     assert rate > 0 and np.isfinite(rate)
+
+
+def test_pysrc_reads_the_standard_library_and_site_packages_once_per_content(tmp_path):
+    from jaxlm.data.corpora import _pysrc_documents, pysrc_files
+
+    roots, files = pysrc_files()
+    stdlib, site = sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"]
+    names = set(files)
+    assert os.path.join(os.path.realpath(stdlib), "json", "__init__.py") in names
+    assert os.path.join(os.path.realpath(site), "numpy", "__init__.py") in names
+    assert not any("__pycache__" in f for f in files) and len(names) == len(files)
+
+    for name, text in [("a.py", "x = 1\n"), ("b.py", "x = 1\n"), ("c.py", "y = 2\n"), ("d.py", "")]:
+        (tmp_path / name).write_text(text)
+    docs = list(_pysrc_documents([str(tmp_path / n) for n in ("a.py", "b.py", "c.py", "d.py")], 0.5)())
+    assert [d.text for d in docs] == ["x = 1\n", "y = 2\n", ""]  # the copy b.py counts once
+    assert [d.key for d in docs] == [hashlib.sha256(t.encode()).hexdigest()[:32] for t in ("x = 1\n", "y = 2\n", "")]
+    again = list(_pysrc_documents([str(tmp_path / n) for n in ("c.py", "a.py")], 0.5)())
+    assert {d.key: d.split for d in again} == {d.key: d.split for d in docs[:2]}  # split by content, not by path

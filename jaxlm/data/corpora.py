@@ -1,7 +1,7 @@
 """Corpora as TFDS datasets: local files built once into the cache as ArrayRecord, or TFDS catalog datasets.
 
 `open_corpus(data_config)` returns a `Corpus` whose splits are random-access sources of documents. Local corpora
-(`pystdlib`, `text:<glob>`) are prepared by `LocalCorpus`, a TFDS builder, into
+(`pystdlib`, `pysrc`, `text:<glob>`) are prepared by `LocalCorpus`, a TFDS builder, into
 `<cache>/corpora/<kind>-<fingerprint>/`; the fingerprint covers the matched files (paths, sizes, mtimes), the
 Python version and every setting that changes the documents or the split, so a changed corpus is rebuilt and an
 unchanged one reused. A document goes to validation when a stable hash of its key falls below `val_fraction`.
@@ -145,6 +145,42 @@ def stdlib_files() -> tuple[str, list[str]]:
         dirs[:] = sorted(x for x in dirs if x not in STDLIB_SKIP_DIRS)
         files.extend(os.path.join(d, n) for n in sorted(names) if n.endswith(".py"))
     return root, files
+
+
+def pysrc_files() -> tuple[list[str], list[str]]:
+    """The folders of the running interpreter's sys.path that hold installed Python (the standard library and
+    the environment's site-packages) and every .py file under them (the standard library's own test suites
+    included; the base interpreter's site-packages, which a virtual environment does not see, left out)."""
+    paths = sysconfig.get_paths()
+    roots = sorted({os.path.realpath(paths[k]) for k in ("stdlib", "purelib", "platlib") if os.path.isdir(paths[k])})
+    skip = {"__pycache__", "site-packages", "dist-packages"}
+    files = []
+    for root in roots:
+        for d, dirs, names in os.walk(root):
+            dirs[:] = sorted(x for x in dirs if x not in skip or os.path.join(d, x) in roots)
+            files.extend(os.path.join(d, n) for n in sorted(names) if n.endswith(".py"))
+    return roots, files
+
+
+def _pysrc_documents(files: list[str], val_fraction: float) -> Callable[[], Iterator[Document]]:
+    """One document per distinct content (vendored copies of a module count once), keyed and split by it."""
+
+    def documents() -> Iterator[Document]:
+        seen: set[str] = set()
+        for path in files:
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue  # a broken link among the installed files
+            key = hashlib.sha256(data).hexdigest()[:32]
+            if key in seen:
+                continue
+            seen.add(key)
+            text, bad = decode_counting(data)
+            yield Document(key, text, bad, _split_of(key, val_fraction))
+
+    return documents
 
 
 def _stdlib_documents(root: str, files: list[str], val_fraction: float) -> Callable[[], Iterator[Document]]:
@@ -379,6 +415,15 @@ def open_corpus(data_config: DataConfig) -> Corpus:
         }
         documents = _stdlib_documents(root, files, data_config.val_fraction)
         return _prepare_local(source, "pystdlib", _fingerprint(ident), documents, cache_dir, describe=root)
+    if source == "pysrc":
+        roots, files = pysrc_files()
+        ident = {
+            "kind": "pysrc", "python": sys.version, "roots": roots, "files": _file_identity(files),
+            "val_fraction": data_config.val_fraction, "version": CORPUS_VERSION,
+        }
+        documents = _pysrc_documents(files, data_config.val_fraction)
+        return _prepare_local(source, "pysrc", _fingerprint(ident), documents, cache_dir,
+                              describe=f"the {len(files)} .py files under {', '.join(roots)}")
     if source.startswith("text:"):
         pattern = source[len("text:") :]
         files = glob_files(pattern)
@@ -399,7 +444,7 @@ def open_corpus(data_config: DataConfig) -> Corpus:
         )
     if source.startswith("tfds:"):
         return _open_tfds(data_config)
-    raise DataError(f"unknown data source {source!r}: use pystdlib, text:<glob> or tfds:<name>[:<version>]")
+    raise DataError(f"unknown data source {source!r}: use pystdlib, pysrc, text:<glob> or tfds:<name>[:<version>]")
 
 
 def _prepared_tfds_datasets(data_dir: str) -> list[str]:

@@ -396,6 +396,10 @@ class BatchMaker:
         return _split_rows(out, slot if self.document_mask else None)
 
 
+# What a saved iterator state written before a key existed stands for.
+_STATE_DEFAULTS = {"shuffle_rows": False}
+
+
 class BatchIterator:
     """Batches of one process. `get_state`/`set_state` resume exactly; `epoch` is the last batch's epoch."""
 
@@ -409,7 +413,7 @@ class BatchIterator:
 
     def _check_state(self, state: dict[str, Any]) -> None:
         for key, value in self._meta.items():
-            if state.get(key) != value:
+            if state.get(key, _STATE_DEFAULTS.get(key)) != value:
                 raise DataError(
                     f"the saved data-iterator state is for {key}={state.get(key)!r}, not {value!r}: resume with the "
                     "data config the checkpoint was written with"
@@ -613,7 +617,8 @@ def make_iterator(
             "make the global batch a multiple of the process count"
         )
     _check_one_batch(data_config, prepared, split)
-    meta = {"fingerprint": prepared.fingerprint, "split": split, "seed": seed}
+    meta = {"fingerprint": prepared.fingerprint, "split": split, "seed": seed,
+            "shuffle_rows": shuffle_rows and not prepared.streaming}  # another row order: another state
     if prepared.shards is not None:
         return _shard_iterator(data_config, prepared, split, seed, process_index, process_count, epochs, shuffle_rows,
                                meta)
