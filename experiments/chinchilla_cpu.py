@@ -1,17 +1,23 @@
-"""Chinchilla on a CPU: an IsoFLOP sweep of tiny GPT-2s on the Python standard library, then the three fits.
+"""Chinchilla on a CPU: an IsoFLOP sweep of tiny GPT-2s on the Python source of this machine, then the fits.
 
 What it tests: that jaxlm's sweep machinery (isoflop_grid, run directories, resume, collect_results) and fits
 (jaxlm.scaling's approaches 1-3, tools.fit_scaling) find a compute-optimal frontier in real training runs, end to
-end, on hardware everyone has. 3 compute budgets (3e11, 1e12, 3e12 FLOPs) x 5 sizes, log-spaced over a factor of
-9 around D = 300 N; byte-level tokens (vocab 260, so that embeddings do not swamp models this small); GPT-2
-shapes of 1-2 layers and widths 8 to 64 (head size 8 to 16); 4k to 125k parameters (N counts every parameter,
-embeddings included, as Hoffmann et al. 2022 do). Every member trains on D = C / flops_per_token tokens in
-batches of 16 x 128 under a cosine schedule as long as the run (peak 3e-3 for all, 5% warmup, 10x decay), and is
-scored by its final validation loss (nats per byte) on the same 64 x 16 x 128 held-out bytes.
+end, on hardware everyone has. 4 compute budgets (4e11, 7e11, 1e12, 2e12 FLOPs) x 7 sizes, log-spaced over a
+factor of 6.25 around D = 450 N (the D/N that the first version of this sweep fitted); byte-level tokens (vocab
+260, so that embeddings do not swamp models this small); GPT-2 shapes of 1-3 layers and widths 8 to 44 in steps
+of 4 (head size up to 16); 4k to 65k parameters (N counts every parameter, embeddings included, as Hoffmann et
+al. 2022 do). Every member trains on D = C / flops_per_token tokens in batches of 32 x 128 (rows drawn from
+all over the corpus, `--data.shuffle-rows`) under a cosine
+schedule as long as the run (peak 3e-3 for all, 5% warmup, 10x decay), and is scored by its final validation
+loss (nats per byte) on the same 64 x 32 x 128 held-out bytes.
 
-Cost: 2.15e13 training FLOPs and 56k steps in all, 37.5 minutes on two shared CPU cores; the smallest
-budget's members run 495 to 4,987 steps; the most any member reads is 2.5 epochs of the 10.9M training bytes
-(the smallest model of the largest budget).
+Data: `pysrc`, every .py file of the standard library and of the environment's site-packages, one document per
+distinct content: about 376 MB of training bytes where jaxlm's test extra is installed (what it holds depends on
+what is installed: each member's summary.json records its data fingerprint). No member reads more
+than 22M bytes, so none repeats data; `main` refuses to start where the corpus is smaller than that.
+
+Cost: 2.9e13 training FLOPs and 58k steps in all, about 31 minutes; the smallest budget's members run 477
+to 3,324 steps.
 
 Run: `python -m experiments.chinchilla_cpu` trains every member under runs/chinchilla_cpu/<member>, skipping
 finished ones and resuming unfinished ones, then (on process 0, once every member is finished) fits and plots into
@@ -22,15 +28,16 @@ override that changes a member's compute (--data.batch-size, --data.seq-len, --t
 is refused with exit status 2 instead of silently leaving the IsoFLOP budgets; change BASE or BUDGETS here and the
 grid is rebuilt. `--train.out-dir D` moves the sweep to D/<member> (fits in D/fits); --name is refused.
 
-Found (2026-11-29): approach 3 gives a = 0.49 [0.17, 0.82] and a compute-optimal D/N of about 450 bytes per
-parameter; approach 2, a = 0.58 [0.41, 0.86] over 2 budgets (at 1e12 the optimum lies below the smallest size).
-The grid is centred at D = 300 N because a first grid at D = 20 N put every optimum below its smallest size.
-Fits, plots and discussion: docs/results.md, docs/scaling/.
+Found (2026-12-07, 31 minutes): every budget bracketed; a = 0.47 [0.28, 0.71] by approach 2, 0.65 [0.37, 0.84]
+by approach 3, 0.45 by approach 1 (docs/results.md, "Chinchilla on a CPU"; docs/scaling/chinchilla_cpu_pysrc_*).
+Rows in the packed order instead gave jagged profiles and a = 0.62 / 0.38. The first version of this sweep (3
+budgets x 5 sizes on the standard library alone, D = 300 N, 2026-11-29) bracketed 2 of its 3 budgets.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,10 +45,10 @@ from jaxlm.config import DataConfig, Experiment, ModelConfig, OptimConfig, Train
 from jaxlm.cli import run_isoflop_sweep
 from jaxlm.scaling import AspectRatioShapes, budget_grid
 
-BUDGETS = (3e11, 1e12, 3e12)
-SIZES_PER_BUDGET = 5
-TOKENS_PER_PARAM = 300.0  # the grid's centre, D = 300 N (see "Found": at D = 20 N every optimum lay below the grid)
-SPAN = 3.0  # sizes from centre / SPAN to centre x SPAN
+BUDGETS = (4e11, 7e11, 1e12, 2e12)
+SIZES_PER_BUDGET = 7
+TOKENS_PER_PARAM = 450.0  # the grid's centre: the compute-optimal D/N that the sweep's first version fitted
+SPAN = 2.5  # sizes from centre / SPAN to centre x SPAN
 BOOTSTRAP = 200
 
 
@@ -62,8 +69,8 @@ class FewerHeads:
         return cfg.replace(n_heads=heads, n_kv_heads=heads)  # head_dim follows: d_model // heads
 
 
-# Widths in steps of 8 (so the ladder of sizes is fine enough at 4k-100k parameters), near 32 x depth.
-SHAPES = FewerHeads(AspectRatioShapes(aspect=32.0, head_dim=8, band=4.0), head_dim=16)
+# Widths in steps of 4 (so the ladder of sizes is fine enough at 4k-65k parameters), near 32 x depth.
+SHAPES = FewerHeads(AspectRatioShapes(aspect=32.0, head_dim=4, band=4.0), head_dim=16)
 
 BASE = Experiment(
     name="chinchilla_cpu",
@@ -71,9 +78,11 @@ BASE = Experiment(
     model=ModelConfig(
         family="gpt2", n_layers=1, d_model=32, n_heads=2, vocab_size=260, max_seq_len=128, scan_layers=False
     ),
-    data=DataConfig(source="pystdlib", tokenizer="byte", seq_len=128, batch_size=16),
+    # Rows in a random order: pysrc's documents are very uneven (up to 1.3 MB), and in the packed order a member
+    # would end its schedule on whatever long file happened to come last.
+    data=DataConfig(source="pysrc", tokenizer="byte", seq_len=128, batch_size=32, shuffle_rows=True),
     optim=OptimConfig(lr=3e-3, min_lr=3e-4, schedule="cosine", weight_decay=0.1),
-    # Evaluate at the start and the end only (eval_every is capped at each member's steps), on 131k bytes.
+    # Evaluate at the start and the end only (eval_every is capped at each member's steps), on 262k bytes.
     train=TrainConfig(
         out_dir=os.path.join("runs", "chinchilla_cpu"), eval_every=10**9, eval_steps=64, ckpt_every=1000,
         keep_checkpoints=1, log_every=10, samples=0,
@@ -88,7 +97,34 @@ SWEEP_DIR = BASE.run_dir
 FITS_DIR = os.path.join(SWEEP_DIR, "fits")
 
 
+def most_tokens() -> int:
+    """The most tokens any member reads."""
+    return max(m.train.steps * m.data.batch_size * m.data.seq_len for m in SWEEP)
+
+
+def check_no_repeats() -> None:
+    """A corpus that depends on what is installed: refuse to start where a member would read it twice."""
+    from jaxlm.cli import guarded
+    from jaxlm.data import prepare_data
+    from jaxlm.errors import DataError
+
+    def check() -> None:
+        train_tokens = prepare_data(BASE.data).stats["train"]["tokens"]
+        if train_tokens < most_tokens():
+            raise DataError(
+                f"the pysrc corpus of this environment holds {train_tokens:,} training tokens, and a member reads "
+                f"{most_tokens():,}: install more packages (pip install -e '.[test]') so that no member repeats data"
+            )
+
+    guarded(check)
+
+
 def main() -> None:
+    from jaxlm.cli import guarded, parse_sweep, program_name
+
+    sweep_args, _, _ = guarded(lambda: parse_sweep(SWEEP, sys.argv[1:], program_name()))  # --help, bad flags first
+    if not sweep_args.status:
+        check_no_repeats()
     run_isoflop_sweep(SWEEP, BUDGET_OF, FITS_DIR, bootstrap=BOOTSTRAP, unfittable="skip")
 
 
