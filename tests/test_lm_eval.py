@@ -1,5 +1,6 @@
 """tools.lm_eval: a jaxlm run evaluated by lm-evaluation-harness on tasks defined by local YAML and JSONL files
-(no network), compared with jaxlm's own multiple-choice scorer, uncached generation and a numpy loss."""
+(no network), compared with jaxlm's own multiple-choice scorer, uncached generation, a numpy loss and
+tools.evaluate's loss on the same text."""
 
 import json
 import os
@@ -204,3 +205,51 @@ def test_rolling_windows_predict_every_token_once():
     got = model.loglikelihood_rolling(requests)
     want = [numpy_rolling_loglikelihood(cfg, params, tok.encode(t), tok.eos_id) for t in texts]
     assert got == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.slow  # prepares a corpus and compiles tools.evaluate's loss
+def test_rolling_loglikelihood_equals_tools_evaluate_loss_on_the_same_text(evaluated, tmp_path, capsys):
+    """tools.evaluate packs a split into rows of seq_len + 1 tokens and scores each row's tokens after its first;
+    the harness scores a text after the start token (eos). They score the same predictions when the split is one
+    document D of seq_len + 1 tokens (its one row; the eos after it falls outside) and the text is D without its
+    first character c, provided the model cannot tell c from eos at the first position: here eos's input embedding
+    is made c's (the output layer is untied and unchanged)."""
+    from lm_eval.api.instance import Instance
+
+    from jaxlm.harness import JaxlmLM
+    from tools.evaluate import main as evaluate
+    from tools.lm_eval import Args, load_model
+
+    exp, params, tok, *_ = evaluated
+    rng = np.random.default_rng(7)
+    document = "c" + "".join(rng.choice(list("abcdefgh (x):="), size=CONTEXT))  # seq_len + 1 = 65 bytes
+    # Logits far from uniform (the fixture's random model predicts nearly evenly), so that a token scored in
+    # another context would show.
+    peaked = {**params, "lm_head": jax.tree.map(lambda w: 30 * np.asarray(w), params["lm_head"])}
+    embedding = np.asarray(params["embed"]["embedding"]).copy()
+    embedding[tok.eos_id] = embedding[ord("c")]
+    blind = {**peaked, "embed": {"embedding": embedding}}
+    (tmp_path / "train.jsonl").write_text(json.dumps({"text": "some train text " * 8}) + "\n")
+    (tmp_path / "val.jsonl").write_text(json.dumps({"text": document}) + "\n")
+    run = Experiment(
+        name="same_text", model=exp.model,
+        data=DataConfig(source=f"shards:{tmp_path}/train.jsonl", val_source=f"{tmp_path}/val.jsonl", tokenizer="byte",
+                        seq_len=CONTEXT, batch_size=1, cache_dir=str(tmp_path / "cache"), prepare_workers=1),
+        train=TrainConfig(steps=1, out_dir=str(tmp_path / "run")),
+    )
+    write_or_check_config(run)
+    save_params(run, blind)
+
+    result = evaluate(["--run", run.run_dir])
+    assert result["tokens"] == CONTEXT and result["batches"] == 1  # the one row: D's 64 tokens after its first
+
+    cfg, loaded, tokenizer, start_ids, _ = load_model(Args(tasks="", run=run.run_dir))
+    assert start_ids == [tok.eos_id]
+    harness = JaxlmLM(cfg, loaded, tokenizer, start_ids, batch_size=1)
+    request = Instance(request_type="loglikelihood_rolling", doc={}, arguments=(document[1:],), idx=0)
+    [rolling] = harness.loglikelihood_rolling([request])
+    print(f"rolling {-rolling / CONTEXT:.6f}, tools.evaluate {result['loss']:.6f}")
+    assert -rolling / CONTEXT == pytest.approx(result["loss"], rel=1e-5)
+    # Without the blinding, the two differ: the check above is not a coincidence of the construction.
+    harness = JaxlmLM(cfg, peaked, tokenizer, start_ids, batch_size=1)
+    assert -harness.loglikelihood_rolling([request])[0] / CONTEXT != pytest.approx(result["loss"], rel=1e-3)

@@ -5,6 +5,7 @@ from transformers' tokenizer where it can give them; the expected new tokens are
 computed here in-process (tests/test_hf.py checks those against transformers' generation)."""
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,8 +17,10 @@ import jax
 import numpy as np
 import pytest
 
+from jaxlm.errors import ConfigError
 from jaxlm.generate import generate
 from tests.test_hf_tokenizer import _byte_level_bpe
+from tests.devices import use_first_devices
 from tests.processes import process_env
 
 transformers = pytest.importorskip("transformers")
@@ -189,3 +192,40 @@ def test_evaluate_generate_scores_exact_match_and_asks_the_judge(served, capsys)
         evaluate(["--run", served["run"], "--generate", str(root / "prompts.jsonl"),
                   "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "tiny"])
     assert "cannot be reached" in capsys.readouterr().err
+
+
+def test_finetuning_from_the_hugging_face_directory_reads_text_with_its_tokenizer(served, tmp_path, monkeypatch):
+    """Instruction tuning started from the directory takes its text through the directory's tokenizer.json (the
+    run's own `byte` tokenizer would give other ids, within the model's vocabulary: silently wrong), and the
+    tuned run answers in text."""
+    from jaxlm import finetune as ft_lib
+    from jaxlm.config import DataConfig, Experiment, OptimConfig, TrainConfig
+    from jaxlm.finetune import FinetuneConfig
+    from jaxlm.finetune.data import alpaca_prompt
+
+    hf = str(served["root"] / "hf")
+    records = [{"instruction": "Complete the function.", "input": f"def add{i}(a, b):", "output": "    return a + b"}
+               for i in range(8)]
+    for name, rows in (("train", records), ("val", records[:2])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    exp = Experiment(
+        name="ft", data=DataConfig(tokenizer="byte", seq_len=64, batch_size=4, cache_dir=str(tmp_path / "cache")),
+        optim=OptimConfig(lr=1e-3, warmup_steps=1),
+        train=TrainConfig(steps=2, eval_every=2, out_dir=str(tmp_path / "ft"), init_from=hf, tensorboard=False),
+    )
+    ft = FinetuneConfig(task="instruct", train_file=str(tmp_path / "train.jsonl"), val_file=str(tmp_path / "val.jsonl"),
+                        max_len=192, samples=2)
+    use_first_devices(monkeypatch, 1)
+    ft_lib.train_finetune(exp, ft)
+
+    run_exp, _ = ft_lib.load_lm(str(tmp_path / "ft"))
+    assert run_exp.data.tokenizer == hf and run_exp.model.vocab_size == served["cfg"].vocab_size
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(hf, "tokenizer.json"))
+    prompt = alpaca_prompt(records[0]["instruction"], records[0]["input"]) + records[0]["output"]
+    assert ft_lib.load_tokenizer(run_exp).encode(prompt) == fast(prompt, add_special_tokens=False)["input_ids"]
+    samples = (tmp_path / "ft" / "samples.txt").read_text()
+    assert records[0]["input"] in samples and records[1]["input"] in samples  # prompts decoded back to text
+
+    with pytest.raises(ConfigError, match="holds its own tokenizer"):
+        other = dataclasses.replace(exp, data=dataclasses.replace(exp.data, tokenizer=str(tmp_path / "t.json")))
+        ft_lib.load_base(other)

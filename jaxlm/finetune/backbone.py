@@ -104,9 +104,27 @@ def is_hf_dir(path: str) -> bool:
     return any(storage.isfile(storage.join(path, name)) for name in HF_WEIGHTS)
 
 
+def _hf_tokenizer_data(data, path: str):
+    """The data section of a run started from the Hugging Face directory `path`: the tokenizer that directory
+    holds (tokenizer.model or tokenizer.json) in place of a named kind; another tokenizer file is refused."""
+    from jaxlm.data.tokenizer import HF_TOKENIZER_FILE, SENTENCEPIECE_FILE, is_named_kind, tokenizer_file
+
+    if not any(storage.isfile(storage.join(path, n)) for n in (SENTENCEPIECE_FILE, HF_TOKENIZER_FILE)):
+        return data  # weights only: the run's own tokenizer, which must fit the model's vocabulary
+    if is_named_kind(data.tokenizer):
+        return dataclasses.replace(data, tokenizer=path)
+    if os.path.abspath(tokenizer_file(data.tokenizer)) != os.path.abspath(tokenizer_file(path)):
+        raise ConfigError(
+            f"init_from {path} holds its own tokenizer, but --data.tokenizer is {data.tokenizer!r}: token ids would "
+            f"mean different things; drop --data.tokenizer (or give {path})"
+        )
+    return data
+
+
 def load_base(experiment: Experiment) -> tuple[Experiment, Params]:
-    """The experiment (its model taken from a Hugging Face directory when init_from is one) and the starting
-    params: those of TrainConfig.init_from, or a fresh initialisation when it is empty."""
+    """The experiment (its model, and its tokenizer where the directory holds one, taken from a Hugging Face
+    directory when init_from is one) and the starting params: those of TrainConfig.init_from, or a fresh
+    initialisation when it is empty."""
     path = experiment.train.init_from
     if not path:
         fresh = jax.jit(lambda key: init_params(experiment.model, key))
@@ -116,7 +134,7 @@ def load_base(experiment: Experiment) -> tuple[Experiment, Params]:
 
         cfg, params = load_hf(path)
         cfg = dataclasses.replace(cfg, dropout=experiment.model.dropout, remat=experiment.model.remat)
-        return dataclasses.replace(experiment, model=cfg), params
+        return dataclasses.replace(experiment, model=cfg, data=_hf_tokenizer_data(experiment.data, path)), params
     from jaxlm.checkpoint import load_params
 
     if not storage.exists(path):
