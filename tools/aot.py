@@ -5,8 +5,9 @@
     python -m tools.aot --experiment chinchilla_c4 --sweep --topology v5p-64 --model.attention xla
 
 The steps are compiled from abstract shapes by the TPU compiler (libtpu: `pip install -e '.[tpu]'`): no data is
-prepared and no parameter allocated: a model of any size costs only its compile time. For each compiled step it
-prints a table row, then one JSON line: topology, devices, hosts, mesh, the attention kernel found in the compiled
+prepared and no parameter allocated: a model of any size costs only its compile time. Each compiled step prints
+one JSON line as soon as it is compiled (so a long sweep that is stopped keeps what it compiled), and at the end a
+table row: topology, devices, hosts, mesh, the attention kernel found in the compiled
 program, bytes per device (arguments, temp, total) against the chip's HBM and whether they fit, the compiler's FLOPs
 per step beside the model's own count, the all-gathers, reduce-scatters and all-reduces per step (count, bytes per
 device), the compile time, and a roofline lower bound on the step time and upper bound on MFU from the compiler's
@@ -93,10 +94,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 found, flags, tried = aot.fit_search(
                     experiment, args.topology, devices, log=lambda s: print(s, file=sys.stderr, flush=True)
                 )
-                records.extend(tried)
                 fixes.append((experiment.name, found, flags))
             else:
-                records.extend(aot.compile_steps(experiment, args.topology, steps=steps, devices=devices))
+                tried = aot.compile_steps(experiment, args.topology, steps=steps, devices=devices)
+            for r in tried:  # at once: a sweep stopped after hours keeps every step it compiled
+                print(json.dumps(r, sort_keys=True), flush=True)
+            records.extend(tried)
         rows = [row(r) for r in records]
         if args.markdown:
             table = [HEADER, ["---"] * len(HEADER), *rows]
@@ -109,8 +112,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                       "use more chips or --mesh.tensor")
             else:
                 print(f"{experiment_name}: fits with: {' '.join(flags) or '(no change)'}")
-        for r in records:
-            print(json.dumps(r, sort_keys=True))
         return records
 
     return cli.guarded(command)
