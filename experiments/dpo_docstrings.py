@@ -16,7 +16,10 @@ the end (summary.json).
 
 Cost: 150 steps of 8 pairs, four forward passes of 256-token rows each (policy and reference, both answers).
 
-Found: not run yet.
+Found (2026-12-07, after `experiments.quickstart` and `experiments.finetune_instruct`; 150 steps in 5.5 min, 12.5
+min with the end-of-run scoring of every pair, on two CPU cores shared with a sweep): held-out reward accuracy
+0.607 (chance 0.5; the starting model alone prefers the chosen docstring in 0.491), mean margin 0.083, loss 0.693
+-> 0.666; on the training pairs 0.606 and 0.118. It rises over the run: 0.552 at step 50, 0.595 at 100.
 """
 
 from __future__ import annotations

@@ -14,7 +14,13 @@ ones; `--sweep.members 0:20` runs a slice, `--sweep.status` shows them), then, o
 best learning rate per width under each parametrization and plots validation loss against learning rate per
 width (runs/mup_transfer/transfer.png).
 
-Found: not run yet.
+Found (2026-12-07, 40 runs in 38 minutes on two shared CPU cores; runs/mup_transfer/transfer.png, copied to
+docs/scaling/mup_transfer.png): under SP the best learning rate falls as the model widens, 3e-3 at widths 32 and
+64, 1e-3 at 128 and 256 (final validation losses 2.725, 2.524, 2.513, 2.404). Under muP the curves of all four
+widths lie on one another at 3e-4 and 1e-3, as muP intends, and the best learning rate stays within 3e-3 to 3e-2
+(3e-3, 3e-2, 3e-3, 1e-2: a flat floor, within 0.05 nats between 3e-3 and 3e-2 at every width of 64 and up),
+but in 300 steps the wide muP models do not beat the narrow ones (best losses 2.725, 2.610, 2.712, 2.633): at
+this length the 1/width hidden learning rate leaves them under-trained, and SP's widest model is best overall.
 """
 
 from __future__ import annotations
