@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 from jaxlm.config import DataConfig, Experiment, ModelConfig, OptimConfig, TrainConfig
 from jaxlm.cli import run_isoflop_sweep
-from jaxlm.scaling import AspectRatioShapes, budget_grid
+from jaxlm.scaling import AspectRatioShapes, budget_grid, check_budgets
 
 BUDGETS = (4e11, 7e11, 1e12, 2e12)
 SIZES_PER_BUDGET = 7
@@ -102,29 +102,27 @@ def most_tokens() -> int:
     return max(m.train.steps * m.data.batch_size * m.data.seq_len for m in SWEEP)
 
 
-def check_no_repeats() -> None:
+def check_no_repeats(data: DataConfig) -> None:
     """A corpus that depends on what is installed: refuse to start where a member would read it twice."""
-    from jaxlm.cli import guarded
     from jaxlm.data import prepare_data
     from jaxlm.errors import DataError
 
-    def check() -> None:
-        train_tokens = prepare_data(BASE.data).stats["train"]["tokens"]
-        if train_tokens < most_tokens():
-            raise DataError(
-                f"the pysrc corpus of this environment holds {train_tokens:,} training tokens, and a member reads "
-                f"{most_tokens():,}: install more packages (pip install -e '.[test]') so that no member repeats data"
-            )
-
-    guarded(check)
+    train_tokens = prepare_data(data).stats["train"]["tokens"]
+    if train_tokens < most_tokens():
+        raise DataError(
+            f"the pysrc corpus of this environment holds {train_tokens:,} training tokens, and a member reads "
+            f"{most_tokens():,}: install more packages (pip install -e '.[test]') so that no member repeats data"
+        )
 
 
 def main() -> None:
     from jaxlm.cli import guarded, parse_sweep, program_name
 
-    sweep_args, _, _ = guarded(lambda: parse_sweep(SWEEP, sys.argv[1:], program_name()))  # --help, bad flags first
-    if not sweep_args.status:
-        check_no_repeats()
+    # Bad flags and overrides that would change a member's budget are refused before the corpus is prepared.
+    sweep_args, members, _ = guarded(lambda: parse_sweep(SWEEP, sys.argv[1:], program_name()))
+    guarded(lambda: check_budgets(members, BUDGET_OF))
+    if members and not sweep_args.status:
+        guarded(lambda: check_no_repeats(members[0].data))  # the data settings as overridden (--data.cache-dir)
     run_isoflop_sweep(SWEEP, BUDGET_OF, FITS_DIR, bootstrap=BOOTSTRAP, unfittable="skip")
 
 

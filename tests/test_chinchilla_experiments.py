@@ -136,6 +136,22 @@ def test_overrides_that_change_compute_are_refused():
     assert exit_info.value.code == 2
 
 
+def test_the_cpu_sweep_refuses_a_budget_override_before_it_prepares_its_corpus(tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    monkeypatch.setattr("sys.argv", ["chinchilla_cpu", "--data.seq-len", "64", "--data.cache-dir", str(cache)])
+
+    def prepare_data(*args, **kwargs):
+        raise AssertionError("the corpus was prepared before the overrides were checked")
+
+    monkeypatch.setattr("jaxlm.data.prepare_data", prepare_data)
+    with pytest.raises(SystemExit) as exit_info:
+        chinchilla_cpu.main()
+    assert exit_info.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "the overrides make it train on" in line
+    assert not cache.exists()  # pysrc (hundreds of MB) was not prepared for a command that cannot run
+
+
 def tiny_sweep(tmp_path):
     base = dataclasses.replace(
         chinchilla_cpu.BASE, train=dataclasses.replace(chinchilla_cpu.BASE.train, out_dir=str(tmp_path / "sweep"))
