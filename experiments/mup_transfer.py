@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 import numpy as np
 
 from jaxlm import storage
-from jaxlm.cli import run
+from jaxlm.cli import SWEEP_FAILED, guarded, parse_sweep, program_name, run_sweep
 from jaxlm.config import DataConfig, Experiment, ModelConfig, OptimConfig, TrainConfig
 from jaxlm.scaling import all_finished, read_run
+from jaxlm.scaling.status import sweep_dir
 
 BASE_WIDTH = 32
 WIDTHS = (32, 64, 128, 256)
@@ -118,9 +120,13 @@ def report(results: dict[tuple[str, int, float], float], path: str) -> None:
 
 
 def main() -> None:
-    run(SWEEP)
-    if all_finished(SWEEP):
-        report(final_losses(), os.path.join(SWEEP_DIR, "transfer.png"))
+    sweep_args, members, everyone = guarded(lambda: parse_sweep(SWEEP, sys.argv[1:], program_name()))
+    _, failed = guarded(lambda: run_sweep(sweep_args, members, everyone))
+    # The members as overridden: --train.out-dir D moves the sweep, and its report, to D.
+    if not sweep_args.status and all_finished(everyone):
+        report(final_losses(everyone), storage.join(sweep_dir(everyone), "transfer.png"))
+    if failed:
+        sys.exit(SWEEP_FAILED)
 
 
 if __name__ == "__main__":
