@@ -30,7 +30,8 @@ grid is rebuilt. `--train.out-dir D` moves the sweep to D/<member> (fits in D/fi
 
 Found (2026-12-07, 31 minutes): every budget bracketed; a = 0.47 [0.28, 0.71] by approach 2, 0.65 [0.37, 0.84]
 by approach 3, 0.45 by approach 1 (docs/results.md, "Chinchilla on a CPU"; docs/scaling/chinchilla_cpu_pysrc_*).
-Rows in the packed order instead gave jagged profiles and a = 0.62 / 0.38. The first version of this sweep (3
+Rows in the packed order instead gave jagged profiles and a = 0.62 / 0.38; a family of one depth (2 layers, one
+head) gave 0.67 [0.49, 0.84] / 0.69 [0.16, 0.91], no narrower: the runs' own noise limits it. The first version of this sweep (3
 budgets x 5 sizes on the standard library alone, D = 300 N, 2026-11-29) bracketed 2 of its 3 budgets.
 """
 
