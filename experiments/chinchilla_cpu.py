@@ -3,21 +3,22 @@
 What it tests: that jaxlm's sweep machinery (isoflop_grid, run directories, resume, collect_results) and fits
 (jaxlm.scaling's approaches 1-3, tools.fit_scaling) find a compute-optimal frontier in real training runs, end to
 end, on hardware everyone has. 4 compute budgets (4e11, 7e11, 1e12, 2e12 FLOPs) x 7 sizes, log-spaced over a
-factor of 6.25 around D = 450 N (the D/N that the first version of this sweep fitted); byte-level tokens (vocab
-260, so that embeddings do not swamp models this small); GPT-2 shapes of 1-3 layers and widths 8 to 44 in steps
-of 4 (head size up to 16); 4k to 65k parameters (N counts every parameter, embeddings included, as Hoffmann et
-al. 2022 do). Every member trains on D = C / flops_per_token tokens in batches of 32 x 128 (rows drawn from
-all over the corpus, `--data.shuffle-rows`) under a cosine
-schedule as long as the run (peak 3e-3 for all, 5% warmup, 10x decay), and is scored by its final validation
-loss (nats per byte) on the same 64 x 32 x 128 held-out bytes.
+factor of 6.25 around D = 450 N (the D/N that the first version of this sweep fitted), x 2 seeds (initialisation
+and data order): a run's own noise, 0.03-0.05 nats, is as large as the differences near a budget's optimum, and
+the fits take both runs of every point. Byte-level tokens (vocab 260, so that embeddings do not swamp models this
+small); GPT-2 shapes of one family, 2 layers and one head, widths 8 to 46 in steps of 2; 4.9k to 70k parameters
+(N counts every parameter, embeddings included, as Hoffmann et al. 2022 do). Every member trains on D = C /
+flops_per_token tokens in batches of 32 x 128 (rows drawn from all over the corpus, `--data.shuffle-rows`) under
+a cosine schedule as long as the run (peak 3e-3 for all, 5% warmup, 10x decay), and is scored by its final
+validation loss (nats per byte) on the same 64 x 32 x 128 held-out bytes.
 
 Data: `pysrc`, every .py file of the standard library and of the environment's site-packages, one document per
 distinct content: about 376 MB of training bytes where jaxlm's test extra is installed (what it holds depends on
 what is installed: each member's summary.json records its data fingerprint). No member reads more
 than 22M bytes, so none repeats data; `main` refuses to start where the corpus is smaller than that.
 
-Cost: 2.9e13 training FLOPs and 58k steps in all, about 31 minutes; the smallest budget's members run 477
-to 3,324 steps.
+Cost: 5.7e13 training FLOPs in 56 runs, about 41 minutes on two idle CPU cores (20.6 per seed); the smallest
+budget's members run 403 to 2,110 steps.
 
 Run: `python -m experiments.chinchilla_cpu` trains every member under runs/chinchilla_cpu/<member>, skipping
 finished ones and resuming unfinished ones, then (on process 0, once every member is finished) fits and plots into
@@ -25,53 +26,53 @@ runs/chinchilla_cpu/fits. `--sweep.members 3:6` runs a slice; the fit alone is
 `python -m tools.fit_scaling runs/chinchilla_cpu --out runs/chinchilla_cpu/fits --bootstrap 200 --unfittable skip`.
 Overrides apply to every member as given: each member's steps were fixed when this module was imported, so an
 override that changes a member's compute (--data.batch-size, --data.seq-len, --train.steps, model shape fields)
-is refused with exit status 2 instead of silently leaving the IsoFLOP budgets; change BASE or BUDGETS here and the
-grid is rebuilt. `--train.out-dir D` moves the sweep to D/<member> (fits in D/fits); --name is refused.
+is refused with exit status 2 instead of silently leaving the IsoFLOP budgets; change BASE, BUDGETS or SEEDS here
+and the grid is rebuilt. `--train.out-dir D` moves the sweep to D/<member> (fits in D/fits); --name is refused.
 
-Found (2026-12-07, 31 minutes): every budget bracketed; a = 0.47 [0.28, 0.71] by approach 2, 0.65 [0.37, 0.84]
-by approach 3, 0.45 by approach 1 (docs/results.md, "Chinchilla on a CPU"; docs/scaling/chinchilla_cpu_pysrc_*).
-Rows in the packed order instead gave jagged profiles and a = 0.62 / 0.38; a family of one depth (2 layers, one
-head) gave 0.67 [0.49, 0.84] / 0.69 [0.16, 0.91], no narrower: the runs' own noise limits it. The first version of this sweep (3
-budgets x 5 sizes on the standard library alone, D = 300 N, 2026-11-29) bracketed 2 of its 3 budgets.
+Found (2026-12-07, docs/results.md "Chinchilla on a CPU", docs/scaling/chinchilla_cpu_twoseeds_*): every budget
+bracketed, the optima rising with C; a = 0.66 [0.59, 0.73] by approach 2, 0.70 [0.47, 0.87] by approach 3. One
+seed per point gave intervals twice as wide (0.67 [0.49, 0.84] and 0.66 [0.52, 0.85] for the two seeds alone);
+the earlier family of 1-3 layers, one seed, 0.47 [0.28, 0.71] and 0.65 [0.37, 0.84]; rows in the packed order,
+jagged profiles. The first version of this sweep (3 budgets x 5 sizes on the standard library alone, D = 300 N,
+2026-11-29) bracketed 2 of its 3 budgets.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from jaxlm.config import DataConfig, Experiment, ModelConfig, OptimConfig, TrainConfig
 from jaxlm.cli import run_isoflop_sweep
-from jaxlm.scaling import AspectRatioShapes, budget_grid, check_budgets
+from jaxlm.flops import count_params
+from jaxlm.scaling import budget_grid, check_budgets, reshape_model
 
 BUDGETS = (4e11, 7e11, 1e12, 2e12)
 SIZES_PER_BUDGET = 7
+SEEDS = (0, 1)  # every shape trained twice
 TOKENS_PER_PARAM = 450.0  # the grid's centre: the compute-optimal D/N that the sweep's first version fitted
 SPAN = 2.5  # sizes from centre / SPAN to centre x SPAN
 BOOTSTRAP = 200
 
 
 @dataclass(frozen=True)
-class FewerHeads:
-    """`rule`'s depth and width, with the head count whose head size is nearest `head_dim`.
+class OneDepth:
+    """Every size at one depth, with one head: the width (a multiple of `step`) whose parameter count is nearest
+    the target. Neighbouring sizes then differ only in width (a family of 1-3 layers added a step between depths
+    to the profiles)."""
 
-    Parameters and FLOPs do not depend on how a width is split into heads; many heads of 8 only make a CPU slower.
-    """
-
-    rule: Callable[[ModelConfig, float], ModelConfig]
-    head_dim: int = 16
+    n_layers: int = 2
+    step: int = 2
+    min_width: int = 8
 
     def __call__(self, base: ModelConfig, n_params: float) -> ModelConfig:
-        cfg = self.rule(base, n_params)
-        divisors = [h for h in range(1, cfg.d_model + 1) if cfg.d_model % h == 0]
-        heads = min(divisors, key=lambda h: (abs(cfg.d_model / h - self.head_dim), h))
-        return cfg.replace(n_heads=heads, n_kv_heads=heads)  # head_dim follows: d_model // heads
+        shapes = [reshape_model(base, self.n_layers, w, w) for w in range(self.min_width, 257, self.step)]
+        return min(shapes, key=lambda cfg: abs(math.log(count_params(cfg) / n_params)))
 
 
-# Widths in steps of 4 (so the ladder of sizes is fine enough at 4k-65k parameters), near 32 x depth.
-SHAPES = FewerHeads(AspectRatioShapes(aspect=32.0, head_dim=4, band=4.0), head_dim=16)
+SHAPES = OneDepth()
 
 BASE = Experiment(
     name="chinchilla_cpu",
@@ -92,7 +93,8 @@ BASE = Experiment(
 
 
 SWEEP, BUDGET_OF = budget_grid(
-    BASE, BUDGETS, sizes_per_budget=SIZES_PER_BUDGET, shape_rule=SHAPES, span=SPAN, tokens_per_param=TOKENS_PER_PARAM
+    BASE, BUDGETS, sizes_per_budget=SIZES_PER_BUDGET, shape_rule=SHAPES, span=SPAN, tokens_per_param=TOKENS_PER_PARAM,
+    seeds=SEEDS,
 )
 SWEEP_DIR = BASE.run_dir
 FITS_DIR = os.path.join(SWEEP_DIR, "fits")

@@ -335,6 +335,22 @@ def test_isoflop_grid_members(tmp_path):
             assert m.train.eval_every <= m.train.steps
 
 
+def test_isoflop_grid_trains_each_shape_once_per_seed(tmp_path):
+    base = sweep_base(tmp_path)
+    one = isoflop_grid(base, [1e14], sizes_per_budget=5)
+    two = isoflop_grid(base, [1e14], sizes_per_budget=5, seeds=(3, 7))
+    assert len(two) == 10 and len({m.name for m in two}) == 10
+    for m in one:  # each member of the one-seed grid, twice: same shape, steps and schedule, its own seed and folder
+        runs = [r for r in two if r.name.startswith(m.name + "-s")]
+        assert [r.name for r in runs] == [f"{m.name}-s3", f"{m.name}-s7"] and [r.train.seed for r in runs] == [3, 7]
+        for r in runs:
+            assert (r.model, r.optim, r.data) == (m.model, m.optim, m.data) and r.train.steps == m.train.steps
+            assert r.train.out_dir == os.path.join(str(tmp_path / "iso"), r.name)
+    assert all(m.train.seed == base.train.seed for m in one)
+    with pytest.raises(ConfigError, match="distinct seeds"):
+        isoflop_grid(base, [1e14], seeds=(1, 1))
+
+
 def test_isoflop_grid_llama_gqa(tmp_path):
     base = sweep_base(tmp_path, family="llama", n_layers=2, d_model=256, n_heads=4, n_kv_heads=2)
     members = isoflop_grid(base, [1e15], sizes_per_budget=5)

@@ -125,6 +125,7 @@ def isoflop_grid(
     span: float = 3.0,
     warmup_fraction: float = 0.05,
     count: Callable[[ModelConfig], int] = count_params,
+    seeds: Sequence[int] | None = None,
 ) -> tuple[Experiment, ...]:
     """An IsoFLOP sweep: for each compute budget C, `sizes_per_budget` shapes spanning the expected optimum.
 
@@ -133,7 +134,9 @@ def isoflop_grid(
     Each member trains on D = C / flops_per_token tokens: TrainConfig.steps = D / (batch_size x seq_len), which is
     also the learning-rate schedule's length, with `warmup_fraction` of it as warmup. Members are named
     f"{base.name}-C{C:.0e}-N{N}" (N by `count`, which should be the count the shape rule targets) and write to
-    <base run dir>/<member name>, so that the base's run directory is the sweep's (`collect_results`).
+    <base run dir>/<member name>, so that the base's run directory is the sweep's (`collect_results`). With
+    `seeds`, each shape is trained once per seed (TrainConfig.seed: initialisation and data order), named
+    f"...-N{N}-s{seed}": the fits take every run, so the runs' own noise averages out.
     """
     if sizes_per_budget < 3:
         raise ConfigError(
@@ -146,6 +149,8 @@ def isoflop_grid(
         )
     if not budgets:
         raise ConfigError("isoflop_grid needs at least one compute budget")
+    if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
+        raise ConfigError(f"seeds={tuple(seeds)!r}: give one or more distinct seeds, or None for the base's own")
     tokens_per_step = base.data.batch_size * base.data.seq_len
     smallest = shape_rule(base.model, 1.0)
     n_smallest = count(smallest)
@@ -177,16 +182,17 @@ def isoflop_grid(
                     f"budget C={C:.3g} gives the {n:,}-parameter model less than one step of "
                     f"{tokens_per_step:,} tokens; raise the budget or lower batch_size x seq_len"
                 )
-            name = f"{base.name}-C{C:.0e}-N{n}"
-            members.append(
-                dataclasses.replace(
-                    base,
-                    name=name,
-                    model=cfg,
-                    optim=dataclasses.replace(base.optim, warmup_steps=round(warmup_fraction * steps)),
-                    train=member_train(base, name, steps),
+            for seed in (base.train.seed,) if seeds is None else seeds:
+                name = f"{base.name}-C{C:.0e}-N{n}" + ("" if seeds is None else f"-s{seed}")
+                members.append(
+                    dataclasses.replace(
+                        base,
+                        name=name,
+                        model=cfg,
+                        optim=dataclasses.replace(base.optim, warmup_steps=round(warmup_fraction * steps)),
+                        train=dataclasses.replace(member_train(base, name, steps), seed=seed),
+                    )
                 )
-            )
     return tuple(members)
 
 
