@@ -16,7 +16,7 @@ import numpy as np
 from jaxlm import lora as lora_lib
 from jaxlm import storage
 from jaxlm.config import Experiment, ModelConfig
-from jaxlm.errors import CheckpointError, ConfigError
+from jaxlm.errors import CheckpointError, ConfigError, DataError
 from jaxlm.finetune.config import HF_WEIGHTS, Params
 from jaxlm.model import Transformer, init_params
 
@@ -107,13 +107,15 @@ def is_hf_dir(path: str) -> bool:
 def _hf_tokenizer_data(data, path: str):
     """The data section of a run started from the Hugging Face directory `path`: the tokenizer that directory
     holds (tokenizer.model or tokenizer.json) in place of a named kind; another tokenizer file is refused."""
-    from jaxlm.data.tokenizer import HF_TOKENIZER_FILE, SENTENCEPIECE_FILE, is_named_kind, tokenizer_file
+    from jaxlm.data.tokenizer import is_named_kind, tokenizer_file
 
-    if not any(storage.isfile(storage.join(path, n)) for n in (SENTENCEPIECE_FILE, HF_TOKENIZER_FILE)):
+    try:
+        own = tokenizer_file(path)
+    except DataError:
         return data  # weights only: the run's own tokenizer, which must fit the model's vocabulary
     if is_named_kind(data.tokenizer):
         return dataclasses.replace(data, tokenizer=path)
-    if os.path.abspath(tokenizer_file(data.tokenizer)) != os.path.abspath(tokenizer_file(path)):
+    if os.path.abspath(tokenizer_file(data.tokenizer)) != os.path.abspath(own):
         raise ConfigError(
             f"init_from {path} holds its own tokenizer, but --data.tokenizer is {data.tokenizer!r}: token ids would "
             f"mean different things; drop --data.tokenizer (or give {path})"
