@@ -41,13 +41,13 @@ from __future__ import annotations
 
 import math
 import os
-import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from jaxlm.config import DataConfig, Experiment, ModelConfig, OptimConfig, TrainConfig
 from jaxlm.cli import run_isoflop_sweep
 from jaxlm.flops import count_params
-from jaxlm.scaling import budget_grid, check_budgets, reshape_model
+from jaxlm.scaling import budget_grid, reshape_model
 
 BUDGETS = (4e11, 7e11, 1e12, 2e12)
 SIZES_PER_BUDGET = 7
@@ -105,12 +105,13 @@ def most_tokens() -> int:
     return max(m.train.steps * m.data.batch_size * m.data.seq_len for m in SWEEP)
 
 
-def check_no_repeats(data: DataConfig) -> None:
-    """A corpus that depends on what is installed: refuse to start where a member would read it twice."""
+def check_no_repeats(members: Sequence[Experiment]) -> None:
+    """A corpus that depends on what is installed: refuse to start where a member would read it twice. The data
+    settings are the members' as overridden (--data.cache-dir)."""
     from jaxlm.data import prepare_data
     from jaxlm.errors import DataError
 
-    train_tokens = prepare_data(data).stats["train"]["tokens"]
+    train_tokens = prepare_data(members[0].data).stats["train"]["tokens"]
     if train_tokens < most_tokens():
         raise DataError(
             f"the pysrc corpus of this environment holds {train_tokens:,} training tokens, and a member reads "
@@ -119,14 +120,9 @@ def check_no_repeats(data: DataConfig) -> None:
 
 
 def main() -> None:
-    from jaxlm.cli import guarded, parse_sweep, program_name
-
     # Bad flags and overrides that would change a member's budget are refused before the corpus is prepared.
-    sweep_args, members, _ = guarded(lambda: parse_sweep(SWEEP, sys.argv[1:], program_name()))
-    guarded(lambda: check_budgets(members, BUDGET_OF))
-    if members and not sweep_args.status:
-        guarded(lambda: check_no_repeats(members[0].data))  # the data settings as overridden (--data.cache-dir)
-    run_isoflop_sweep(SWEEP, BUDGET_OF, FITS_DIR, bootstrap=BOOTSTRAP, unfittable="skip")
+    run_isoflop_sweep(SWEEP, BUDGET_OF, FITS_DIR, bootstrap=BOOTSTRAP, unfittable="skip",
+                      before_training=check_no_repeats)
 
 
 if __name__ == "__main__":

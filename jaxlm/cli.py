@@ -436,11 +436,14 @@ def run_isoflop_sweep(
     bootstrap: int = 100,
     unfittable: str | None = None,
     argv: Sequence[str] | None = None,
+    before_training: Callable[[Sequence[Experiment]], None] | None = None,
 ) -> None:
     """Train the members a command line selects, then fit and plot once every member of `sweep` is finished.
 
     An experiment module's `main`: `argv` (default: the process's) holds jaxlm.cli overrides and
-    `--sweep.*` flags; overrides that change a member's compute (see `check_budgets`) exit with status 2. Once
+    `--sweep.*` flags; overrides that change a member's compute (see `check_budgets`) exit with status 2.
+    `before_training(selected members)`, once the command line is accepted and unless it asks only for the status,
+    may check what the members need (a jaxlm error is one line and status 2). Once
     every member is finished or failed, process 0 fits the finished ones with `fit_and_plot` into `fits_dir`
     (`bootstrap` resamples; `unfittable` "skip" leaves out a budget whose optimum the sizes do not bracket, instead
     of failing), printing the equivalent `python -m tools.fit_scaling` command and the failed members; while
@@ -453,6 +456,8 @@ def run_isoflop_sweep(
     argv = list(sys.argv[1:] if argv is None else argv)
     sweep_args, members, everyone = guarded(lambda: parse_sweep(sweep, argv, program_name()))
     guarded(lambda: scaling.check_budgets(members, budget_of))
+    if before_training is not None and members and not sweep_args.status:
+        guarded(lambda: before_training(members))
     _, failed = guarded(lambda: run_sweep(sweep_args, members, everyone))
     if sweep_args.status:
         return
